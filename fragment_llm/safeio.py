@@ -1,0 +1,304 @@
+"""Safe file I/O shared by every stage: capped reads, guarded JSON, atomic writes.
+
+Reads never follow a symlink at the last path component, never open anything but a
+regular file (a FIFO must not block a run), and never read more than a cap. Writes go
+to a temporary name beside the target, are fsynced, then renamed into place, so a crash
+or a full disk leaves either the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fragment_llm.errors import FragmentError, OutputError
+
+TEMP_MARKER = ".fragment-tmp-"
+OLD_MARKER = ".fragment-old-"
+HASH_CHUNK = 1 << 20
+
+ErrorFactory = Callable[[str], FragmentError]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_regular(path: Path, error: type[FragmentError]) -> int:
+    """Open `path` read-only without following a final symlink or blocking on a FIFO.
+
+    Returns a file descriptor that is known (by fstat on the open descriptor, so there
+    is no race with a swap) to refer to a regular file.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"file not found: {path}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(f"refusing to follow a symlink: {path}") from None
+        raise error(f"cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"not a regular file: {path}")
+    return fd
+
+
+def read_capped(path: Path, max_bytes: int, error: type[FragmentError]) -> bytes:
+    """Read a whole regular file, refusing it before reading if it exceeds `max_bytes`."""
+    fd = open_regular(path, error)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise error(f"file too large: {path} is {size} bytes, the limit is {max_bytes}")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while we read it
+        raise error(f"file too large: {path} grew past {max_bytes} bytes while being read")
+    return data
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, error: type[FragmentError], max_bytes: int | None = None) -> str:
+    """Stream a regular file through sha256 without holding it in memory."""
+    digest = hashlib.sha256()
+    fd = open_regular(path, error)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise error(f"file too large: {path} is {size} bytes, the limit is {max_bytes}")
+        while block := fh.read(HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------- guarded JSON
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting in a JSON text, ignoring brackets inside strings.
+
+    `'{"a": [1, [2]], "b": "[[["}' -> 3`. Cheap enough to run before `json.loads`,
+    whose C parser recurses once per level.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for ch in brackets:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def parse_json_guarded(data: bytes | str, where: str, error: type[FragmentError],
+                       max_depth: int = 64) -> Any:
+    """Parse untrusted JSON: strict UTF-8, bounded nesting, no duplicate keys, no NaN.
+
+    Every failure becomes `error("<rule>, in <where>")`, never a RecursionError or
+    UnicodeDecodeError.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise error(f"invalid UTF-8 at byte {exc.start}, in {where}") from None
+    if json_depth(text) > max_depth:
+        raise error(f"JSON nested deeper than {max_depth} levels, in {where}")
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates,
+                          parse_constant=_refuse_constant)
+    except RecursionError:
+        raise error(f"JSON nested too deeply, in {where}") from None
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise error(f"invalid JSON ({exc}), in {where}") from None
+
+
+def load_json_file(path: Path, max_bytes: int, error: type[FragmentError],
+                   max_depth: int = 64) -> Any:
+    return parse_json_guarded(read_capped(path, max_bytes, error), str(path), error, max_depth)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name_for(target: Path, marker: str = TEMP_MARKER) -> Path:
+    """A unique hidden sibling of `target`, recognisable as ours by its marker."""
+    return target.with_name(f".{target.name}{marker}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def translate_os_errors(target: Path) -> Iterator[None]:
+    """Turn disk-full and permission failures into one-line `OutputError`s."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:
+            raise
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise OutputError(f"cannot write {target}: {reason}") from None
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write `data` to `target` so that readers see the old file or the new one, never a mix."""
+    tmp = temp_name_for(target)
+    with translate_os_errors(target):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def dump_json(obj: Any) -> str:
+    """The one JSON style for artifacts: sorted keys, ASCII-safe, stable across runs."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
+
+
+def atomic_write_json(target: Path, obj: Any) -> None:
+    atomic_write_text(target, dump_json(obj))
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file below `root`, then every folder (children before parents)."""
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _restore_interrupted_swap(target: Path) -> None:
+    """A run killed between the two renames of `_swap_into_place` left no `target`, only
+    the previous result under an OLD_MARKER name: put it back rather than lose it."""
+    if target.exists() or target.is_symlink():
+        return
+    olds = sorted(target.parent.glob(f".{glob_escape(target.name)}{OLD_MARKER}*"))
+    if olds:
+        os.replace(olds[-1], target)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temporaries left beside `target` by killed runs (their pid is gone)."""
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    _restore_interrupted_swap(target)
+    prefixes = (f".{target.name}{TEMP_MARKER}", f".{target.name}{OLD_MARKER}")
+    for entry in target.parent.iterdir():
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and rename it over `target` only on success.
+
+    If the body raises (or the process dies), `target` is untouched: the previous
+    result survives and the temporary is removed (now, or by `remove_stale_temps`).
+    """
+    if target.exists() and not overwrite:
+        raise OutputError(f"output already exists: {target}",
+                          hint="pass --overwrite to replace it, or choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = temp_name_for(target)
+    with translate_os_errors(target):
+        tmp.mkdir()
+    try:
+        yield tmp
+        with translate_os_errors(target):
+            fsync_tree(tmp)
+            _swap_into_place(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists() or target.is_symlink():
+        old = temp_name_for(target, OLD_MARKER)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
