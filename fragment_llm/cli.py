@@ -192,3 +192,8 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
     if problems:
         _show(listing_table("Files not used", ("file", "status", "reason"), problems))
     _show(summary_table("Preprocess summary", report.summary_rows()))
+
+
+def main() -> None:
+    """Console-script entry point (`fragment`, `python -m fragment_llm`)."""
+    cli.main(prog_name="fragment")

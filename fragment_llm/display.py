@@ -74,8 +74,13 @@ def progress_bars(enabled: bool) -> Iterator[ProgressFn]:
     def report(phase: str, done: int, total: int | None) -> None:
         shown = f"{_amount(phase, done)} / {_amount(phase, total)}"
         if phase not in tasks:
+            if not tasks:  # start drawing only once there is something to draw
+                bars.start()
             tasks[phase] = bars.add_task(phase, total=total, shown=shown)
         bars.update(tasks[phase], completed=done, total=total, shown=shown)
 
-    with bars:
+    try:
         yield report
+    finally:
+        if tasks:
+            bars.stop()
