@@ -1,0 +1,77 @@
+"""Estimate a training run's peak memory before allocating anything.
+
+The estimate is deliberately simple and a little pessimistic: fp32 weights, gradients
+and two AdamW moments, plus activations per layer as in Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models", eq. 2), and the
+logits, which dominate for small models with large vocabularies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fragment_llm.config import ModelConfig, TrainConfig
+from fragment_llm.model import count_parameters
+
+SAFE_FRACTION = 0.8  # of available memory, for the default --max-memory
+FALLBACK_MEMORY = 2 << 30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def activation_bytes(model: ModelConfig, batch: int, bytes_per_value: int,
+                     checkpointing: bool) -> int:
+    """Saved activations for one micro-batch; with checkpointing only block inputs
+    plus one block's worth are alive at once."""
+    tokens = batch * model.block_size
+    per_layer = tokens * model.n_embd * 17 + 2.5 * batch * model.n_head * model.block_size ** 2
+    per_layer = int(per_layer * bytes_per_value)
+    if checkpointing:
+        return model.n_layer * tokens * model.n_embd * bytes_per_value + per_layer
+    return model.n_layer * per_layer
+
+
+def plan_memory(model: ModelConfig, train: TrainConfig, precision: str) -> MemoryPlan:
+    params = count_parameters(model)
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    logits = 3 * train.batch_size * model.block_size * model.vocab_size * 4
+    return MemoryPlan(
+        parameters=params, weights=4 * params, gradients=4 * params, optimizer=8 * params,
+        activations=activation_bytes(model, train.batch_size, act_bytes,
+                                     train.activation_checkpointing),
+        logits=logits)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on the device: VRAM for CUDA, MemAvailable for CPU (and MPS)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else FALLBACK_MEMORY
+
+
+def default_memory_limit(device: torch.device) -> int:
+    return int(available_memory(device) * SAFE_FRACTION)
