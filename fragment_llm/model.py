@@ -1,0 +1,412 @@
+"""The GPT decoder: token ids in, next-token logits out.
+
+This module owns the network and nothing else: no text, no files, no printing, no device
+choice. `GPT(config).forward(idx)` maps ids (B, T) to logits (B, T, vocab); the loss is
+`lm_loss`, kept separate. Generation passes a `KVCache` to `forward` so each new token
+costs one position of work instead of the whole prefix (sampling lives in generate.py).
+
+The block is pre-norm (GPT-2): x + attn(norm(x)), then x + mlp(norm(x)). Components are
+picked by name from three small registries, POSITIONS, NORMS and MLPS, whose keys are
+exactly the values ModelConfig accepts.
+
+Papers: GPT-2 (Radford et al. 2019), RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich
+2019), SwiGLU (Shazeer 2020), grouped-query attention (Ainslie et al. 2023), FLOPs
+accounting (PaLM, Chowdhery et al. 2022, appendix B).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fragment_llm.config import ModelConfig
+from fragment_llm.errors import ModelError
+
+# ----------------------------------------------------------------------------------------
+# Positions: absolute schemes add a vector to each token embedding; RoPE instead rotates
+# queries and keys inside attention, so the same interface offers both hooks.
+
+
+class Positions(nn.Module):
+    """Base: adds nothing and rotates nothing. `start` is the absolute position of idx[:, 0]."""
+
+    def embed(self, x: Tensor, start: int) -> Tensor:
+        return x
+
+    def rotation(self, start: int, T: int) -> Tensor | None:
+        return None
+
+
+class RotaryPositions(Positions):
+    """RoPE: rotate each channel pair (2i, 2i+1) of q and k by angle pos * theta^(-2i/hs)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hs = config.head_dim
+        freq = config.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+        angle = torch.outer(torch.arange(config.block_size, dtype=torch.float64), freq)
+        # Real cos/sin, not one complex buffer: module.to(bfloat16) would drop its imaginary
+        # part. Non-persistent: derived from the config, so checkpoints neither carry nor
+        # trust them.
+        self.register_buffer("cos", angle.cos().float()[:, None, :], persistent=False)
+        self.register_buffer("sin", angle.sin().float()[:, None, :], persistent=False)
+
+    def rotation(self, start: int, T: int) -> Tensor:
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, 1, hs/2) each
+        return torch.complex(cos.float(), sin.float())
+
+
+class LearnedPositions(Positions):
+    """GPT-2: one trained vector per position."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+
+    def embed(self, x: Tensor, start: int) -> Tensor:
+        return x + self.wpe.weight[start:start + x.size(1)]  # (B, T, C) + (T, C)
+
+
+class SinusoidalPositions(Positions):
+    """Vaswani et al. 2017: sin on even channels, cos on odd ones, wavelengths up to 10000."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C = config.n_embd
+        freq = 10000.0 ** (-torch.arange(0, C, 2, dtype=torch.float64) / C)
+        angle = torch.outer(torch.arange(config.block_size, dtype=torch.float64), freq)
+        table = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)[:, :C]  # (block, C)
+        self.register_buffer("table", table.float(), persistent=False)
+
+    def embed(self, x: Tensor, start: int) -> Tensor:
+        return x + self.table[start:start + x.size(1)]  # (B, T, C) + (T, C)
+
+
+def apply_rotary(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate x (B, T, H, hs) by unit complex numbers (T, 1, hs/2), one per channel pair.
+
+    One complex multiply forward and one backward: on CPU 2.5x faster than the
+    rotate-half form (cat of four products). fp32 inside, so bf16 keeps its angles.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hs/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)  # (B, T, H, hs)
+
+
+# ----------------------------------------------------------------------------------------
+# Norms and MLPs. Each registry maps a config value to a constructor taking the config.
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain: LayerNorm without the mean and the bias (Zhang & Sennrich 2019).
+
+    Written out rather than F.rms_norm: on CPU that is a composite of pow, mean, add,
+    rsqrt and muls, and one vector_norm reduction makes forward + backward ~2x faster.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.size(-1)
+        return x * torch.rsqrt(mean_square + self.eps) * self.weight  # (B, T, C)
+
+
+def layer_norm(config: ModelConfig) -> nn.Module:
+    """GPT-2's LayerNorm, with bias; a single fused kernel forward and backward."""
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up), then W_down. Gate and up share one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.hidden_dim, bias=False)
+        self.proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.proj(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: W_down gelu(x W_up), tanh-approximated GELU as in GPT-2."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
+        self.proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+POSITIONS: dict[str, Callable[[ModelConfig], Positions]] = {
+    "rope": RotaryPositions, "learned": LearnedPositions, "sinusoidal": SinusoidalPositions}
+NORMS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "rmsnorm": RMSNorm, "layernorm": layer_norm}
+MLPS: dict[str, Callable[[ModelConfig], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+
+
+# ----------------------------------------------------------------------------------------
+# The KV cache: what generation keeps between forward calls.
+
+
+class KVCache:
+    """Keys and values of every past position, for every layer, allocated once.
+
+    `k` and `v` are (n_layer, B, n_kv_head, max_len, head_dim); `pos` counts the positions
+    filled. `GPT.forward(idx, cache)` treats idx (B, T) as positions pos..pos+T-1, writes
+    their keys/values in each layer, and advances `pos` by T. Prefill the prompt in one
+    call (or several chunks), then decode one token per call.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None, *,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        max_len = config.block_size if max_len is None else max_len
+        if not 1 <= max_len <= config.block_size:
+            raise ModelError(f"KV cache length {max_len} is outside 1..block_size "
+                             f"({config.block_size})")
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache on the model's device, in its dtype."""
+        weight = model.wte.weight
+        return cls(model.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are reused, not cleared)."""
+        self.pos = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nkv, T, hs) at pos..pos+T; return all keys/values so far."""
+        T, end = k.size(2), self.pos + k.size(2)
+        self.k[layer].narrow(2, self.pos, T).copy_(k)
+        self.v[layer].narrow(2, self.pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)  # (B, nkv, end, hs)
+
+    def causal_mask(self, T: int) -> Tensor | None:
+        """Mask for T new queries against pos cached + T new keys (True = may attend).
+
+        None where SDPA needs none: a single query sees everything cached, and with an
+        empty cache `is_causal` is exact. Example, pos=2, T=2 -> [[1,1,1,0], [1,1,1,1]].
+        """
+        if T == 1 or self.pos == 0:
+            return None
+        mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device)
+        return mask.tril(diagonal=self.pos)  # (T, pos + T)
+
+
+# ----------------------------------------------------------------------------------------
+# The transformer.
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention; grouped-query when n_kv_head < n_head (heads share k/v)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # which slot of a KVCache is ours
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # One matmul yields q (n_head heads), then k and v (n_kv_head heads each).
+        qkv_width = (config.n_head + 2 * config.kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_width, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, rotation: Tensor | None, mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, nh + 2 nkv, hs)
+        qk, v = qkv.split((nh + nkv, nkv), dim=2)
+        if rotation is not None:
+            qk = apply_rotary(qk, rotation)  # rotate q and k together: one pass, not two
+        q, k = qk.split((nh, nkv), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, pos + T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1, enable_gqa=nkv != nh)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = NORMS[config.norm](config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp_norm = NORMS[config.norm](config)
+        self.mlp = MLPS[config.mlp](config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rotation: Tensor | None, mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rotation, mask, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer over token ids 0..vocab_size-1.
+
+    With tied embeddings (the default) there is no `lm_head` module: the output layer is
+    `F.linear(x, wte.weight)`. The state dict therefore holds every tensor once, no two
+    names share storage, and `safetensors.torch.save_file(model.state_dict(), ...)` works
+    as is; loading is `load_state_dict(strict=True)` with the same names.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positions = POSITIONS[config.positions](config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = NORMS[config.norm](config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(
+            config.n_embd, config.vocab_size, bias=False)
+        # Trade compute for memory in training: keep only each block's input and redo
+        # the block's forward during backward (the trainer's --activation-checkpointing).
+        self.activation_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2: N(0, 0.02) for matrices and embeddings; norms at gain 1, bias 0.
+
+        The projections that write into the residual stream (attn.proj, mlp.proj) get
+        0.02 / sqrt(2 n_layer), so the stream's variance does not grow with depth.
+        """
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                std = residual_std if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, vocab) for ids (B, T); with a cache, for positions cache.pos onward."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        self._check_fits(B, start + T, cache)
+        x = self.drop(self.positions.embed(self.wte(idx), start))  # (B, T, C)
+        rotation = self.positions.rotation(start, T)
+        mask = None if cache is None else cache.causal_mask(T)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute and cache is None:
+                x = checkpoint(block, x, rotation, mask, None, use_reentrant=False)
+            else:
+                x = block(x, rotation, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm_f(x), weight)  # (B, T, vocab)
+
+    def _check_fits(self, B: int, end: int, cache: KVCache | None) -> None:
+        limit = self.config.block_size if cache is None else cache.max_len
+        if end > limit:
+            raise ModelError(f"sequence reaches position {end}, past the "
+                             f"{'block_size' if cache is None else 'KV cache length'} {limit}",
+                             hint="crop the context to its most recent tokens")
+        if cache is not None and cache.batch_size != B:
+            raise ModelError(f"batch of {B} sequences does not match the KV cache's "
+                             f"{cache.batch_size}")
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
+    """Mean next-token cross-entropy in nats; logits (B, T, V), targets (B, T).
+
+    Positions whose target is `ignore_index` do not count (all ignored -> 0, not NaN).
+    Same value and gradient as F.cross_entropy, with less memory (see _CrossEntropy).
+    """
+    return _CrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Cross-entropy whose backward turns the saved log-probabilities into the gradient
+    in place: softmax - one_hot, scaled. F.cross_entropy instead allocates a zero tensor
+    and a gradient tensor the size of the logits (B*T x vocab, the largest activation):
+    this saves two of those, and on CPU 10-40% of the loss's time (docs/model.md).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+        # (N, V); at least fp32, so bf16 logits under autocast still get an exact softmax
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype,
+                                                                         torch.float32))
+        keep = targets != ignore_index  # (N,)
+        safe = targets.where(keep, 0)  # ignored rows pick class 0, then weigh 0
+        count = keep.sum().clamp(min=1)
+        loss = -(logp.gather(1, safe[:, None]).squeeze(1) * keep).sum() / count
+        ctx.save_for_backward(logp, safe, keep, count)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        logp, safe, keep, count = ctx.saved_tensors
+        # softmax, in place: logp belongs to this node alone, and autograd's version
+        # counter refuses a second backward through it (retain_graph) instead of lying
+        grad = logp.exp_()
+        grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], -1.0))
+        return grad.mul_((keep * (grad_loss / count))[:, None]), None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Size and cost.
+
+
+def _embedding_names(model: GPT) -> set[str]:
+    """Lookup tables (token, learned positions) and an untied output head (Kaplan's N)."""
+    names = {"wte.weight", "lm_head.weight"}
+    return names | {f"positions.{n}" for n, _ in model.positions.named_parameters()}
+
+
+def count_parameters(model: GPT | ModelConfig, exclude_embeddings: bool = False) -> int:
+    """Trainable parameters; a config is measured on a `meta` model (nothing allocated).
+
+    `exclude_embeddings` leaves out the token and learned-position tables and an untied
+    lm_head, so the count is the same tied or untied: Kaplan et al.'s non-embedding N.
+    """
+    if isinstance(model, ModelConfig):
+        with torch.device("meta"):
+            model = GPT(model)
+    skip = _embedding_names(model) if exclude_embeddings else set()
+    return sum(p.numel() for name, p in model.named_parameters() if name not in skip)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N' + 12 L C T.
+
+    N' = non-embedding parameters + vocab * n_embd (the output matmul, tied or not; the
+    input lookup is free). 6 = 2 per multiply-add times 3 (forward, two backward matmuls).
+    12 L C T counts attention scores and weighted sums (2 matmuls of T x C per token per
+    layer, forward 4 L C T, times 3), with T = seq_len (default block_size), ignoring
+    the causal half saved, as PaLM does. Norms and activations are left out.
+    """
+    T = config.block_size if seq_len is None else seq_len
+    matmul_params = count_parameters(config, exclude_embeddings=True)
+    matmul_params += config.vocab_size * config.n_embd
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * T

@@ -1,0 +1,337 @@
+"""model: shapes, causality, KV cache = full recompute, learning, sizes, FLOPs, config rules."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import cache as memoize
+from typing import get_args
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from fragment_llm.config import MODEL_PRESETS, ModelConfig, load_stage_config
+from fragment_llm.errors import ConfigError, ModelError
+from fragment_llm.model import (
+    GPT,
+    MLPS,
+    NORMS,
+    POSITIONS,
+    KVCache,
+    count_parameters,
+    flops_per_token,
+    lm_loss,
+)
+
+V, T = 256, 16
+TINY = {"vocab_size": V, "n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": T}
+COMPONENTS = list(itertools.product(get_args(ModelConfig.model_fields["positions"].annotation),
+                                    get_args(ModelConfig.model_fields["norm"].annotation),
+                                    get_args(ModelConfig.model_fields["mlp"].annotation)))
+# every component choice, with multi-head and grouped-query attention, tied and untied
+VARIANTS = [(*c, kv, tie) for c in COMPONENTS for kv in (None, 2) for tie in (True, False)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and idle-spinning ones slow a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def variant_id(v) -> str:
+    positions, norm, mlp, kv, tie = v
+    attention, head = "mha" if kv is None else "gqa", "tied" if tie else "untied"
+    return f"{positions}-{norm}-{mlp}-{attention}-{head}"
+
+
+def make(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=None,
+         tie_embeddings=True, **overrides) -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY, "positions": positions, "norm": norm, "mlp": mlp,
+                            "n_kv_head": n_kv_head, "tie_embeddings": tie_embeddings,
+                            **overrides})
+    return GPT(config).eval()
+
+
+def ids(B=2, length=T, seed=1) -> torch.Tensor:
+    return torch.randint(0, V, (B, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registries_offer_exactly_the_config_choices():
+    fields = ModelConfig.model_fields
+    assert set(POSITIONS) == set(get_args(fields["positions"].annotation))
+    assert set(NORMS) == set(get_args(fields["norm"].annotation))
+    assert set(MLPS) == set(get_args(fields["mlp"].annotation))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_forward_shape(variant):
+    model = make(*variant)
+    assert model(ids(3, 7)).shape == (3, 7, V)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_future_tokens_never_change_past_logits(variant):
+    model, idx = make(*variant), ids()
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % V
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)  # the change is visible later
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@torch.no_grad()
+def test_kv_cache_prefill_then_decode_equals_full_recompute(variant):
+    model, idx = make(*variant), ids()
+    cache = KVCache.for_model(model, batch_size=2)
+    steps = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, T)]
+    assert cache.pos == T
+    assert torch.allclose(torch.cat(steps, dim=1), model(idx), rtol=0, atol=1e-5)
+
+
+@memoize
+def cached_model(positions: str) -> GPT:
+    return make(positions, n_kv_head=2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(positions=st.sampled_from(list(POSITIONS)),
+       chunks=st.lists(st.integers(1, 6), min_size=1, max_size=T).filter(lambda c: sum(c) <= T))
+@torch.no_grad()
+def test_kv_cache_any_chunking_equals_full_recompute(positions, chunks):
+    model, idx = cached_model(positions), ids(length=sum(chunks))
+    cache, start, outs = KVCache.for_model(model, batch_size=2), 0, []
+    for size in chunks:  # chunks after the first attend to the cache through an explicit mask
+        outs.append(model(idx[:, start:start + size], cache))
+        start += size
+    assert torch.allclose(torch.cat(outs, dim=1), model(idx), rtol=0, atol=1e-5)
+
+
+def test_causal_mask_for_a_chunk_after_cached_positions():
+    cache = KVCache(ModelConfig(**TINY), batch_size=1)
+    assert cache.causal_mask(3) is None  # empty cache: is_causal is exact
+    cache.pos = 2
+    assert cache.causal_mask(1) is None  # one query sees every cached key
+    assert cache.causal_mask(2).int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+@torch.no_grad()
+def test_kv_cache_reset_reuses_buffers():
+    model, idx = make(), ids()
+    cache = KVCache.for_model(model, batch_size=2, max_len=8)
+    first = model(idx[:, :8], cache)
+    cache.reset()
+    assert torch.equal(model(idx[:, :8], cache), first)
+
+
+def test_too_long_inputs_are_refused():
+    model = make()
+    with pytest.raises(ModelError, match="block_size 16"):
+        model(ids(1, T + 1))
+    cache = KVCache.for_model(model, batch_size=1, max_len=4)
+    with pytest.raises(ModelError, match="KV cache length 4"):
+        model(ids(1, 5), cache)
+    with pytest.raises(ModelError, match="batch of 2"):
+        model(ids(2, 2), cache)
+    with pytest.raises(ModelError, match="outside 1..block_size"):
+        KVCache(model.config, batch_size=1, max_len=T + 1)
+
+
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
+    gqa = make(n_kv_head=2)
+    mha = make()
+    hs, nh = gqa.config.head_dim, gqa.config.n_head
+    with torch.no_grad():
+        for src, dst in zip(gqa.blocks, mha.blocks, strict=True):
+            q, k, v = src.attn.qkv.weight.split((nh * hs, 2 * hs, 2 * hs))
+            # query heads 0,1 share kv head 0 and heads 2,3 share kv head 1
+            k, v = (w.view(2, hs, -1).repeat_interleave(nh // 2, dim=0).flatten(0, 1)
+                    for w in (k, v))
+            dst.attn.qkv.weight.copy_(torch.cat((q, k, v)))
+        mha.load_state_dict({n: p for n, p in gqa.state_dict().items() if "qkv" not in n},
+                            strict=False)
+        assert torch.allclose(gqa(ids()), mha(ids()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions,norm,mlp", COMPONENTS)
+def test_loss_falls_when_overfitting_one_batch(positions, norm, mlp):
+    model = make(positions, norm, mlp).train()
+    idx = ids(4, T + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(V)) < 0.1  # small init: near-uniform predictions
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lm_loss_matches_cross_entropy_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, V, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (2, 5))
+    targets[0, 1] = targets[1, 4] = -1  # ignored positions
+    ours = lm_loss(logits, targets)
+    ours.backward()
+    reference = torch.nn.functional.cross_entropy(logits.double().view(-1, V), targets.view(-1),
+                                                  ignore_index=-1)
+    expected_grad, = torch.autograd.grad(reference, logits)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert logits.grad.dtype == dtype
+    assert abs(ours.item() - reference.item()) < tol
+    assert torch.allclose(logits.grad.double(), expected_grad.double(), atol=tol * 1e-2)
+
+
+def test_lm_loss_second_backward_is_refused_not_wrong():
+    logits = torch.randn(1, 3, V, requires_grad=True)
+    loss = lm_loss(logits, torch.tensor([[1, 2, 3]]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_dropout_is_active_in_training_only():
+    model, idx = make(dropout=0.5), ids()
+    with torch.no_grad():
+        assert torch.equal(model(idx), model(idx))
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    grads = []
+    for recompute in (False, True):
+        model, idx = make(dropout=0.1).train(), ids(2, T + 1)
+        model.activation_checkpointing = recompute
+        torch.manual_seed(5)  # the same dropout masks, also when recomputed
+        loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.allclose(plain, recomputed, rtol=0, atol=1e-6)
+
+
+def test_tied_weights_are_one_tensor_and_save_with_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    tied, untied = make(), make(tie_embeddings=False)
+    assert tied.lm_head is None and "lm_head.weight" not in tied.state_dict()
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+    for model in (tied, untied):
+        save_file(model.state_dict(), tmp_path / "m.safetensors")
+        fresh = GPT(model.config).eval()
+        fresh.load_state_dict(load_file(tmp_path / "m.safetensors"), strict=True)
+        assert torch.equal(fresh(ids()), model(ids()))
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY, "n_layer": 8, "n_embd": 128}))
+    block = model.blocks[0]
+    assert block.attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert block.mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(block.attn_norm.weight, torch.ones(128))
+
+
+def test_bf16_autocast_forward_runs():
+    model, idx = make(), ids()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+    assert logits.shape == (2, T, V) and torch.isfinite(logits).all()
+
+
+# ---- sizes and FLOPs ------------------------------------------------------------------
+
+def hand_count(c: ModelConfig, exclude_embeddings: bool) -> int:
+    """Tied RMSNorm/SwiGLU/RoPE GPT: per layer qkv + proj + fc (2 hidden) + down + 2 norms."""
+    C, H, kv = c.n_embd, c.hidden_dim, c.kv_heads * c.head_dim
+    per_layer = C * (C + 2 * kv) + C * C + C * 2 * H + H * C + 2 * C
+    body = c.n_layer * per_layer + C
+    return body if exclude_embeddings else body + c.vocab_size * C
+
+
+@pytest.mark.parametrize("name,low,high", [("tiny", 0.7e6, 1.3e6), ("small", 9e6, 12e6),
+                                           ("base", 35e6, 45e6)])
+def test_preset_sizes_are_as_documented(name, low, high):
+    config = ModelConfig(**MODEL_PRESETS[name], vocab_size=8192)
+    non_embedding = count_parameters(config, exclude_embeddings=True)
+    assert low <= non_embedding <= high
+    assert non_embedding == hand_count(config, exclude_embeddings=True)
+    assert count_parameters(config) == hand_count(config, exclude_embeddings=False)
+    assert count_parameters(config) - non_embedding == 8192 * config.n_embd
+
+
+@pytest.mark.parametrize("variant", VARIANTS[::5], ids=variant_id)
+def test_count_of_a_config_equals_count_of_its_model(variant):
+    model = make(*variant)
+    for exclude in (False, True):
+        assert count_parameters(model.config, exclude) == count_parameters(model, exclude)
+
+
+def test_untied_head_and_learned_positions_count_as_embeddings():
+    tied = make(positions="learned")
+    untied = make(positions="learned", tie_embeddings=False)
+    C = tied.config.n_embd
+    assert count_parameters(untied) - count_parameters(tied) == V * C
+    assert count_parameters(untied, True) == count_parameters(tied, True)
+    assert count_parameters(tied) - count_parameters(tied, True) == (V + T) * C
+
+
+def test_flops_per_token_matches_hand_computation():
+    config = ModelConfig(**MODEL_PRESETS["tiny"], vocab_size=8192)
+    L, C, H, T_ = 4, 128, 384, 128
+    n = L * (C * 3 * C + C * C + C * 2 * H + H * C + 2 * C) + C  # 853,120 non-embedding
+    expected = 6 * (n + 8192 * C) + 12 * L * C * T_
+    assert flops_per_token(config) == expected == 12_196_608
+    assert flops_per_token(config, seq_len=1) == expected - 12 * L * C * (T_ - 1)
+
+
+def test_defaults_are_the_small_preset():
+    assert ModelConfig() == ModelConfig(**MODEL_PRESETS["small"])
+
+
+# ---- config rules ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("values,message", [
+    ({"n_embd": 100, "n_head": 3}, r"n_embd \(100\) must be divisible by n_head \(3\)"),
+    ({"n_head": 6, "n_kv_head": 4}, r"n_head \(6\) must be divisible by n_kv_head \(4\)"),
+    ({"n_embd": 36, "n_head": 4}, r"rope.*even head dim.*n_embd \(36\) / n_head \(4\) = 9"),
+    ({"positions": "alibi"}, "positions"),
+    ({"norm": "batchnorm"}, "norm"),
+    ({"mlp": "relu"}, "mlp"),
+    ({"dropout": 0.95}, "dropout"),
+    ({"dropout": -0.1}, "dropout"),
+    ({"block_size": 0}, "block_size"),
+    ({"vocab_size": 100}, "vocab_size"),
+    ({"n_layers": 4}, "n_layers"),
+])
+def test_config_rules_are_refused_naming_the_fields(values, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelConfig(**values)
+
+
+def test_odd_head_dim_is_fine_without_rope():
+    config = ModelConfig(**{**TINY, "n_embd": 36, "positions": "sinusoidal"})
+    assert GPT(config)(ids(1, 4)).shape == (1, 4, V)
+
+
+def test_config_layer_turns_rule_breaks_into_config_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nn_embd = 100\nn_head = 3\n")
+    with pytest.raises(ConfigError, match=r"n_embd \(100\) must be divisible by n_head"):
+        load_stage_config(ModelConfig, "model", path, {})
+    path.write_text("[model]\nblock_size = 0\n")
+    with pytest.raises(ConfigError, match="model.block_size"):
+        load_stage_config(ModelConfig, "model", path, {})
