@@ -8,11 +8,18 @@ with markup off, so neither terminal escapes nor rich markup in data can act.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import (BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -84,3 +91,90 @@ def progress_bars(enabled: bool) -> Iterator[ProgressFn]:
     finally:
         if tasks:
             bars.stop()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _rss_mib() -> float:
+    """Current resident memory of this process, from /proc (0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class TrainDisplay:
+    """Turns `TrainEvent`s into a live status line, notes, and the data for a summary."""
+
+    def __init__(self, enabled: bool, max_steps: int) -> None:
+        self.enabled = enabled
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(),
+                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                             TextColumn("eta"), TimeRemainingColumn(), console=err_console)
+        self.task: TaskID | None = None
+        self.max_steps = max_steps
+        self.plan: dict[str, object] = {}
+        self.last_eval: dict[str, float] = {}
+        self.probe = 0.0
+
+    def __enter__(self) -> TrainDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.bars.stop()
+
+    def __call__(self, event) -> None:
+        handler = getattr(self, f"_on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def _print(self, text: str) -> None:
+        if self.enabled:
+            err_console.print(Text(safe(text, 2000)))
+
+    def _on_plan(self, event) -> None:
+        self.plan = dict(event.values)
+        self.max_steps = int(event.values.get("max_steps", self.max_steps))
+
+    def _on_probe(self, event) -> None:
+        self.probe = float(event.values["seconds_per_step"])
+
+    def _on_note(self, event) -> None:
+        self._print(str(event.values.get("message", "")))
+
+    def _on_checkpoint(self, event) -> None:
+        self._print(f"step {event.step}: checkpoint {event.values['path']}")
+
+    def _on_eval(self, event) -> None:
+        self.last_eval = dict(event.values)
+        self._print(f"step {event.step}: val loss {event.values['val_loss']:.4f}, "
+                    f"val bits/byte {event.values['val_bpb']:.4f}")
+
+    def _on_progress(self, event) -> None:
+        values = event.values
+        self._print_once(f"tokenizing the corpus ({values['total']} documents)...")
+
+    def _print_once(self, text: str) -> None:
+        if getattr(self, "_said", None) != text:
+            self._said = text
+            self._print(text)
+
+    def _on_step(self, event) -> None:
+        if not self.enabled:
+            return
+        values = event.values
+        if self.task is None:
+            self.bars.start()
+            self.task = self.bars.add_task("train", total=self.max_steps, status="")
+        status = (f"step {event.step}/{self.max_steps}  loss {values['train_loss']:.4f}  "
+                  f"lr {values['lr']:.2e}  {values['tokens_per_s']:,.0f} tok/s  "
+                  f"rss {_rss_mib():,.0f} MiB")
+        total = self.max_steps
+        completed = event.step
+        if values.get("progress") is not None and values["progress"] > event.step / total:
+            completed = int(values["progress"] * total)  # time-limited runs
+        self.bars.update(self.task, completed=completed, status=status)

@@ -49,6 +49,10 @@ class ModelError(FragmentError):
     """A model configuration cannot be built."""
 
 
+class TrainingError(FragmentError):
+    """Training cannot go on (non-finite loss, a broken resume state)."""
+
+
 class CheckpointError(FragmentError):
     """A checkpoint folder is missing, tampered with or malformed."""
 

@@ -1,0 +1,638 @@
+"""The training loop: setup, `train_step`, `evaluate`, checkpoint hooks, exact resume.
+
+Owns device/precision choice, the learning-rate schedule, gradient accumulation,
+AMP, DDP wiring, NaN handling, Ctrl-C and the run-folder lock. It does not print:
+progress goes out through `on_event(TrainEvent)`, and `metrics.jsonl` is the record.
+Exact resume: with the same settings, on CPU in fp32, a run resumed from a checkpoint
+ends with the same weights, bit for bit, as one that never stopped. Everything the
+next step depends on (weights, optimizer moments, data cursor, RNG states, step,
+elapsed training time) is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from fragment_llm import __version__
+from fragment_llm.config import ModelConfig, TrainConfig
+from fragment_llm.data import (
+    BuildRequest,
+    TokenShards,
+    TokenStream,
+    build_token_shards,
+    eval_batches,
+)
+from fragment_llm.errors import ConfigError, OutputError, TrainingError
+from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
+from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
+from fragment_llm.safeio import atomic_write_text, sha256_bytes
+
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+# ------------------------------------------------------------------------ the request
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything `train` needs, already validated by the config layer."""
+
+    data: Path
+    tokenizer: Path
+    out: Path
+    model: ModelConfig
+    train: TrainConfig
+    resume: bool = False
+    tokens_dir: Path | None = None  # default: <data>/../tokens
+
+
+@dataclass
+class TrainEvent:
+    """One thing worth showing: kind is "plan", "step", "eval", "checkpoint" or "note"."""
+
+    kind: str
+    step: int
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+EventFn = Callable[[TrainEvent], None]
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    out: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final_train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    checkpoint: Path | None
+    interrupted: bool
+    parameters: int
+
+
+# ----------------------------------------------------------------- device & precision
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available", hint="use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: MPS is not available", hint="use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def select_precision(requested: str, device: torch.device) -> str:
+    """`auto`: bf16 on CUDA that has it, fp16 (+GradScaler) on older CUDA, else fp32.
+
+    CPUs get fp32: without native bf16 matmul (this project's reference 2-core machine
+    has none) bf16 autocast measured 0.6x the fp32 speed; see docs/benchmarks.md.
+    """
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and device.type == "mps":
+            raise ConfigError(f"precision {requested} is not supported on MPS here",
+                              hint="use --precision fp32")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, config: TrainConfig, progress: float) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from `lr` to `lr * min_lr_ratio`.
+
+    `progress` in [0, 1] is how far through the planned run we are: steps over
+    `max_steps`, or elapsed over `max_time`, whichever is further.
+    """
+    warmup = min(config.warmup_steps, config.max_steps)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    warm = warmup / config.max_steps
+    ratio = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1.0 - warm)))
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * ratio))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases or gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             eps=1e-8, fused=fused, foreach=None if fused else True)
+
+
+# ------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a `torchrun` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        try:
+            rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ConfigError("RANK and WORLD_SIZE must be integers (set by torchrun)") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ConfigError(f"invalid RANK={rank} / WORLD_SIZE={world}")
+        return cls(rank, world)
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> None:
+    if env.world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        torch.distributed.barrier()
+
+
+def all_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= env.world
+    return value
+
+
+# ----------------------------------------------------------------------- run-folder lock
+
+
+class RunLock:
+    """An exclusive `flock` on OUT/.lock: a second trainer on the same folder is refused.
+
+    The kernel drops the lock when the process dies, even by SIGKILL, so a crashed run
+    never leaves a stale lock behind.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise OutputError(f"another trainer is using {self.path.parent}",
+                              hint="wait for it to finish, or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class InterruptFlag:
+    """First Ctrl-C: finish the step, checkpoint, stop. Second: abort at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> InterruptFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# ------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    finite: bool
+
+
+class Trainer:
+    """Model, optimizer and data stream for one process, with `train_step`/`evaluate`."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, shards: TokenShards,
+                 device: torch.device, precision: str, env: DistEnv) -> None:
+        self.config, self.device, self.precision, self.env = config, device, precision, env
+        torch.manual_seed(config.seed)
+        self.model = GPT(model_config).to(device)
+        if config.activation_checkpointing:
+            self.model.activation_checkpointing = True
+        self.forward_model: torch.nn.Module = self.model
+        if env.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, ids)
+        if config.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.optimizer = build_optimizer(self.model, config, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.stream = TokenStream(shards.train, model_config.block_size, config.seed,
+                                  env.rank, env.world)
+        self.shards = shards
+        self.step = 0
+        self.elapsed = 0.0
+        self.nonfinite_in_a_row = 0
+
+    @property
+    def progress(self) -> float:
+        by_steps = self.step / self.config.max_steps
+        by_time = self.elapsed / self.config.max_time_s if self.config.max_time_s else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.config
+        return cfg.batch_size * cfg.grad_accum * self.env.world * self.model.config.block_size
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: `grad_accum` micro-batches, clip, step (or skip if NaN)."""
+        lr = lr_at(self.step, self.config, self.progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self._accumulate_gradients()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        finite = bool(torch.isfinite(loss)) and (self.precision == "fp16"
+                                                 or bool(torch.isfinite(norm)))
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        return StepResult(float(all_mean(loss, self.env)), lr, float(norm), finite)
+
+    def _accumulate_gradients(self) -> torch.Tensor:
+        self.model.train()
+        accum = self.config.grad_accum
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = (t.to(self.device, non_blocking=True)
+                    for t in self.stream.next_batch(self.config.batch_size))
+            last = micro == accum - 1
+            sync = (self.forward_model.no_sync() if self.env.world > 1 and not last
+                    else contextlib.nullcontext())
+            with sync, autocast_for(self.precision, self.device):
+                loss = lm_loss(self.forward_model(x), y) / accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach().float()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float] | None:
+        """Validation loss (nats/token) and bits per byte, or None without a val split."""
+        split = self.shards.val
+        block = self.model.config.block_size
+        if split.num_blocks(block) == 0:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in eval_batches(split, block, self.config.batch_size,
+                                 self.config.eval_blocks, self.env.rank, self.env.world):
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast_for(self.precision, self.device):
+                logits = self.model(x)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total += torch.stack([nll.double(), torch.tensor(y.numel(), device=self.device,
+                                                            dtype=torch.float64)])
+        total = all_mean(total, self.env)
+        loss = float(total[0] / total[1])
+        val = self.shards.manifest.val
+        return loss, bits_per_byte(loss, val.tokens, val.text_bytes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "elapsed_s": self.elapsed, "data": self.stream.state_dict(),
+                "scaler": self.scaler.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.step = int(state["step"])
+            self.elapsed = float(state["elapsed_s"])
+            self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+            self.stream.load_state_dict(state["data"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingError(f"trainer_state.json is incomplete ({exc})") from None
+
+
+def bits_per_byte(loss_nats: float, tokens: int, text_bytes: int) -> float:
+    """Tokenizer-independent quality: nats/token x tokens/byte / ln 2."""
+    if text_bytes <= 0:
+        return float("nan")
+    return loss_nats * tokens / text_bytes / math.log(2)
+
+
+# ----------------------------------------------------------------------- orchestration
+
+
+def _effective_model_config(request: TrainRequest, vocab_size: int) -> ModelConfig:
+    try:
+        return ModelConfig.model_validate({**request.model.model_dump(), "vocab_size": vocab_size})
+    except ValueError as exc:
+        raise ConfigError(f"model config does not fit the tokenizer: {exc}") from None
+
+
+def prepare_shards(request: TrainRequest, env: DistEnv, vocab_size: int,
+                   on_event: EventFn) -> TokenShards:
+    """Rank 0 tokenizes (or reuses the cache); every rank then opens and verifies."""
+    tokens_root = request.tokens_dir or request.data.parent / "tokens"
+    build = BuildRequest(request.data, request.tokenizer, tokens_root,
+                         request.train.val_fraction, workers=request.train.workers)
+    folder = None
+    if env.is_main:
+        folder = build_token_shards(build, lambda phase, done, total: on_event(
+            TrainEvent("progress", 0, {"phase": phase, "done": done, "total": total})))
+    if env.world > 1:
+        box = [str(folder) if folder else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        folder = Path(box[0])
+    assert folder is not None
+    return TokenShards.open(folder, vocab_size)
+
+
+def check_memory(plan: MemoryPlan, limit: int) -> None:
+    if plan.total > limit:
+        raise ConfigError(
+            f"estimated peak memory {plan.total / 2**20:,.0f} MiB exceeds the limit of "
+            f"{limit / 2**20:,.0f} MiB (--max-memory)",
+            hint="lower --batch-size (raise --grad-accum to keep tokens per step), use a "
+                 "smaller --preset, or add --activation-checkpointing")
+
+
+def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False) -> TrainSummary:
+    """Train (or resume) a GPT on the processed corpus; see the module docstring."""
+    from fragment_llm.tokenizer import Tokenizer
+
+    env = DistEnv.from_environ()
+    device = select_device(request.train.device)
+    precision = select_precision(request.train.precision, device)
+    init_distributed(env, device)
+    tokenizer = Tokenizer.load(request.tokenizer)
+    resume_from = _find_resume_point(request, env, on_event) if request.resume else None
+    model_config = (ModelConfig.model_validate(resume_from.config["model"]) if resume_from
+                    else _effective_model_config(request, tokenizer.vocab_size))
+    if model_config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"checkpoint vocab size {model_config.vocab_size} differs from the "
+                          f"tokenizer's {tokenizer.vocab_size}")
+    plan = plan_memory(model_config, request.train, precision)
+    check_memory(plan, request.train.max_memory or default_memory_limit(device))
+    shards = prepare_shards(request, env, tokenizer.vocab_size, on_event)
+    trainer = Trainer(model_config, request.train, shards, device, precision, env)
+    on_event(TrainEvent("plan", 0, _plan_values(trainer, plan, device, precision)))
+    if dry_run:
+        on_event(TrainEvent("probe", 0, {"seconds_per_step": _probe(trainer)}))
+        return _summary(request, trainer, None, None, interrupted=False, seconds=0.0)
+    if resume_from is not None:
+        _restore(trainer, resume_from)
+        on_event(TrainEvent("note", trainer.step,
+                            {"message": f"resumed from {resume_from.path}"}))
+    with contextlib.ExitStack() as stack:
+        if env.is_main:
+            request.out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(RunLock(request.out))
+        loop = TrainLoop(request, trainer, tokenizer, model_config, on_event)
+        return loop.run(stack.enter_context(InterruptFlag()))
+
+
+def _plan_values(trainer: Trainer, plan: MemoryPlan, device: torch.device,
+                 precision: str) -> dict[str, Any]:
+    cfg = trainer.model.config
+    return {"parameters": count_parameters(trainer.model),
+            "non_embedding_parameters": count_parameters(trainer.model, exclude_embeddings=True),
+            "flops_per_token": flops_per_token(cfg), "memory_bytes": plan.total,
+            "tokens_per_step": trainer.tokens_per_step, "device": str(device),
+            "precision": precision, "world_size": trainer.env.world,
+            "train_tokens": trainer.shards.manifest.train.tokens,
+            "val_tokens": trainer.shards.manifest.val.tokens,
+            "max_steps": trainer.config.max_steps}
+
+
+def _probe(trainer: Trainer, steps: int = 2) -> float:
+    """Seconds per optimizer step, measured after one warm-up step; state is discarded."""
+    snapshot = trainer.stream.cursor
+    trainer.train_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.stream.cursor = snapshot
+    return (time.perf_counter() - start) / steps
+
+
+def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
+    from fragment_llm.checkpoint import find_latest_valid, load_checkpoint
+
+    latest, damaged = find_latest_valid(request.out)
+    for path, reason in damaged:
+        on_event(TrainEvent("note", 0, {"message": f"skipping damaged checkpoint {path}: "
+                                                   f"{reason}"}))
+    if latest is None:
+        on_event(TrainEvent("note", 0, {"message": f"no checkpoint in {request.out}; "
+                                                   "starting from scratch"}))
+        return None
+    return load_checkpoint(latest)
+
+
+def _restore(trainer: Trainer, checkpoint) -> None:
+    checkpoint.load_model_into(trainer.model)
+    checkpoint.load_optimizer_into(trainer.optimizer)
+    trainer.load_state_dict(checkpoint.trainer_state)
+    from fragment_llm.checkpoint import restore_rng_state
+
+    restore_rng_state(checkpoint.trainer_state["rng"])
+
+
+def _summary(request: TrainRequest, trainer: Trainer, last: StepResult | None,
+             evaluation: tuple[float, float] | None, *, interrupted: bool, seconds: float,
+             checkpoint: Path | None = None) -> TrainSummary:
+    return TrainSummary(
+        out=request.out, steps=trainer.step, tokens=trainer.step * trainer.tokens_per_step,
+        seconds=seconds, final_train_loss=last.loss if last else None,
+        val_loss=evaluation[0] if evaluation else None,
+        val_bpb=evaluation[1] if evaluation else None, checkpoint=checkpoint,
+        interrupted=interrupted, parameters=count_parameters(trainer.model))
+
+
+class TrainLoop:
+    """The loop around `Trainer`: when to log, evaluate, checkpoint and stop."""
+
+    def __init__(self, request: TrainRequest, trainer: Trainer, tokenizer: Any,
+                 model_config: ModelConfig, on_event: EventFn) -> None:
+        self.request, self.trainer, self.tokenizer = request, trainer, tokenizer
+        self.model_config, self.on_event = model_config, on_event
+        self.metrics = MetricsLog(request.out / METRICS_FILE, trainer.env.is_main)
+        self.metrics.truncate_after(trainer.step)
+        self.evaluation: tuple[float, float] | None = None
+        self.checkpoint: Path | None = None
+
+    def run(self, interrupt: InterruptFlag) -> TrainSummary:
+        cfg, trainer = self.request.train, self.trainer
+        started, last = time.perf_counter(), None
+        while not self._should_stop(interrupt):
+            step_start = time.perf_counter()
+            last = trainer.train_step()
+            seconds = time.perf_counter() - step_start
+            trainer.elapsed += seconds
+            self._after_step(last, seconds)
+            if trainer.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise TrainingError(
+                    f"loss or gradients were not finite for {MAX_NONFINITE_IN_A_ROW} steps in "
+                    f"a row (step {trainer.step})",
+                    hint="lower --lr, keep --grad-clip on, or use --precision fp32")
+            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                self._save()
+        if self.evaluation is None or self.metrics.last_eval_step != trainer.step:
+            self._evaluate()
+        if self.checkpoint is None or not self.checkpoint.name.endswith(f"{trainer.step:07d}"):
+            self._save()
+        return _summary(self.request, trainer, last, self.evaluation,
+                        interrupted=interrupt.requested,
+                        seconds=time.perf_counter() - started, checkpoint=self.checkpoint)
+
+    def _should_stop(self, interrupt: InterruptFlag) -> bool:
+        cfg, trainer = self.request.train, self.trainer
+        out_of_time = cfg.max_time_s is not None and trainer.elapsed >= cfg.max_time_s
+        return interrupt.requested or trainer.step >= cfg.max_steps or out_of_time
+
+    def _after_step(self, result: StepResult, seconds: float) -> None:
+        cfg, step = self.request.train, self.trainer.step
+        values = {"step": step, "train_loss": result.loss, "lr": result.lr,
+                  "grad_norm": result.grad_norm, "skipped": not result.finite,
+                  "tokens_per_s": self.trainer.tokens_per_step / max(seconds, 1e-9),
+                  "elapsed_s": self.trainer.elapsed, "progress": self.trainer.progress}
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            values.update(self._evaluate(log=False))
+        if step % cfg.log_every == 0 or step == 1 or "val_loss" in values:
+            self.metrics.write(values)
+        self.on_event(TrainEvent("step", step, values))
+
+    def _evaluate(self, log: bool = True) -> dict[str, float]:
+        self.evaluation = self.trainer.evaluate()
+        self.metrics.last_eval_step = self.trainer.step
+        if self.evaluation is None:
+            return {}
+        values = {"val_loss": self.evaluation[0], "val_bpb": self.evaluation[1]}
+        if log:
+            self.metrics.write({"step": self.trainer.step, **values})
+        self.on_event(TrainEvent("eval", self.trainer.step, values))
+        return values
+
+    def _save(self) -> None:
+        from fragment_llm.checkpoint import capture_rng_state, save_checkpoint
+
+        trainer = self.trainer
+        if trainer.env.is_main:
+            state = {**trainer.state_dict(), "rng": capture_rng_state()}
+            self.checkpoint = save_checkpoint(
+                self.request.out, trainer.step, model=trainer.model,
+                optimizer=trainer.optimizer, trainer_state=state, config=self._config_record(),
+                tokenizer_file=self.request.tokenizer, provenance=self._provenance(),
+                keep_last=self.request.train.keep_checkpoints)
+            self.on_event(TrainEvent("checkpoint", trainer.step, {"path": str(self.checkpoint)}))
+        barrier(trainer.env)
+
+    def _config_record(self) -> dict[str, Any]:
+        evaluation = self.evaluation
+        return {"model": self.model_config.model_dump(mode="json"),
+                "train": self.request.train.model_dump(mode="json"),
+                "fragment_version": __version__,
+                "val_loss": evaluation[0] if evaluation else None,
+                "val_bpb": evaluation[1] if evaluation else None}
+
+    def _provenance(self) -> dict[str, str]:
+        shards = self.trainer.shards
+        config_text = json.dumps(self._config_record()["model"], sort_keys=True)
+        return {"tokenizer_sha256": self.tokenizer.sha256,
+                "tokens_manifest_sha256": shards.manifest_sha256,
+                "processed_manifest_sha256": shards.manifest.processed_manifest_sha256,
+                "model_config_sha256": sha256_bytes(config_text.encode())}
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one JSON object per line, appended and flushed by rank 0."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.last_eval_step: int | None = None
+
+    def write(self, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in values.items()}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean, sort_keys=True) + "\n")
+            fh.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (and any torn last line)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if int(json.loads(line).get("step", -1)) <= step:
+                    kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
