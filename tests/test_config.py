@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fragment_llm.config import (PreprocessConfig, TokenizerConfig, load_stage_config,
-                                 read_config_file)
+from fragment_llm.config import (
+    PreprocessConfig,
+    TokenizerConfig,
+    load_stage_config,
+    read_config_file,
+)
 from fragment_llm.errors import ConfigError
 
 

@@ -10,8 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fragment_llm.data import (MANIFEST, TokenBlockDataset, TokenShards, TokenStream,
-                               cache_key, eval_batches, is_validation, permuted_index)
+from fragment_llm.data import (
+    MANIFEST,
+    TokenBlockDataset,
+    TokenShards,
+    TokenStream,
+    cache_key,
+    eval_batches,
+    is_validation,
+    permuted_index,
+)
 from fragment_llm.errors import DatasetError
 from fragment_llm.safeio import sha256_bytes
 

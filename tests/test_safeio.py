@@ -11,9 +11,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fragment_llm.errors import OutputError, TokenizerError
-from fragment_llm.safeio import (OLD_MARKER, TEMP_MARKER, atomic_write_bytes, json_depth,
-                                 parse_json_guarded, read_capped, remove_stale_temps,
-                                 sha256_bytes, sha256_file, staged_dir)
+from fragment_llm.safeio import (
+    OLD_MARKER,
+    TEMP_MARKER,
+    atomic_write_bytes,
+    json_depth,
+    parse_json_guarded,
+    read_capped,
+    remove_stale_temps,
+    sha256_bytes,
+    sha256_file,
+    staged_dir,
+)
 
 
 def test_read_capped_refuses_oversized_file(tmp_path):

@@ -5,8 +5,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fragment_llm.sanitize import (BIDI_CHARS, CONTROL_CHARS, ZERO_WIDTH_CHARS,
-                                   escape_for_display, strip_unsafe)
+from fragment_llm.sanitize import (
+    BIDI_CHARS,
+    CONTROL_CHARS,
+    ZERO_WIDTH_CHARS,
+    escape_for_display,
+    strip_unsafe,
+)
 
 FORBIDDEN = set(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS)
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from fragment_llm.cli import FLAGS, cli
-from fragment_llm.config import (ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig)
+from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
 from fragment_llm.errors import ConfigError, OutputError, TrainingError
 from fragment_llm.preprocess import run_preprocess
 from fragment_llm.tokenizer import Tokenizer
