@@ -11,6 +11,7 @@ Stage modules are imported inside each command so `fragment --help` stays instan
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -192,6 +193,429 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
     if problems:
         _show(listing_table("Files not used", ("file", "status", "reason"), problems))
     _show(summary_table("Preprocess summary", report.summary_rows()))
+
+
+# -------------------------------------------------------------------- train-tokenizer
+
+
+@cli.command("train-tokenizer")
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False),
+              default=DEFAULT_PROCESSED, show_default=True,
+              help="Processed folder written by `fragment preprocess`.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              default=DEFAULT_TOKENIZER, show_default=True, help="Tokenizer file to write.")
+@config_option
+@click.option("--vocab-size", type=click.IntRange(262, 1 << 20),
+              help="256 bytes + merges + 5 special tokens [8192].")
+@click.option("--pattern", type=click.Choice(["gpt2", "gpt4"]),
+              help="Pre-split pattern [gpt4]; a custom regex goes in --config.")
+@click.option("--max-chars", type=click.IntRange(min=1),
+              help="Train on at most this many characters [all].")
+@click.option("--workers", type=click.IntRange(1, 256), help="Counting processes [2].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
+                            **flags: Any) -> None:
+    """Train a byte-level BPE tokenizer on data/processed/.
+
+    \b
+    Streams the documents, counts pre-split chunks (both cores for large
+    corpora), learns merges up to --vocab-size, and writes OUT atomically:
+    JSON with the merges, the split pattern, the special tokens
+    <|endoftext|> <|system|> <|user|> <|assistant|> <|end|> and the processed
+    manifest's sha256. A held-back sample measures bytes per token.
+
+    \b
+    Examples:
+      fragment train-tokenizer                       # data/processed -> data/tokenizer.json
+      fragment train-tokenizer --vocab-size 4096 --out data/tok4k.json --overwrite
+    """
+    from fragment_llm.config import TokenizerConfig, load_stage_config
+    from fragment_llm.display import progress_bars, summary_table
+    from fragment_llm.tokenizer_train import check_output, train_tokenizer
+
+    overwrite = flags.pop("overwrite")
+    check_output(out, overwrite, data)
+    config = load_stage_config(TokenizerConfig, "tokenizer", config_path, flags)
+    with progress_bars(not FLAGS.quiet) as progress:
+        report = train_tokenizer(data, out, config, overwrite=overwrite, progress=progress)
+    _show(summary_table("Tokenizer summary", report.summary_rows()))
+
+
+@cli.command("export-tokenizer")
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: a Hugging Face `tokenizers` tokenizer.json.")
+@click.option("--in", "source", type=click.Path(path_type=Path, dir_okay=False),
+              default=DEFAULT_TOKENIZER, show_default=True, help="Tokenizer file to export.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="File to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def export_tokenizer_command(fmt: str, source: Path, out: Path, overwrite: bool) -> None:
+    """Export a tokenizer for other tools.
+
+    \b
+    The HF file loads with tokenizers.Tokenizer.from_file and encodes text to
+    the same ids (set encode_special_tokens = True on it to keep special-token
+    text as text, as fragment does).
+
+    \b
+    Example:
+      fragment export-tokenizer --format hf --out tokenizer-hf.json
+    """
+    from fragment_llm.display import summary_table
+    from fragment_llm.hf_export import export_tokenizer
+
+    report = export_tokenizer(source, out, fmt=fmt, overwrite=overwrite)
+    _show(summary_table("Export summary", report.summary_rows()))
+
+
+# ------------------------------------------------------------------------------ train
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class Duration(click.ParamType):
+    """`90s`, `10m`, `2h`, `1.5h` or plain seconds -> seconds (float)."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = text[-1] if text and text[-1] in _DURATION_UNITS else "s"
+        number = text[:-1] if text and text[-1] in _DURATION_UNITS else text
+        try:
+            seconds = float(number) * _DURATION_UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a duration like 90s, 10m or 2h", param, ctx)
+        if not 0 < seconds < 1e8:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return seconds
+
+
+class ByteSize(click.ParamType):
+    """`512M`, `4G`, `4GiB` or plain bytes -> bytes (int)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1] if text and text[-1] in _SIZE_UNITS else ""
+        try:
+            return int(float(text[:-1] if unit else text) * _SIZE_UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size like 512M or 4G", param, ctx)
+
+
+def _train_configs(preset: str | None, config_path: Path | None,
+                   model_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[Any, Any]:
+    """Layer preset < config file < flags for the [model] and [train] tables."""
+    from fragment_llm.config import (
+        DEFAULT_PRESET,
+        MODEL_PRESETS,
+        TRAIN_PRESETS,
+        ModelConfig,
+        TrainConfig,
+        read_config_file,
+        resolve,
+    )
+
+    tables = read_config_file(config_path) if config_path is not None else {}
+    name = preset or DEFAULT_PRESET
+    model = resolve(ModelConfig, "model", tables, config_path, model_flags,
+                    base=MODEL_PRESETS[name])
+    train = resolve(TrainConfig, "train", tables, config_path, train_flags,
+                    base=TRAIN_PRESETS[name])
+    return model, train
+
+
+@cli.command()
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False),
+              default=DEFAULT_PROCESSED, show_default=True, help="Processed folder.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=DEFAULT_TOKENIZER, show_default=True, help="Tokenizer file.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              default=DEFAULT_CHECKPOINTS, show_default=True,
+              help="Run folder: checkpoints, metrics.jsonl.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]),
+              help="Model + training preset [small]; see docs/model.md.")
+@config_option
+@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps planned.")
+@click.option("--max-time", "max_time_s", type=Duration(),
+              help="Stop after this much training time (90s, 10m, 2h); the lr schedule "
+                   "ends with it.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-step.")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-steps per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for weights and data order.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints.")
+@click.option("--eval-every", type=click.IntRange(min=0), help="Steps between evaluations.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="auto: bf16/fp16 on CUDA, fp32 on CPU.")
+@click.option("--compile/--no-compile", "compile_model", default=None,
+              help="torch.compile the model (optional).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="auto: CUDA, then MPS, then CPU.")
+@click.option("--activation-checkpointing", is_flag=True, default=None,
+              help="Recompute activations to fit a larger model in less memory.")
+@click.option("--max-memory", type=ByteSize(), help="Refuse plans above this (e.g. 4G).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+              help="Documents held out for validation.")
+@click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and a timing probe, then exit.")
+def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
+          config_path: Path | None, resume: bool, dry_run: bool, **flags: Any) -> int:
+    """Train a GPT on the processed corpus; checkpoints go to --out.
+
+    \b
+    Tokenizes data/processed once with the tokenizer (cached in data/tokens/ while
+    both are unchanged), then trains with AdamW, warmup + cosine schedule,
+    gradient accumulation and clipping. Every --checkpoint-every steps a
+    checkpoint folder OUT/step-NNNNNNN/ is written atomically (safetensors +
+    JSON, sha256 manifest). Ctrl-C finishes the step, checkpoints and exits 130;
+    --resume continues exactly where the newest valid checkpoint left off.
+
+    \b
+    Layering: --preset values < the [model]/[train] tables of --config < flags.
+    Several processes: torchrun --nproc_per_node=2 -m fragment_llm train ...
+
+    \b
+    Examples:
+      fragment train --preset tiny                 # quick start, about a minute
+      fragment train --max-time 10m                # small preset, ten minutes
+      fragment train --resume                      # continue checkpoints/
+      fragment train --preset base --dry-run       # memory and speed plan only
+    """
+    from fragment_llm.display import TrainDisplay
+    from fragment_llm.train import TrainRequest, run_training
+
+    flags["compile"] = flags.pop("compile_model")
+    model_config, train_config = _train_configs(preset, config_path, {}, flags)
+    request = TrainRequest(data=data, tokenizer=tokenizer_path, out=out, model=model_config,
+                           train=train_config, resume=resume)
+    with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
+        summary = run_training(request, display, dry_run=dry_run)
+    _show(summary_for_display(summary, display, dry_run))
+    return EXIT_INTERRUPTED if summary.interrupted else 0
+
+
+def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
+    from fragment_llm.display import summary_table
+
+    plan = display.plan
+    rows: list[tuple[str, object]] = [
+        ("parameters", f"{plan.get('parameters', summary.parameters):,}"),
+        ("device / precision", f"{plan.get('device')} / {plan.get('precision')}"),
+        ("estimated peak memory", f"{int(plan.get('memory_bytes', 0)) / 2**20:,.0f} MiB"),
+        ("tokens per step", f"{plan.get('tokens_per_step', 0):,}"),
+        ("train / val tokens", f"{plan.get('train_tokens', 0):,} / {plan.get('val_tokens', 0):,}"),
+    ]
+    if dry_run:
+        rows.append(("seconds per step (probe)", f"{display.probe:.3f}"))
+        return summary_table("Training plan (dry run)", rows)
+    rows += [("steps", summary.steps), ("tokens", f"{summary.tokens:,}"),
+             ("time", f"{summary.seconds:,.1f} s"),
+             ("final train loss", _fmt(summary.final_train_loss)),
+             ("val loss", _fmt(summary.val_loss)), ("val bits/byte", _fmt(summary.val_bpb)),
+             ("checkpoint", summary.checkpoint or "-")]
+    title = "Training interrupted (checkpoint saved)" if summary.interrupted else "Training done"
+    return summary_table(title, rows)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@cli.command(name="eval")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
+              default=DEFAULT_CHECKPOINTS, show_default=True,
+              help="A run folder (its latest valid checkpoint) or one step folder.")
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False),
+              default=DEFAULT_PROCESSED, show_default=True, help="Any processed folder.")
+@click.option("--max-blocks", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Evaluate at most this many blocks.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"loss", "bpb", "tokens"} as JSON.')
+def evaluate(checkpoint_path: Path, data: Path, max_blocks: int, as_json: bool) -> None:
+    """Report loss and bits per byte of a checkpoint on a processed folder.
+
+    \b
+    All of the folder's documents are used (not only a validation split), tokenized
+    with the checkpoint's own tokenizer copy. Bits per byte do not depend on the
+    tokenizer, so checkpoints with different vocabularies can be compared.
+    """
+    from fragment_llm.display import summary_table
+    from fragment_llm.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint_path, data, max_blocks=max_blocks)
+    if as_json:
+        click.echo(json.dumps({"loss": result.loss, "bpb": result.bpb, "tokens": result.tokens}))
+        return
+    _show(summary_table("Evaluation", [("checkpoint", result.checkpoint),
+                                       ("loss (nats/token)", f"{result.loss:.4f}"),
+                                       ("bits per byte", f"{result.bpb:.4f}"),
+                                       ("tokens", f"{result.tokens:,}")]))
+
+
+# --------------------------------------------------------------------- generate, chat
+
+
+def sampling_options(func: Any) -> Any:
+    """Flags shared by `generate` and `chat`; ranges are checked by GenerateConfig,
+    so a bad value is refused with the same message as in a config file."""
+    options = [
+        click.option("--max-new-tokens", type=int, help="Tokens per answer [256; chat 200]."),
+        click.option("--temperature", type=float, help="0 = greedy (argmax) [0.8]."),
+        click.option("--top-k", type=int, help="Sample among the k likeliest tokens [50]."),
+        click.option("--top-p", type=float, help="Nucleus sampling mass, in (0, 1] [0.95]."),
+        click.option("--repetition-penalty", type=float, help="In [1, 10]; 1 = off [1]."),
+        click.option("--seed", type=int, help="Same seed, prompt and settings -> same text."),
+        click.option("--threads", type=int, help="torch threads [1: fastest at batch 1 on a "
+                                                 "busy 2-core machine]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def checkpoint_option(func: Any) -> Any:
+    return click.option(
+        "--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
+        default=DEFAULT_CHECKPOINTS, show_default=True,
+        help="A run folder (its latest valid checkpoint) or one step folder.")(func)
+
+
+def _use_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@cli.command()
+@checkpoint_option
+@click.option("--prompt", "prompt_text", help="The text to continue; `-` reads standard input.")
+@click.option("--prompt-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Read the prompt from a UTF-8 file.")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"text", "new_tokens", "prompt_tokens", "tokens_per_s", '
+                   '"time_to_first_token_s"} instead of the text.')
+@config_option
+def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path | None,
+             as_json: bool, config_path: Path | None, **flags: Any) -> None:
+    """Continue a prompt with a trained model; the text goes to stdout.
+
+    \b
+    The prompt is cleaned like chat input (control characters and escape sequences
+    removed, NFC) and capped in characters and tokens (exit 1 past a cap). The
+    completion is streamed to stdout, sanitised, and nothing else is written there.
+
+    \b
+    Examples:
+      fragment generate --prompt "ROMEO:" --max-new-tokens 100
+      fragment generate --prompt-file start.txt --temperature 0 --json
+      echo "To be" | fragment generate --prompt - --seed 1
+    """
+    from fragment_llm.chat import complete, read_prompt
+    from fragment_llm.config import GenerateConfig, load_stage_config
+    from fragment_llm.evaluate import load_trained
+
+    if (prompt_text is None) == (prompt_file is None):
+        raise click.UsageError("give exactly one of --prompt TEXT, --prompt - or --prompt-file")
+    settings = load_stage_config(GenerateConfig, "generate", config_path, flags)
+    prompt = read_prompt(prompt_text, prompt_file, settings)
+    _use_threads(settings.threads)
+    trained = load_trained(checkpoint_path)
+    result = complete(trained.model, trained.tokenizer, prompt, settings,
+                      on_text=None if as_json else _write_stdout)
+    if as_json:
+        click.echo(json.dumps(result.as_json()))
+    else:
+        _write_stdout("\n")
+
+
+class ChatTerminal:
+    """The chat's I/O: a rich console with markup, highlighting and emoji off, so model
+    text is shown literally; readline input on a terminal, plain lines from a pipe."""
+
+    def __init__(self, interactive: bool) -> None:
+        from rich.console import Console
+
+        self.interactive = interactive
+        self.console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+
+    def read(self, prompt: str) -> str:
+        if self.interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def write(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text), end="")
+
+    def end_answer(self, interrupted: bool) -> None:
+        self.console.print()  # ends the answer's line; in a pipe, one answer per line
+        if interrupted:
+            self.message("[stopped]")
+
+    def message(self, text: str) -> None:
+        from rich.text import Text
+
+        from fragment_llm.display import err_console
+
+        (self.console if self.interactive else err_console).print(Text(text))
+
+
+@cli.command()
+@checkpoint_option
+@sampling_options
+@click.option("--system", help="System prompt (what the assistant should be).")
+@config_option
+def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
+         **flags: Any) -> int:
+    """Talk to a trained model: an interactive REPL with streamed answers.
+
+    \b
+    Commands: /help /reset /set KEY=VALUE /settings /system TEXT /save FILE /exit.
+    Ctrl-C stops an answer; Ctrl-D or /exit leaves. Everything the model writes is
+    sanitised: no control character or terminal escape sequence reaches the screen,
+    and [markup] is shown as typed. With stdin not a terminal, each line is one
+    prompt and each answer is printed plainly, so a chat can be scripted.
+
+    \b
+    Examples:
+      fragment chat                                      # checkpoints/, latest step
+      fragment chat --temperature 0.5 --system "You are terse."
+      printf 'hello\\nhow are you?\\n' | fragment chat -q
+    """
+    from fragment_llm.chat import ChatSession, banner_rows, enable_line_editing, run_repl
+    from fragment_llm.config import ChatConfig, load_stage_config
+    from fragment_llm.display import summary_table
+    from fragment_llm.evaluate import load_trained
+
+    settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})
+    _use_threads(settings.threads)
+    trained = load_trained(checkpoint_path)
+    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config)
+    interactive = sys.stdin.isatty()
+    _show(summary_table("fragment chat", banner_rows(trained)))
+    # readline only for a terminal: a pipe is read line by line, with no editing
+    save_history = enable_line_editing(settings.history) if interactive else (lambda: None)
+    try:
+        return run_repl(session, ChatTerminal(interactive))
+    finally:
+        save_history()
 
 
 def main() -> None:

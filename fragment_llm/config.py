@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fragment_llm.errors import ConfigError
 from fragment_llm.safeio import read_capped
@@ -51,7 +51,8 @@ class PreprocessConfig(StageConfig):
     shard_max_bytes: int = Field(128 * MiB, ge=1 * MiB, le=4 * GiB,
                                  description="text bytes per output shard before starting another")
     workers: int = Field(2, ge=1, le=256, description="processes that read and clean inputs")
-    zstd_level: int = Field(3, ge=1, le=22, description="Parquet zstd compression level")
+    zstd_level: int = Field(1, ge=1, le=22, description="Parquet zstd compression level "
+                            "(1: ~2x faster to write than 3, ~13% larger shards)")
 
 
 class TokenizerConfig(StageConfig):
@@ -107,7 +108,11 @@ def _allowed_range(model: type[StageConfig], name: str) -> str | None:
 def _explain(model: type[StageConfig], table: str, exc: ValidationError,
              sources: dict[str, str]) -> ConfigError:
     first = exc.errors()[0]
-    name = str(first["loc"][0]) if first["loc"] else "?"
+    if not first["loc"]:  # a cross-field rule: name the table and every source involved
+        where = ", ".join(sorted(set(sources.values()))) or "defaults"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return ConfigError(f"invalid [{table}]: {message}, in {where}")
+    name = str(first["loc"][0])
     where = sources.get(name, "defaults")
     if first["type"] == "extra_forbidden":
         known = ", ".join(model.model_fields)
@@ -145,3 +150,168 @@ def load_stage_config(model: type[StageConfig], table: str, config_path: Path | 
     """The usual entry point for a verb: read `--config` (if any), then `resolve`."""
     tables = read_config_file(config_path) if config_path is not None else {}
     return resolve(model, table, tables, config_path, overrides)
+
+
+PositionsName = Literal["rope", "learned", "sinusoidal"]
+NormName = Literal["rmsnorm", "layernorm"]
+MlpName = Literal["swiglu", "gelu"]
+
+
+class ModelConfig(StageConfig):
+    """The GPT's shape and components (see docs/model.md). Defaults are the `small` preset.
+
+    `vocab_size` is not chosen by hand: training sets it from the tokenizer.
+    """
+
+    vocab_size: int = Field(8192, ge=256, le=1 << 20,
+                            description="token ids are 0..vocab_size-1; set from the tokenizer")
+    n_layer: int = Field(6, ge=1, le=256, description="transformer blocks")
+    n_head: int = Field(6, ge=1, le=256, description="query heads per block")
+    n_kv_head: int | None = Field(None, ge=1, le=256,
+                                  description="key/value heads (grouped-query); None = n_head")
+    n_embd: int = Field(384, ge=8, le=32768, description="residual stream width")
+    block_size: int = Field(256, ge=1, le=1 << 17, description="context window in tokens")
+    positions: PositionsName = Field("rope", description="rope, learned or sinusoidal")
+    norm: NormName = Field("rmsnorm", description="rmsnorm or layernorm (pre-norm)")
+    mlp: MlpName = Field("swiglu", description="swiglu or gelu")
+    mlp_hidden: int | None = Field(None, ge=1, le=1 << 18,
+                                   description="MLP hidden width; None = 8/3 n_embd rounded up "
+                                               "to 64 for swiglu, 4 n_embd for gelu")
+    tie_embeddings: bool = Field(True, description="the output layer reuses the token embedding")
+    dropout: float = Field(0.0, ge=0.0, le=0.9, description="embedding, attention and residual")
+    rope_theta: float = Field(10000.0, ge=1.0, le=1e9, description="RoPE base wavelength")
+    norm_eps: float = Field(1e-5, gt=0.0, le=0.1, description="added to the variance in norms")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head "
+                             f"({self.n_head}), e.g. n_embd = "
+                             f"{self.n_embd // self.n_head * self.n_head or self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head "
+                             f"({self.kv_heads}): each key/value head serves a group of heads")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"positions = 'rope' needs an even head dim, but n_embd "
+                             f"({self.n_embd}) / n_head ({self.n_head}) = {self.head_dim}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used: n_kv_head, or n_head when unset."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """MLP hidden width. SwiGLU's 8/3 keeps its three matrices at GPT-2's 4x MLP cost."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return -(-8 * self.n_embd // 192) * 64  # ceil(8/3 n_embd / 64) * 64
+        return 4 * self.n_embd
+
+
+# Named sets of [model] keys; a config file and flags override them (vocab_size comes from
+# the tokenizer). Parameter counts at vocab 8192, with tied embeddings (docs/model.md):
+#   tiny   0.85M non-embedding,  1.9M total: tests and the quick start
+#   small  10.6M non-embedding, 13.8M total: the 2-core laptop default
+#   base   39.6M non-embedding, 44.9M total
+_COMPONENTS = {"n_kv_head": None, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+               "tie_embeddings": True, "dropout": 0.0}
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, **_COMPONENTS},
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, **_COMPONENTS},
+    "base": {"n_layer": 8, "n_head": 10, "n_embd": 640, "block_size": 512, **_COMPONENTS},
+}
+
+
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class TrainConfig(StageConfig):
+    """The `[train]` table. The first nine keys are pinned (portable configs)."""
+
+    batch_size: int = Field(16, ge=1, le=65536, description="sequences per micro-step")
+    grad_accum: int = Field(1, ge=1, le=4096, description="micro-steps per optimizer step")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak learning rate")
+    max_steps: int = Field(2000, ge=1, le=100_000_000, description="optimizer steps planned")
+    warmup_steps: int = Field(100, ge=0, le=100_000_000,
+                              description="linear warmup steps (at most max_steps are used)")
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0, description="AdamW decay on matrices")
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="max global grad norm; 0 = off")
+    seed: int = Field(1337, ge=0, le=2**63 - 1, description="weights, dropout and data order")
+    precision: PrecisionName = Field("auto", description="auto, fp32, bf16 or fp16")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of lr")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2")
+    max_time_s: float | None = Field(None, gt=0.0, le=1e8,
+                                     description="stop (and end the schedule) after this long")
+    eval_every: int = Field(200, ge=0, le=100_000_000, description="steps between evals; 0 = end")
+    eval_blocks: int = Field(64, ge=1, le=1_000_000, description="validation blocks per eval")
+    log_every: int = Field(10, ge=1, le=1_000_000, description="steps between metrics lines")
+    checkpoint_every: int = Field(500, ge=0, le=100_000_000,
+                                  description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="newest checkpoints kept")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="documents held out")
+    device: DeviceName = Field("auto", description="auto = cuda, then mps, then cpu")
+    compile: bool = Field(False, description="torch.compile the model (optional)")
+    activation_checkpointing: bool = Field(False, description="recompute block activations")
+    max_memory: int | None = Field(None, ge=1 << 20, le=1 << 50,
+                                   description="refuse plans above this many bytes")
+    workers: int = Field(2, ge=1, le=256, description="processes for tokenizing the corpus")
+
+
+# Training values that go with each model preset; flags and [train] override them.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"batch_size": 16, "lr": 2e-3, "max_steps": 200, "warmup_steps": 20,
+             "eval_every": 100, "checkpoint_every": 100},
+    "small": {"batch_size": 16, "lr": 1e-3, "max_steps": 3000, "warmup_steps": 100},
+    "base": {"batch_size": 8, "grad_accum": 4, "lr": 6e-4, "max_steps": 10000,
+             "warmup_steps": 300},
+}
+DEFAULT_PRESET = "small"
+
+
+MAX_NEW_TOKENS = 4096  # per answer; the wall-clock limit max_time_s also applies
+
+
+class GenerateConfig(StageConfig):
+    """The `[generate]` table: sampling, hard limits and prompt caps (docs/chat.md).
+
+    Every number is range-checked and NaN/inf are refused, so `temperature = nan` or
+    `top_p = 0` fails here with the field's name instead of producing garbage later.
+    """
+
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS, description="tokens per answer")
+    temperature: float = Field(0.8, ge=0.0, le=100.0, allow_inf_nan=False,
+                               description="softmax temperature; 0 = greedy (argmax)")
+    top_k: int | None = Field(50, ge=1, le=1 << 20,
+                              description="sample among the k likeliest tokens; None = all")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False,
+                         description="nucleus: the smallest set holding this probability")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=10.0, allow_inf_nan=False,
+                                      description="divide the logits of seen tokens; 1 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="same seed, prompt and settings -> same text")
+    max_time_s: float = Field(120.0, gt=0.0, le=86400.0, allow_inf_nan=False,
+                              description="stop an answer after this many seconds")
+    max_prompt_chars: int = Field(16_000, ge=1, le=1 << 24, description="longer prompts refused")
+    max_prompt_tokens: int = Field(4096, ge=1, le=1 << 20, description="longer prompts refused")
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = Field(
+        (), max_length=16, description="stop strings (checked on the decoded text)")
+    threads: int = Field(1, ge=1, le=256,
+                         description="torch threads; one decodes batch 1 fastest on a busy "
+                                     "2-core machine (docs/benchmarks-generate.md)")
+
+
+class ChatConfig(GenerateConfig):
+    """The `[chat]` table: the sampling settings plus the conversation's own."""
+
+    max_new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS, description="tokens per answer")
+    system: str | None = Field(None, max_length=16_000, description="system prompt")
+    history: bool = Field(True, description="keep readline history in ~/.cache/fragment-llm")

@@ -1,0 +1,558 @@
+"""The processed-folder format (`data/processed/`): its manifest schema, writer and reader.
+
+This module owns the contract between `fragment preprocess`, which writes the folder,
+and the tokenizer and training stages, which read it:
+
+    DIR/manifest.json          ProcessedManifest (format "fragment-processed", version 1)
+    DIR/shard-00000.parquet    zstd Parquet, one row per document, string columns
+    DIR/shard-00001.parquet    `text`, `source` (path relative to its input root) and
+    ...                        `sha256` (hex digest of the cleaned text's UTF-8 bytes)
+
+`ShardWriter` writes the shards (bounded in size, a row group every few MB) and
+`manifest_json` the manifest's bytes. `ProcessedCorpus.open(folder)` treats the folder
+as hostile: the manifest is size-capped, parsed with guarded JSON and validated against
+the schema below; every shard it names must be a regular file (no symlink) inside the
+folder, with the recorded size and sha256 and the pinned Parquet schema. Any problem is
+a `ProcessedDataError` naming the file and the rule. Reading streams one row group at a
+time, so memory stays bounded.
+
+It does not read raw inputs or clean text (see `readers.py`, `cleaning.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from array import array
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from itertools import accumulate
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fragment_llm.cleaning import CleaningCounts
+from fragment_llm.config import PreprocessConfig
+from fragment_llm.errors import OutputError, ProcessedDataError
+from fragment_llm.safeio import (
+    HASH_CHUNK,
+    open_regular,
+    parse_json_guarded,
+    read_capped,
+    sha256_file,
+    translate_os_errors,
+)
+
+FORMAT = "fragment-processed"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_COLUMNS = ("text", "source", "sha256")
+MAX_SHARDS = 100_000  # five digits in the name
+MAX_MANIFEST_BYTES = 256 << 20  # ~1M input files listed at ~250 bytes each
+MAX_MALFORMED_LISTED = 20  # per input file; the count is always exact
+# A row group holds a few MB of text; a single document can be larger, but nothing
+# legitimate comes near this, and a hostile footer must not make us allocate more.
+MAX_ROW_GROUP_BYTES = 512 << 20
+ROW_GROUP_BYTES = 8 << 20  # text per row group the writer aims for: what a reader holds
+HINT_RUN_PREPROCESS = "run `fragment preprocess` first"
+HINT_RERUN = "rebuild it with `fragment preprocess --overwrite`"
+
+SHA256_HEX = r"^[0-9a-f]{64}$"
+Status = Literal["kept", "rejected", "skipped"]
+
+
+class Reason(StrEnum):
+    """Why an input file was rejected or skipped (the manifest's reason codes)."""
+
+    UNSUPPORTED_EXTENSION = "unsupported-extension"
+    ALREADY_VISITED = "already-visited"
+    SYMLINK_ESCAPES_ROOT = "symlink-escapes-root"
+    SYMLINK_LOOP = "symlink-loop"
+    BROKEN_SYMLINK = "broken-symlink"
+    NOT_REGULAR_FILE = "not-regular-file"
+    UNREADABLE = "unreadable"
+    VANISHED = "vanished"
+    CHANGED_WHILE_READ = "changed-while-read"
+    TOO_LARGE = "too-large"
+    TOTAL_CAP = "total-cap"
+    TOO_MANY_FILES = "too-many-files"
+    NUL_BYTES = "nul-bytes"
+    BINARY = "binary"
+    INVALID_UTF8 = "invalid-utf8"
+    PARQUET_INVALID = "parquet-invalid"
+    PARQUET_MISSING_COLUMN = "parquet-missing-column"
+    PARQUET_WRONG_TYPE = "parquet-wrong-type"
+    PARQUET_TOO_LARGE = "parquet-too-large"
+
+
+SKIP_REASONS = frozenset({Reason.UNSUPPORTED_EXTENSION, Reason.ALREADY_VISITED})
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MalformedRecord(_Frozen):
+    """One skipped JSONL line or Parquet row (1-based) and why it was skipped."""
+
+    line: int = Field(ge=1)
+    reason: str = Field(max_length=500)
+
+
+class InputFile(_Frozen):
+    """What happened to one discovered input file."""
+
+    path: str = Field(description="path relative to its input root, '/'-separated")
+    root: str = Field(description="the input root as given on the command line")
+    size: int = Field(ge=0, description="bytes on disk when discovered or read")
+    sha256: str | None = Field(None, pattern=SHA256_HEX, description="of the bytes read")
+    status: Status
+    reason: Reason | None = None
+    detail: str = Field("", max_length=1000)
+    documents: int = Field(0, ge=0, description="documents written from this file")
+    malformed: int = Field(0, ge=0, description="JSONL lines / Parquet rows skipped")
+    malformed_records: list[MalformedRecord] = Field(
+        default_factory=list, max_length=MAX_MALFORMED_LISTED)
+
+    @model_validator(mode="after")
+    def _reason_matches_status(self) -> InputFile:
+        if (self.status == "kept") != (self.reason is None):
+            raise ValueError("a kept file has no reason; a rejected or skipped one has one")
+        return self
+
+    @property
+    def location(self) -> str:
+        """Root and path joined, for messages: `data/raw/plays/hamlet.txt`."""
+        return (Path(self.root) / self.path).as_posix()
+
+
+class CharsRemoved(_Frozen):
+    """Characters removed by each cleaning rule (see `cleaning.py` for the rules)."""
+
+    newlines: int = Field(ge=0)
+    nfc: int = Field(description="net; NFC can, rarely, lengthen text")
+    controls: int = Field(ge=0)
+    bidi: int = Field(ge=0)
+    zero_width: int = Field(ge=0)
+    surrogates: int = Field(ge=0)
+    trailing_whitespace: int = Field(ge=0)
+    blank_lines: int = Field(ge=0)
+
+    @classmethod
+    def from_counts(cls, counts: CleaningCounts) -> CharsRemoved:
+        return cls(**counts.as_dict())
+
+
+class Counts(_Frozen):
+    documents: int = Field(ge=0, description="documents written to the shards")
+    chars: int = Field(ge=0, description="characters in the documents written")
+    duplicates_dropped: int = Field(ge=0)
+    too_short_dropped: int = Field(ge=0)
+    too_long_dropped: int = Field(ge=0)
+    malformed_records: int = Field(ge=0)
+    bytes_read: int = Field(ge=0)
+    files_kept: int = Field(ge=0)
+    files_rejected: int = Field(ge=0)
+    files_skipped: int = Field(ge=0)
+    chars_removed: CharsRemoved
+
+
+class ShardInfo(_Frozen):
+    file: str = Field(pattern=r"^shard-\d{5}\.parquet$")
+    sha256: str = Field(pattern=SHA256_HEX)
+    size: int = Field(ge=1, description="bytes of the Parquet file")
+    documents: int = Field(ge=1)
+    chars: int = Field(ge=0)
+    text_bytes: int = Field(ge=0, description="UTF-8 bytes of the documents' text")
+
+
+class ProcessedManifest(_Frozen):
+    """manifest.json of a processed folder. No timestamps: same input, same bytes."""
+
+    format: Literal["fragment-processed"]
+    version: Literal[1]
+    fragment_llm_version: str
+    config: PreprocessConfig
+    inputs: list[str]
+    files: list[InputFile]
+    counts: Counts
+    shards: list[ShardInfo] = Field(min_length=1, max_length=MAX_SHARDS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProcessedManifest:
+        names = [shard.file for shard in self.shards]
+        if names != [shard_name(i) for i in range(len(names))]:
+            raise ValueError("shards must be named shard-00000.parquet, shard-00001... in order")
+        if sum(shard.documents for shard in self.shards) != self.counts.documents:
+            raise ValueError("counts.documents differs from the sum over shards")
+        if sum(shard.chars for shard in self.shards) != self.counts.chars:
+            raise ValueError("counts.chars differs from the sum over shards")
+        return self
+
+
+def manifest_json(manifest: ProcessedManifest) -> str:
+    """The manifest's file text: sorted keys, ASCII, one top-level key and one input file
+    per line, so it diffs well; the same input always gives the same bytes.
+
+    Written with json's C encoder: `indent=` would switch to the pure-Python one, which
+    takes minutes for a manifest listing a million files.
+    """
+    data = manifest.model_dump(mode="json")
+    lines = []
+    for key in sorted(data):
+        if key == "files":
+            files = ",\n".join("    " + _compact(item) for item in data[key])
+            value = f"[\n{files}\n  ]" if files else "[]"
+        else:
+            value = _compact(data[key])
+        lines.append(f"  {_compact(key)}: {value}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=True, allow_nan=False,
+                      separators=(", ", ": "))
+
+
+def shard_name(index: int) -> str:
+    """`3 -> 'shard-00003.parquet'`."""
+    return f"shard-{index:05d}.parquet"
+
+
+class Document(NamedTuple):
+    text: str
+    source: str
+    sha256: str
+
+
+# ---------------------------------------------------------------------------- reader
+
+
+class ProcessedCorpus:
+    """A verified processed folder: its manifest, and its documents as a stream."""
+
+    def __init__(self, folder: Path, manifest: ProcessedManifest, manifest_sha256: str) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+
+    @classmethod
+    def open(cls, folder: Path) -> ProcessedCorpus:
+        """Load and verify `folder`: manifest schema, then every shard's bytes and schema."""
+        manifest_path = _require_manifest(folder)
+        raw = read_capped(manifest_path, MAX_MANIFEST_BYTES, ProcessedDataError)
+        data = parse_json_guarded(raw, str(manifest_path), ProcessedDataError)
+        corpus = cls(folder, _validate_manifest(data, manifest_path),
+                     hashlib.sha256(raw).hexdigest())
+        for shard in corpus.manifest.shards:
+            with corpus._open_shard(shard):
+                pass
+        return corpus
+
+    @property
+    def documents(self) -> int:
+        return self.manifest.counts.documents
+
+    @property
+    def total_chars(self) -> int:
+        return self.manifest.counts.chars
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.folder / shard.file for shard in self.manifest.shards]
+
+    def iter_texts(self) -> Iterator[str]:
+        """Every document's text, in shard order, one row group in memory at a time."""
+        for columns in self._iter_row_groups(("text",)):
+            yield from columns[0]
+
+    def iter_documents(self) -> Iterator[Document]:
+        """Every document as (text, source, sha256), in shard order."""
+        for texts, sources, hashes in self._iter_row_groups(SHARD_COLUMNS):
+            for row in zip(texts, sources, hashes, strict=True):
+                yield Document(*row)
+
+    def _iter_row_groups(self, columns: tuple[str, ...]) -> Iterator[list[list[str]]]:
+        for shard in self.manifest.shards:
+            with self._open_shard(shard) as parquet:
+                for index in range(parquet.num_row_groups):
+                    table = _read_row_group(parquet, index, columns, self.folder / shard.file)
+                    yield [table.column(name).to_pylist() for name in columns]
+
+    def _open_shard(self, shard: ShardInfo) -> _ShardHandle:
+        return _ShardHandle(self.folder / shard.file, shard)
+
+
+# ----------------------------------------------------------------- manifest checks
+
+
+def _require_manifest(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise ProcessedDataError(f"processed folder not found: {folder}", hint=HINT_RUN_PREPROCESS)
+    manifest_path = folder / MANIFEST_NAME
+    if not os.path.lexists(manifest_path):
+        raise ProcessedDataError(f"no {MANIFEST_NAME} in {folder}", hint=HINT_RUN_PREPROCESS)
+    return manifest_path
+
+
+def _validate_manifest(data: Any, path: Path) -> ProcessedManifest:
+    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") != VERSION:
+        raise ProcessedDataError(
+            f"unsupported processed format version {data.get('version')!r} "
+            f"(this fragment-llm reads version {VERSION}), in {path}",
+            hint="rerun `fragment preprocess --overwrite` with this version")
+    try:
+        return ProcessedManifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ProcessedDataError(f"invalid manifest field {where}: {first['msg']}, in {path}",
+                                 hint=HINT_RERUN) from None
+
+
+# -------------------------------------------------------------------- shard checks
+
+
+class _ShardHandle:
+    """A context manager opening one shard safely and verifying it on the same descriptor.
+
+    Hashing and reading use one file descriptor (opened without following symlinks), so a
+    file swapped after the check cannot be the one that is read.
+    """
+
+    def __init__(self, path: Path, shard: ShardInfo) -> None:
+        self.path = path
+        self.shard = shard
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> Any:
+        self._file = os.fdopen(open_regular(self.path, ProcessedDataError), "rb")
+        try:
+            _check_bytes(self._file, self.path, self.shard)
+            return _open_parquet(self._file, self.path, self.shard)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _check_bytes(fh: BinaryIO, path: Path, shard: ShardInfo) -> None:
+    info = os.fstat(fh.fileno())
+    if not stat.S_ISREG(info.st_mode) or info.st_size != shard.size:
+        raise ProcessedDataError(f"shard size {info.st_size} differs from the manifest's "
+                                 f"{shard.size}, in {path}", hint=HINT_RUN_PREPROCESS)
+    digest = hashlib.sha256()
+    while block := fh.read(HASH_CHUNK):
+        digest.update(block)
+    if digest.hexdigest() != shard.sha256:
+        raise ProcessedDataError(f"shard sha256 differs from the manifest (modified or "
+                                 f"corrupted), in {path}", hint=HINT_RUN_PREPROCESS)
+    fh.seek(0)
+
+
+def _open_parquet(fh: BinaryIO, path: Path, shard: ShardInfo) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(pa.PythonFile(fh, mode="r"))
+        schema = parquet.schema_arrow
+        rows = parquet.metadata.num_rows
+        group_sizes = [parquet.metadata.row_group(i).total_byte_size
+                       for i in range(parquet.num_row_groups)]
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ProcessedDataError(f"not a valid Parquet file ({_first_line(exc)}), in {path}") \
+            from None
+    _check_schema(schema, path)
+    if rows != shard.documents:
+        raise ProcessedDataError(f"shard has {rows} rows, the manifest says {shard.documents}, "
+                                 f"in {path}")
+    if any(size > MAX_ROW_GROUP_BYTES for size in group_sizes):
+        raise ProcessedDataError(f"a row group exceeds {MAX_ROW_GROUP_BYTES} bytes, in {path}")
+    return parquet
+
+
+def _check_schema(schema: Any, path: Path) -> None:
+    import pyarrow as pa
+
+    names = tuple(schema.names)
+    if names != SHARD_COLUMNS:
+        raise ProcessedDataError(f"shard columns are {list(names)}, expected "
+                                 f"{list(SHARD_COLUMNS)}, in {path}")
+    for field in schema:
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            raise ProcessedDataError(f"shard column {field.name!r} has type {field.type}, "
+                                     f"expected string, in {path}")
+
+
+def _read_row_group(parquet: Any, index: int, columns: tuple[str, ...], path: Path) -> Any:
+    import pyarrow as pa
+
+    try:
+        table = parquet.read_row_group(index, columns=list(columns))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ProcessedDataError(f"cannot read row group {index} ({_first_line(exc)}), "
+                                 f"in {path}") from None
+    if any(column.null_count for column in table.columns):
+        raise ProcessedDataError(f"row group {index} holds null values, in {path}")
+    return table
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+@dataclass(frozen=True)
+class DocumentBatch:
+    """Documents to append, in order: their texts as one Arrow array over the bytes they
+    came in (no copy), with each one's sha256, UTF-8 size and character count."""
+
+    texts: Any  # pa.LargeStringArray
+    digests: list[str]
+    sizes: list[int]
+    chars: list[int]
+
+    @classmethod
+    def of(cls, blob: bytes, docs: list[tuple[str, int, int]], keep: list[bool]) -> DocumentBatch:
+        import pyarrow as pa
+
+        offsets = array("q", accumulate((size for _, size, _ in docs), initial=0))
+        # Zero-copy: the array's data buffer is the blob itself.
+        texts = pa.Array.from_buffers(pa.large_string(), len(docs),
+                                      [None, pa.py_buffer(offsets), pa.py_buffer(blob)])
+        if not all(keep):
+            texts = texts.filter(pa.array(keep, pa.bool_()))
+            docs = [doc for doc, wanted in zip(docs, keep, strict=True) if wanted]
+        return cls(texts, [d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs])
+
+
+class ShardWriter:
+    """Writes documents to `shard-NNNNN.parquet` files, a row group every few MB.
+
+    A shard is closed before a document would take its text past `max_bytes`, so every
+    shard holds at most `max_bytes` of text unless one document alone is larger.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int, zstd_level: int) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.zstd_level = zstd_level
+        self.group_bytes = min(ROW_GROUP_BYTES, max_bytes)
+        self.shards: list[ShardInfo] = []
+        self._staged: list[tuple[Any, list[str], str]] = []  # (texts, digests, source)
+        self._buffered = 0
+        self._writer: Any = None
+        self._docs = self._chars = self._text_bytes = 0
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fragment-fsync")
+        self._synced: list[Future[None]] = []
+
+    @property
+    def _path(self) -> Path:
+        return self.folder / shard_name(len(self.shards))
+
+    def add(self, batch: DocumentBatch, source: str) -> None:
+        """Append a batch, cutting it where a shard or a row group is full."""
+        start = 0
+        for index, size in enumerate(batch.sizes):
+            if self._docs and self._text_bytes + size > self.max_bytes:
+                self._stage(batch, source, start, index)
+                start = index
+                self._finish_shard()
+            self._docs += 1
+            self._chars += batch.chars[index]
+            self._text_bytes += size
+            self._buffered += size
+            if self._buffered >= self.group_bytes:
+                self._stage(batch, source, start, index + 1)
+                start = index + 1
+                self._flush()
+        self._stage(batch, source, start, len(batch.sizes))
+
+    def _stage(self, batch: DocumentBatch, source: str, start: int, stop: int) -> None:
+        if stop > start:
+            self._staged.append((batch.texts.slice(start, stop - start),
+                                 batch.digests[start:stop], source))
+
+    def close(self) -> list[ShardInfo]:
+        if self._docs:
+            self._finish_shard()
+        self._syncer.shutdown(wait=True)
+        for done in self._synced:
+            done.result()
+        return self.shards
+
+    def abandon(self) -> None:
+        """Stop the background fsync thread (a no-op after `close`)."""
+        self._syncer.shutdown(wait=True, cancel_futures=True)
+
+    def _flush(self) -> None:
+        if not self._staged:
+            return
+        table = _table(self._staged)
+        with translate_os_errors(self._path):
+            if self._writer is None:
+                self._writer = _parquet_writer(self._path, self.zstd_level)
+            self._writer.write_table(table, row_group_size=table.num_rows)
+        self._staged = []
+        self._buffered = 0
+
+    def _finish_shard(self) -> None:
+        self._flush()
+        path = self._path
+        with translate_os_errors(path):
+            self._writer.close()
+            size = path.stat().st_size
+        self.shards.append(ShardInfo(
+            file=path.name, sha256=sha256_file(path, OutputError), size=size,
+            documents=self._docs, chars=self._chars, text_bytes=self._text_bytes))
+        # Flush it to disk while the next shard is built: the final fsync then has
+        # little left to wait for.
+        self._synced.append(self._syncer.submit(_fsync, path))
+        self._writer = None
+        self._docs = self._chars = self._text_bytes = 0
+
+
+def _fsync(path: Path) -> None:
+    with translate_os_errors(path):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, pa.string(), nullable=False) for name in SHARD_COLUMNS])
+
+
+def _table(staged: list[tuple[Any, list[str], str]]) -> Any:
+    import pyarrow as pa
+
+    texts = pa.concat_arrays([texts for texts, _, _ in staged]).cast(pa.string())
+    digests = [digest for _, batch, _ in staged for digest in batch]
+    sources = [source for _, batch, source in staged for _ in batch]
+    return pa.Table.from_arrays([texts, pa.array(sources, pa.string()),
+                                 pa.array(digests, pa.string())], schema=_schema())
+
+
+def _parquet_writer(path: Path, zstd_level: int) -> Any:
+    import pyarrow.parquet as pq
+
+    # No statistics: min/max of whole documents would bloat the footer for nothing.
+    return pq.ParquetWriter(path, _schema(), compression="zstd",
+                            compression_level=zstd_level, use_dictionary=["source"],
+                            write_statistics=False)
