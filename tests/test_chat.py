@@ -509,7 +509,7 @@ def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkp
         screen += read_until(terminal, b"okokok")
         os.write(terminal, b"\x03")  # Ctrl-C: stops this answer, not the chat
         screen += read_until(terminal, b"you> ")
-        os.write(terminal, b"/exit\r")
+        os.write(terminal, b"\x04")  # Ctrl-D at the prompt: leave, exit code 0
         screen += read_until(terminal, b"\xff", timeout=20)
         assert exit_code(pid, timeout=30) == 0
     finally:
