@@ -41,8 +41,9 @@ class TokenizerReport:
         vocab = f"{self.vocab_size:,}"
         if self.vocab_size != self.requested_vocab_size:
             vocab += f" (asked for {self.requested_vocab_size:,}: {self.stop_reason})"
-        bpt = "n/a (no document held back)" if self.bytes_per_token is None else (
-            f"{self.bytes_per_token:.3f} on {_count(self.documents_held_out, 'held-back document')}")
+        held = _count(self.documents_held_out, "held-back document")
+        bpt = ("n/a (no document held back)" if self.bytes_per_token is None
+               else f"{self.bytes_per_token:.3f} on {held}")
         return [("written", self.out), ("vocab size", vocab), ("merges", f"{self.merges:,}"),
                 ("bytes per token", bpt),
                 ("trained on", f"{self.chars_trained:,} chars in "
