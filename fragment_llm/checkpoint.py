@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 
 from fragment_llm.errors import CheckpointError, OutputError
 from fragment_llm.safeio import (
@@ -1041,7 +1042,7 @@ class Checkpoint:
         path = self.path / name
         data = _read_verified(path, self.files[name], self.max_bytes)
         try:
-            tensors = safetensors.torch.load(data)
+            tensors = load_safetensors_bytes(data)  # parses bytes; never torch's unpickler
         except SafetensorError as exc:
             raise CheckpointError(f"safetensors refused the file ({exc}), in {path}") from None
         loaded = {k: (_DTYPE_NAMES.get(t.dtype), tuple(t.shape)) for k, t in tensors.items()}

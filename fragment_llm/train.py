@@ -35,7 +35,7 @@ from fragment_llm.data import (
     build_token_shards,
     eval_batches,
 )
-from fragment_llm.errors import ConfigError, OutputError, TrainingError
+from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
 from fragment_llm.safeio import atomic_write_text, sha256_bytes
@@ -432,7 +432,7 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
     init_distributed(env, device)
     tokenizer = Tokenizer.load(request.tokenizer)
     resume_from = _find_resume_point(request, env, on_event) if request.resume else None
-    model_config = (ModelConfig.model_validate(resume_from.config["model"]) if resume_from
+    model_config = (_checkpoint_model_config(resume_from) if resume_from
                     else _effective_model_config(request, tokenizer.vocab_size))
     if model_config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"checkpoint vocab size {model_config.vocab_size} differs from the "
@@ -479,6 +479,14 @@ def _probe(trainer: Trainer, steps: int = 2) -> float:
         trainer.train_step()
     trainer.stream.cursor = snapshot
     return (time.perf_counter() - start) / steps
+
+
+def _checkpoint_model_config(checkpoint) -> ModelConfig:
+    try:
+        return ModelConfig.model_validate(checkpoint.config.get("model"))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise CheckpointError(f"invalid model config in {checkpoint.path / 'config.json'} "
+                              f"({exc})", hint="resume from another checkpoint") from None
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
