@@ -133,16 +133,20 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_at(step: int, config: TrainConfig, progress: float) -> float:
+def lr_at(step: int, config: TrainConfig, progress: float,
+          warmup_end: float | None = None) -> float:
     """Linear warmup over `warmup_steps`, then cosine from `lr` to `lr * min_lr_ratio`.
 
     `progress` in [0, 1] is how far through the planned run we are: steps over
-    `max_steps`, or elapsed over `max_time`, whichever is further.
+    `max_steps`, or elapsed over `max_time`, whichever is further. `warmup_end` is
+    the progress at which warmup finished; the cosine spans the rest. It defaults to
+    `warmup_steps / max_steps`, which is wrong for a time-bound run: there 100 warmup
+    steps can be half of the run, and the cosine must not already be half done.
     """
     warmup = min(config.warmup_steps, config.max_steps)
     if step < warmup:
         return config.lr * (step + 1) / warmup
-    warm = warmup / config.max_steps
+    warm = warmup / config.max_steps if warmup_end is None else min(warmup_end, 1.0)
     ratio = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1.0 - warm)))
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * ratio))
@@ -293,6 +297,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.nonfinite_in_a_row = 0
+        self.warmup_end: float | None = None  # progress when warmup finished
 
     @property
     def progress(self) -> float:
@@ -307,7 +312,9 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step: `grad_accum` micro-batches, clip, step (or skip if NaN)."""
-        lr = lr_at(self.step, self.config, self.progress)
+        if self.step == min(self.config.warmup_steps, self.config.max_steps):
+            self.warmup_end = self.progress
+        lr = lr_at(self.step, self.config, self.progress, self.warmup_end)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._accumulate_gradients()
@@ -364,13 +371,16 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "elapsed_s": self.elapsed, "data": self.stream.state_dict(),
-                "scaler": self.scaler.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                "scaler": self.scaler.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "warmup_end_progress": self.warmup_end}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.step = int(state["step"])
             self.elapsed = float(state["elapsed_s"])
             self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+            warmup_end = state.get("warmup_end_progress")
+            self.warmup_end = None if warmup_end is None else float(warmup_end)
             self.stream.load_state_dict(state["data"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])

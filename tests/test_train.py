@@ -74,6 +74,16 @@ def test_lr_schedule_warms_up_then_decays():
     assert values == sorted(values, reverse=True)
 
 
+def test_lr_cosine_starts_where_a_time_bound_warmup_ended():
+    # A time-bound run: 10 warmup steps took 60% of the time budget. The cosine must
+    # start from the peak there, not be more than half decayed already.
+    config = TrainConfig(lr=1.0, warmup_steps=10, max_steps=3000, min_lr_ratio=0.1)
+    assert lr_at(10, config, 0.6, warmup_end=0.6) == pytest.approx(1.0)
+    assert lr_at(10, config, 0.6) < 0.6
+    assert lr_at(20, config, 0.8, warmup_end=0.6) == pytest.approx(0.55)
+    assert lr_at(30, config, 1.0, warmup_end=0.6) == pytest.approx(0.1)
+
+
 def test_loss_falls_and_metrics_are_logged(corpus, tmp_path):
     summary = run_training(request(corpus, tmp_path / "run", max_steps=30), lambda e: None)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
