@@ -155,7 +155,7 @@ class Engine:
         """Forget the cache, run `ids` through the model; the last position's logits (V,)."""
         self.cache.reset()
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self._token.device)  # (1, T)
-        return self.model(idx, self.cache)[0, -1]
+        return self.model(idx, self.cache, last_only=True)[0, -1]
 
     @torch.inference_mode()
     def decode(self, token: int) -> Tensor:

@@ -132,6 +132,32 @@ def test_kv_cache_reset_reuses_buffers():
     assert torch.equal(model(idx[:, :8], cache), first)
 
 
+@torch.no_grad()
+def test_last_only_is_the_last_position_of_the_full_logits():
+    model, idx = make(), ids()
+    full = model(idx)
+    assert torch.allclose(model(idx, last_only=True), full[:, -1:], atol=1e-5)
+    cache = KVCache.for_model(model, batch_size=2)
+    assert torch.allclose(model(idx, cache, last_only=True), full[:, -1:], atol=1e-5)
+
+
+def test_rmsnorm_inference_kernel_equals_the_training_formula():
+    norm = NORMS["rmsnorm"](ModelConfig(**TINY))
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 5, TINY["n_embd"]) * 3
+    trained = norm(x)  # grad enabled: the written-out formula
+    with torch.no_grad():
+        assert torch.allclose(norm(x), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_table_follows_the_module_to_another_dtype_and_back():
+    model = make()
+    before = model.positions.rotation(3, 2).clone()
+    model.to(torch.float64).to(torch.float32)
+    assert torch.equal(model.positions.rotation(3, 2), before)
+    assert before.dtype == torch.complex64
+
+
 def test_too_long_inputs_are_refused():
     model = make()
     with pytest.raises(ModelError, match="block_size 16"):
