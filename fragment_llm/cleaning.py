@@ -30,7 +30,13 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from fragment_llm.sanitize import BIDI_CHARS, CONTROL_CHARS, SURROGATES, ZERO_WIDTH_CHARS
+from fragment_llm.sanitize import (
+    BIDI_CHARS,
+    CONTROL_CHARS,
+    SURROGATES,
+    TAG_CHARS,
+    ZERO_WIDTH_CHARS,
+)
 
 RULES = ("newlines", "nfc", "controls", "bidi", "zero_width", "surrogates",
          "trailing_whitespace", "blank_lines")
@@ -47,15 +53,16 @@ _ASCII_NON_CONTROL_BYTES = bytes(b for b in range(128) if chr(b) not in _ASCII_C
 
 _CONTROLS = re.compile("[" + re.escape(CONTROL_CHARS) + "]")
 _BIDI = re.compile("[" + re.escape(BIDI_CHARS) + "]")
-_ZERO_WIDTH = re.compile("[" + re.escape(ZERO_WIDTH_CHARS) + "]")
+_ZERO_WIDTH = re.compile("[" + re.escape(ZERO_WIDTH_CHARS) + TAG_CHARS + "]")
 _SURROGATES = re.compile("[" + SURROGATES + "]")
 _ANY_FORBIDDEN = re.compile(
-    "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS) + SURROGATES + "]")
+    "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS) + TAG_CHARS + SURROGATES
+    + "]")
 _UNICODE_SPACE = re.compile("[" + re.escape(WHITESPACE[2:]) + "]")
 # Anything that needs more than the fast path: a forbidden character or a non-ASCII space.
 _UNUSUAL = re.compile(
     "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS + WHITESPACE[2:])
-    + SURROGATES + "]")
+    + TAG_CHARS + SURROGATES + "]")
 _SPACE_RUNS = tuple(" " * run + "\n" for run in (8, 4, 2, 1))
 _LONG_SPACE_RUN = " " * 16 + "\n"
 # Three or more newlines; the literal prefix lets `re` skip ahead at C speed.

@@ -41,6 +41,7 @@ from fragment_llm.safeio import (
     sha256_bytes,
     staged_dir,
 )
+from fragment_llm.sanitize import escape_for_display
 
 TOKENS_FORMAT = "fragment-tokens"
 TOKENS_VERSION = 1
@@ -334,7 +335,8 @@ def _parse_manifest(raw: bytes, path: Path) -> TokensManifest:
         manifest = TokensManifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        # Key names come from the file: escaped, so the message stays one harmless line.
+        where = escape_for_display(".".join(str(part) for part in first["loc"])) or "(top level)"
         raise DatasetError(f"invalid token manifest: {where}: {first['msg']}, in {path}") from None
     for split in (manifest.train, manifest.val):
         if sum(entry.tokens for entry in split.shards) != split.tokens:

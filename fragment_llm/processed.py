@@ -47,6 +47,7 @@ from fragment_llm.safeio import (
     sha256_file,
     translate_os_errors,
 )
+from fragment_llm.sanitize import escape_for_display
 
 FORMAT = "fragment-processed"
 VERSION = 1
@@ -310,7 +311,8 @@ def _validate_manifest(data: Any, path: Path) -> ProcessedManifest:
         return ProcessedManifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        # Key names come from the file: escaped, so the message stays one harmless line.
+        where = escape_for_display(".".join(str(part) for part in first["loc"])) or "(top level)"
         raise ProcessedDataError(f"invalid manifest field {where}: {first['msg']}, in {path}",
                                  hint=HINT_RERUN) from None
 
@@ -398,6 +400,7 @@ def _read_row_group(parquet: Any, index: int, columns: tuple[str, ...], path: Pa
 
     try:
         table = parquet.read_row_group(index, columns=list(columns))
+        table.validate(full=True)  # UTF-8 checked in C++: to_pylist would raise mid-stream
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ProcessedDataError(f"cannot read row group {index} ({_first_line(exc)}), "
                                  f"in {path}") from None

@@ -367,7 +367,10 @@ def _text_leaf(parquet: Any, name: str) -> int:
     if not matches:
         raise _Rejected(Reason.PARQUET_MISSING_COLUMN, f"no column {name!r} (columns: "
                         f"{', '.join(schema.names)[:100]}); set --text-field")
-    kind = schema.field(matches[0]).type if len(matches) == 1 else "ambiguous"
+    if len(matches) > 1:
+        raise _Rejected(Reason.PARQUET_INVALID, f"{len(matches)} columns named {name!r}: "
+                        "ambiguous")
+    kind = schema.field(matches[0]).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise _Rejected(Reason.PARQUET_WRONG_TYPE, f"column {name!r} has type {kind}, "
                         "expected string")

@@ -23,21 +23,29 @@ CONTROL_CHARS = "".join(chr(c) for c in [*range(0x00, 0x09), *range(0x0B, 0x20),
                                          *range(0x80, 0xA0)])
 # Explicit bidi embeddings/overrides/isolates and marks: they reorder what the reader sees.
 BIDI_CHARS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
-# Zero-width and invisible characters that hide content or split look-alike words.
-ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff"
+# Zero-width and invisible characters that hide content or split look-alike words: also
+# the soft hyphen, the Mongolian vowel separator and the invisible math operators.
+ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u2061\u2062\u2063\u2064"
+# Unicode tag characters (a range, for a regex class): invisible copies of ASCII, used
+# to smuggle instructions past a reader ("ASCII smuggling").
+TAG_CHARS = "\U000e0000-\U000e007f"
 SURROGATES = "\ud800-\udfff"
 
 _DISPLAY_UNSAFE = re.compile(
-    "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS + "\n\t") + SURROGATES + "]"
+    "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS + "\n\t") + TAG_CHARS
+    + SURROGATES + "]"
 )
 _CONTENT_UNSAFE = re.compile(
-    "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS) + SURROGATES + "]"
+    "[" + re.escape(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS) + TAG_CHARS + SURROGATES
+    + "]"
 )
 
 
 def _escape_char(match: re.Match[str]) -> str:
     code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def escape_for_display(text: str, max_chars: int = 500) -> str:

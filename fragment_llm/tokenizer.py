@@ -51,6 +51,7 @@ from fragment_llm.safeio import (
     read_capped,
     sha256_bytes,
 )
+from fragment_llm.sanitize import escape_for_display
 
 FORMAT: Final = "fragment-bpe"
 VERSION: Final = 1
@@ -343,9 +344,10 @@ def _validate_schema(data: Any, where: str) -> TokenizerFile:
         return TokenizerFile.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        # Key names come from the file: escaped, so the message stays one harmless line.
+        field = escape_for_display(".".join(str(part) for part in first["loc"])) or "(top level)"
         if first["type"] == "extra_forbidden":
-            raise TokenizerError(f"unknown key {field!r}{where}") from None
+            raise TokenizerError(f"unknown key '{field}'{where}") from None
         raise TokenizerError(f"invalid field {field}: {first['msg']}{where}") from None
 
 

@@ -20,6 +20,15 @@ def test_escape_for_display_makes_escapes_visible():
     assert escape_for_display("a\x1b[2Jb\n\u202e") == "a\\x1b[2Jb\\x0a\\u202e"
 
 
+def test_invisible_formatting_and_tag_characters_are_removed_or_shown():
+    # Tag characters spell hidden ASCII ("ASCII smuggling"); the soft hyphen and the
+    # invisible operators hide inside words. None may reach a reader unseen.
+    smuggled = "ok" + "".join(chr(0xE0000 + ord(c)) for c in "rm -rf") + "\u00ad\u2062"
+    assert strip_unsafe(smuggled) == "ok"
+    assert escape_for_display("a\U000e0041") == "a\\U000e0041"
+    assert escape_for_display("\u180e") == "\\u180e"
+
+
 def test_escape_for_display_truncates():
     assert escape_for_display("x" * 20, max_chars=5) == "xxxxx…"
 

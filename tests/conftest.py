@@ -1,0 +1,26 @@
+"""Hypothesis profiles for the whole suite.
+
+- `ci` (the default): Hypothesis' usual 100 examples for a bare `@given`, no deadline
+  (a busy 2-core runner makes per-example timings meaningless; tests/test_fuzz.py
+  guards against hangs with its own alarm instead) and no "too slow" health check.
+  The fuzz tests take a fraction of `max_examples`, sized so tests/test_fuzz.py stays
+  under 45 s on 2 cores.
+- `fuzz`: 20x the examples, for a long local run:
+  `HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz.py`.
+
+Tests that pass their own `@settings(max_examples=...)` keep it under either profile.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+CI_EXAMPLES = 100
+
+settings.register_profile("ci", max_examples=CI_EXAMPLES, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", parent=settings.get_profile("ci"),
+                          max_examples=20 * CI_EXAMPLES)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
