@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fragment_llm.errors import ConfigError
 from fragment_llm.safeio import read_capped
+from fragment_llm.sanitize import escape_for_display
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -25,9 +26,11 @@ STAGE_TABLES = ("preprocess", "tokenizer", "model", "train", "generate", "chat")
 
 
 class StageConfig(BaseModel):
-    """Base for stage configs: immutable, and a misspelled key is an error."""
+    """Base for stage configs: immutable, a misspelled key is an error, and so is a value
+    of the wrong type: strict mode refuses `workers = true` or `workers = "2"` instead of
+    quietly reading them as 1 and 2 (an int is still a valid float)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class PreprocessConfig(StageConfig):
@@ -81,11 +84,14 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config is not UTF-8 (byte {exc.start}), in {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML ({exc}), in {path}") from None
+    except ValueError:  # tomllib's int() refuses numbers of more than 4300 digits
+        raise ConfigError(f"invalid TOML (a number of more than 4300 digits), in {path}"
+                          ) from None
     except RecursionError:
         raise ConfigError(f"TOML nested too deeply, in {path}") from None
     for key, value in doc.items():
         if key not in STAGE_TABLES:
-            raise ConfigError(f"unknown table [{key}] in {path}",
+            raise ConfigError(f"unknown table [{escape_for_display(key)}] in {path}",
                               hint=f"known tables: {', '.join(STAGE_TABLES)}")
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a table like [{key}], in {path}")
@@ -116,11 +122,14 @@ def _explain(model: type[StageConfig], table: str, exc: ValidationError,
     where = sources.get(name, "defaults")
     if first["type"] == "extra_forbidden":
         known = ", ".join(model.model_fields)
-        return ConfigError(f"unknown key {table}.{name}, in {where}", hint=f"known keys: {known}")
+        # The key comes from the file: escaped, so the message stays one harmless line.
+        return ConfigError(f"unknown key {table}.{escape_for_display(name)}, in {where}",
+                           hint=f"known keys: {known}")
     allowed = _allowed_range(model, name)
     hint = f"allowed: {allowed}" if allowed else None
-    return ConfigError(f"invalid {table}.{name} = {first.get('input')!r}: {first['msg']}, "
-                       f"in {where}", hint=hint)
+    shown = escape_for_display(repr(first.get("input")), 80)  # a value may be huge
+    return ConfigError(f"invalid {table}.{name} = {shown}: {first['msg']}, in {where}",
+                       hint=hint)
 
 
 def resolve(model: type[StageConfig], table: str, file_tables: dict[str, dict[str, Any]],
@@ -276,6 +285,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "small"
 
+# A checkpoint's config.json "chat_format": how `fragment chat` renders turns for it.
+# Plain-text corpora give "transcript" ("User: ...\nAssistant:"); "special_tokens"
+# (<|user|> ... <|end|>) is for models trained on data rendered with those tokens.
+TRANSCRIPT_CHAT_FORMAT = "transcript"
+SPECIAL_TOKENS_CHAT_FORMAT = "special_tokens"
+
 
 MAX_NEW_TOKENS = 4096  # per answer; the wall-clock limit max_time_s also applies
 
@@ -303,7 +318,8 @@ class GenerateConfig(StageConfig):
     max_prompt_chars: int = Field(16_000, ge=1, le=1 << 24, description="longer prompts refused")
     max_prompt_tokens: int = Field(4096, ge=1, le=1 << 20, description="longer prompts refused")
     stop: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = Field(
-        (), max_length=16, description="stop strings (checked on the decoded text)")
+        (), max_length=16, strict=False,  # TOML and JSON give lists, not tuples
+        description="stop strings (checked on the decoded text)")
     threads: int = Field(1, ge=1, le=256,
                          description="torch threads; one decodes batch 1 fastest on a busy "
                                      "2-core machine (docs/benchmarks-generate.md)")

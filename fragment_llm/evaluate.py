@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.model import GPT
+from fragment_llm.sanitize import escape_for_display
 
 
 @dataclass
@@ -44,25 +45,50 @@ class Trained:
 def load_trained(path: Path, device: torch.device | None = None) -> Trained:
     """Resolve a run or step folder, verify it, and build the model on `device`."""
     from fragment_llm.checkpoint import load_checkpoint, resolve_checkpoint
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.verify import checked_tokenizer
 
     device = device or torch.device("cpu")
     checkpoint = load_checkpoint(resolve_checkpoint(path))
-    try:
-        config = ModelConfig.model_validate(checkpoint.config.get("model"))
-    except ValidationError as exc:
-        raise CheckpointError(f"invalid model config ({exc.errors()[0]['msg']}), in "
-                              f"{checkpoint.path / 'config.json'}") from None
-    tokenizer = Tokenizer.load(checkpoint.tokenizer_path)
+    config = checkpoint_model_config(checkpoint)
+    tokenizer = checked_tokenizer(checkpoint)  # the copy and config match the provenance
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"tokenizer vocab size {tokenizer.vocab_size} differs from the "
                               f"model's {config.vocab_size}, in {checkpoint.path}")
+    _refuse_size_mismatch(config, checkpoint)
     # Built for real (not on the meta device): non-persistent buffers such as RoPE's
     # cos/sin tables are computed in __init__ and are not in the checkpoint.
     model = GPT(config).to(device)
     checkpoint.load_model_into(model)
     model.eval()
     return Trained(model, tokenizer, checkpoint, device)
+
+
+def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
+    """The checkpoint's [model] config, or one line naming the field and the rule."""
+    try:
+        return ModelConfig.model_validate(checkpoint.config.get("model"))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        # Escaped: the key names come from the file and must not break the line.
+        field = escape_for_display(".".join(str(part) for part in error["loc"])) or "model"
+        raise CheckpointError(f"invalid model config: model.{field}: {error['msg']}, in "
+                              f"{checkpoint.path / 'config.json'}",
+                              hint="use another checkpoint; this config.json was not written "
+                                   "by `fragment train`") from None
+
+
+def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
+    """Compare sizes before building: config.json is checked against model.safetensors
+    (whose size is capped) so a hostile config cannot make us allocate a huge model."""
+    from fragment_llm.model import count_parameters
+
+    expected = count_parameters(config)  # counted on the meta device: nothing allocated
+    stored = sum(math.prod(spec.shape) for spec in checkpoint.model_header.tensors.values())
+    if expected != stored:
+        raise CheckpointError(f"config.json describes {expected:,} parameters but "
+                              f"model.safetensors holds {stored:,}, in {checkpoint.path}",
+                              hint="the two files do not belong together; use another "
+                                   "checkpoint")
 
 
 @dataclass(frozen=True)
