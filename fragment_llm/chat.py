@@ -28,14 +28,14 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from fragment_llm.config import ChatConfig, GenerateConfig
+from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ChatConfig, GenerateConfig
 from fragment_llm.errors import FragmentError, OutputError, PromptError
 from fragment_llm.generate import Engine, GenerationStats
 from fragment_llm.safeio import atomic_write_text, read_capped
 from fragment_llm.sanitize import OutputSanitizer, sanitize_output, sanitize_prompt
 from fragment_llm.tokenizer import Tokenizer
 
-SPECIAL_TOKENS_FORMAT = "special_tokens"  # the checkpoint config's "chat_format" value
+SPECIAL_TOKENS_FORMAT = SPECIAL_TOKENS_CHAT_FORMAT  # the checkpoint config's "chat_format"
 HISTORY_FILE = Path("~/.cache/fragment-llm/chat_history")
 HISTORY_LENGTH = 1000
 
@@ -480,7 +480,9 @@ def _parse_assignment(word: str) -> tuple[str, str | None]:
 def _validated(settings: ChatConfig, changes: Mapping[str, str | None]) -> ChatConfig:
     """The settings with `changes`, checked by the same model as the config file."""
     try:
-        return type(settings).model_validate({**settings.model_dump(), **changes})
+        # Lax on purpose: /set values are typed text ("0.7", "none"), to be converted.
+        return type(settings).model_validate({**settings.model_dump(), **changes},
+                                             strict=False)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = str(first["loc"][0]) if first["loc"] else "settings"

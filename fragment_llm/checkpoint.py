@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from fragment_llm.safeio import (
     temp_name_for,
     translate_os_errors,
 )
+from fragment_llm.sanitize import escape_for_display
 
 FORMAT = "fragment-checkpoint"
 VERSION = 1
@@ -156,8 +158,13 @@ def _validate_manifest(doc: Any, where: Path) -> Manifest:
                               ) from None
 
 
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as one harmless line: its keys come from the file."""
+    return escape_for_display(".".join(str(part) for part in loc))
+
+
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}"
+    parts = [f"{_loc_text(e['loc']) or 'top level'}: {e['msg']}"
              for e in exc.errors()[:limit]]
     return "; ".join(parts)
 
@@ -257,7 +264,7 @@ def _tensor_spec(name: str, entry: Any, where: Path) -> TensorSpec:
         raise CheckpointError(f"tensor {name!r} must have exactly dtype, shape and "
                               f"data_offsets, in {where}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list is unhashable
         raise CheckpointError(f"tensor {name!r} has dtype {dtype!r}, not one of "
                               f"{', '.join(DTYPES)}, in {where}")
     if not _int_list(shape, max_len=MAX_DIMS) or not _int_list(offsets, exact_len=2) \
@@ -555,9 +562,34 @@ def _check_optimizer_layout(skeleton: Mapping[str, Any], optimizer: torch.optim.
             raise CheckpointError(f"param group {i} in {where} has keys {sorted(s)}, the "
                                   f"optimizer's has {sorted(t)}",
                                   hint="resume with the same optimizer and torch version")
+        for key in sorted(set(s) - {"params"}):
+            _check_hyperparameter(i, key, s[key], t[key], where)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for pid, entry in skeleton["state"].items():
         _check_param_state(pid, entry, params, where)
+
+
+def _check_hyperparameter(group: int, key: str, saved: Any, current: Any, where: Path) -> None:
+    """A saved hyperparameter must suit the optimizer as built now, or its first step
+    crashes: numbers stay finite numbers, tuples keep their shape, and flags keep their
+    value (`amsgrad` without its state). `foreach`/`fused` (None: auto) may be any flag."""
+    same_flag = not isinstance(current, bool) or saved == current
+    if _hyperparameter_kind(saved) != _hyperparameter_kind(current) or not same_flag:
+        raise CheckpointError(f"param group {group} in {where} has {key} = "
+                              f"{escape_for_display(repr(saved), 80)}, the "
+                              f"optimizer has {current!r}",
+                              hint="resume with the same optimizer settings")
+
+
+def _hyperparameter_kind(value: Any) -> Any:
+    """`0.9 -> 'number'`, `(0.9, 0.95) -> ('number', 'number')`, `None -> 'flag'`."""
+    if value is None or isinstance(value, bool):
+        return "flag"
+    if isinstance(value, int | float):
+        return "number" if math.isfinite(value) else "non-finite"
+    if isinstance(value, tuple):
+        return tuple(map(_hyperparameter_kind, value))
+    return type(value).__name__
 
 
 def _check_param_state(pid: int, entry: Mapping[str, Any], params: list[torch.Tensor],
@@ -809,6 +841,10 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor],
     try:
         safetensors.torch.save_file(tensors, path, metadata=metadata)
     except SafetensorError as exc:  # the library reports I/O failures as its own type
+        if f"(os error {errno.ENOSPC})" in str(exc):
+            # A plain OSError, so save_checkpoint reports "disk full" for the step folder
+            # rather than the library's text about a hidden temporary file.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
         raise OutputError(f"cannot write {path}: {exc}") from None
 
 
@@ -1059,6 +1095,7 @@ def load_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Checkp
     and sha256, the JSON files, then both safetensors headers. docs/checkpoints.md.
     """
     _check_folder(path)
+    identity = _folder_identity(path)
     present = _check_entries(path)
     manifest = _read_manifest(path)
     _check_file_set(path, present, manifest)
@@ -1068,7 +1105,7 @@ def load_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Checkp
     model_header = read_safetensors_header(path / MODEL_FILE)
     opt_header = (read_safetensors_header(path / OPTIMIZER_FILE)
                   if OPTIMIZER_FILE in files else None)
-    return Checkpoint(
+    checkpoint = Checkpoint(
         path=path, step=manifest.step,
         config=_read_json_object(path / CONFIG_FILE, files[CONFIG_FILE], CONFIG_MAX_BYTES),
         trainer_state=_read_json_object(path / TRAINER_STATE_FILE, files[TRAINER_STATE_FILE],
@@ -1080,3 +1117,36 @@ def load_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Checkp
         optimizer_layout=(_parse_optimizer_layout(opt_header, path / OPTIMIZER_FILE)
                           if opt_header is not None else None),
         max_bytes=max_bytes)
+    if _folder_identity(path) != identity:
+        raise CheckpointError(f"{path} was replaced while being verified (by a symlink or "
+                              f"another folder)", hint="load it again once nothing writes there")
+    _check_model_config_hash(checkpoint)
+    return checkpoint
+
+
+def model_config_sha256(model_config: Any) -> str:
+    """The hash a checkpoint's provenance records for config.json's "model" table."""
+    return sha256_bytes(json.dumps(model_config, sort_keys=True).encode())
+
+
+def _check_model_config_hash(checkpoint: Checkpoint) -> None:
+    # A config.json edited and its manifest re-sealed passes every file hash; only the
+    # provenance recorded at save time tells, and a run folder must then fall back to
+    # the previous step rather than pick this one (find_latest_valid calls us).
+    recorded = checkpoint.provenance.get("model_config_sha256")
+    actual = model_config_sha256(checkpoint.config.get("model"))
+    if recorded is not None and recorded != actual:
+        raise CheckpointError(f"config.json's model table hashes to {actual[:16]}… but the "
+                              f"checkpoint recorded {recorded[:16]}… when it was saved, in "
+                              f"{checkpoint.path}", hint="the checkpoint was edited after it "
+                              "was saved; use another checkpoint")
+
+
+def _folder_identity(path: Path) -> tuple[int, int, int]:
+    """Which folder `path` names right now: swapped for a symlink or another folder
+    mid-load, it names something else, and what was verified is not what was asked for."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (info.st_mode, info.st_dev, info.st_ino)

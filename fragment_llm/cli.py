@@ -459,6 +459,58 @@ def evaluate(checkpoint_path: Path, data: Path, max_blocks: int, as_json: bool) 
                                        ("tokens", f"{result.tokens:,}")]))
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--processed", type=click.Path(path_type=Path, file_okay=False),
+              help="Processed folder to follow the chain to [the data folder's processed/].")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Tokenizer file to follow the chain to [the data folder's tokenizer.json].")
+@click.option("--tokens", type=click.Path(path_type=Path, file_okay=False),
+              help="Token-shard folder, or the tokens/ folder holding them [data/tokens/].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"path", "kind", "ok", "latest_valid", "checks": [...]} as JSON.')
+def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
+           tokens: Path | None, as_json: bool) -> None:
+    """Check an artifact and the chain of hashes back to its inputs; exit 0 only if all holds.
+
+    \b
+    PATH is any artifact the pipeline writes:
+      data/processed             manifest, every shard's sha256, every document's
+                                 sha256, and the input files it lists (where present)
+      data/tokenizer.json        format, then the processed folder it was trained on
+      data/tokens/<key>          manifest, shard hashes, token ids, document count,
+                                 cache key, then its tokenizer and processed folder
+      checkpoints/step-NNNNNNN   manifest, every file's sha256, weight headers against
+                                 config.json (weights are never loaded), tokenizer copy
+                                 and config against the recorded provenance, then the
+                                 tokenizer, token shards and processed folder it names
+      checkpoints                every step folder, and which one is the latest valid
+    Upstream artifacts are looked for next to PATH (processed/, tokenizer.json and
+    tokens/ in one data folder; data/ next to a run folder) or where the options say.
+    An absent one is "not present"; a present one with another hash fails.
+
+    \b
+    Examples:
+      fragment verify checkpoints
+      fragment verify data/tokenizer.json --processed other/processed
+      fragment verify checkpoints/step-0000200 --json
+    """
+    from fragment_llm.display import listing_table, safe
+    from fragment_llm.verify import Upstream, describe
+    from fragment_llm.verify import verify as run_verify
+
+    report = run_verify(path, Upstream(processed, tokenizer_path, tokens))
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+    else:
+        counts = ", ".join(f"{n} {status}" for status, n in describe(report.checks).items()
+                           if n)
+        title = f"fragment verify {safe(path)} ({report.kind}): {counts}"  # titles are not escaped
+        _show(listing_table(title, ["artifact", "check", "result", "detail"],
+                            [(c.artifact, c.check, c.status, c.detail) for c in report.checks]))
+    report.raise_for_failure()
+
+
 # --------------------------------------------------------------------- generate, chat
 
 
@@ -472,12 +524,20 @@ def sampling_options(func: Any) -> Any:
         click.option("--top-p", type=float, help="Nucleus sampling mass, in (0, 1] [0.95]."),
         click.option("--repetition-penalty", type=float, help="In [1, 10]; 1 = off [1]."),
         click.option("--seed", type=int, help="Same seed, prompt and settings -> same text."),
+        click.option("--stop", multiple=True, callback=_none_if_empty, metavar="TEXT",
+                     help="End the answer where this text appears (not printed); "
+                          "repeat for several [none]."),
         click.option("--threads", type=int, help="torch threads [1: fastest at batch 1 on a "
                                                  "busy 2-core machine]."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _none_if_empty(ctx: click.Context, param: click.Parameter, value: tuple) -> tuple | None:
+    # A repeatable flag given zero times must not override the config file's list.
+    return value or None
 
 
 def checkpoint_option(func: Any) -> Any:

@@ -36,7 +36,7 @@ def safe(value: object, max_chars: int = 500) -> str:
 
 
 def summary_table(title: str, rows: Sequence[tuple[str, object]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=Text(safe(title)), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, value in rows:
@@ -45,7 +45,7 @@ def summary_table(title: str, rows: Sequence[tuple[str, object]]) -> Table:
 
 
 def listing_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(safe(title)), title_justify="left")
     for header in headers:
         table.add_column(header)
     for row in rows:

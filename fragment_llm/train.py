@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fragment_llm import __version__
-from fragment_llm.config import ModelConfig, TrainConfig
+from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, ModelConfig, TrainConfig
 from fragment_llm.data import (
     BuildRequest,
     TokenShards,
@@ -35,10 +35,23 @@ from fragment_llm.data import (
     build_token_shards,
     eval_batches,
 )
-from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
+from fragment_llm.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    OutputError,
+    TrainingError,
+)
 from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
-from fragment_llm.safeio import atomic_write_text, sha256_bytes
+from fragment_llm.safeio import atomic_write_text
+from fragment_llm.verify import (
+    HINT_RESUME,
+    checked_tokenizer,
+    require,
+    resume_links,
+    tokens_links,
+)
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
@@ -447,9 +460,13 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
     if model_config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"checkpoint vocab size {model_config.vocab_size} differs from the "
                           f"tokenizer's {tokenizer.vocab_size}")
+    if resume_from is not None:  # refuse a changed tokenizer before tokenizing anything
+        checked_tokenizer(resume_from)
+        require(resume_links(resume_from, tokenizer), CheckpointError, HINT_RESUME)
     plan = plan_memory(model_config, request.train, precision)
     check_memory(plan, request.train.max_memory or default_memory_limit(device))
     shards = prepare_shards(request, env, tokenizer.vocab_size, on_event)
+    _check_shard_chain(request, tokenizer, shards, resume_from)
     trainer = Trainer(model_config, request.train, shards, device, precision, env)
     on_event(TrainEvent("plan", 0, _plan_values(trainer, plan, device, precision)))
     if dry_run:
@@ -463,8 +480,19 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
         if env.is_main:
             request.out.mkdir(parents=True, exist_ok=True)
             stack.enter_context(RunLock(request.out))
+            _remove_killed_runs_temporaries(request.out)
         loop = TrainLoop(request, trainer, tokenizer, model_config, on_event)
         return loop.run(stack.enter_context(InterruptFlag()))
+
+
+def _check_shard_chain(request: TrainRequest, tokenizer: Any, shards: TokenShards,
+                       resume_from: Any) -> None:
+    """The same link checks as `fragment verify`: the shards were built from this
+    tokenizer (their manifest is unedited), and a resumed run uses the shards it began on."""
+    require(tokens_links(shards, tokenizer, str(request.tokenizer)), DatasetError,
+            hint=f"delete {shards.folder}; `fragment train` rebuilds it from {request.data}")
+    if resume_from is not None:
+        require(resume_links(resume_from, tokenizer, shards), CheckpointError, HINT_RESUME)
 
 
 def _plan_values(trainer: Trainer, plan: MemoryPlan, device: torch.device,
@@ -491,12 +519,19 @@ def _probe(trainer: Trainer, steps: int = 2) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _remove_killed_runs_temporaries(out: Path) -> None:
+    """Half-written or half-pruned step folders of a killed run. Saving step N only
+    cleans up after step N, so a step this run never writes again would keep its
+    leftovers forever. Called holding the lock: no live trainer is writing here."""
+    from fragment_llm.checkpoint import clean_stale_temporaries
+
+    clean_stale_temporaries(out)
+
+
 def _checkpoint_model_config(checkpoint) -> ModelConfig:
-    try:
-        return ModelConfig.model_validate(checkpoint.config.get("model"))
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise CheckpointError(f"invalid model config in {checkpoint.path / 'config.json'} "
-                              f"({exc})", hint="resume from another checkpoint") from None
+    from fragment_llm.evaluate import checkpoint_model_config
+
+    return checkpoint_model_config(checkpoint)
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
@@ -616,16 +651,20 @@ class TrainLoop:
         return {"model": self.model_config.model_dump(mode="json"),
                 "train": self.request.train.model_dump(mode="json"),
                 "fragment_version": __version__,
+                # How chat renders turns for this model (chat.py): plain-text documents
+                # train a model that continues a "User: ... Assistant:" transcript.
+                "chat_format": TRANSCRIPT_CHAT_FORMAT,
                 "val_loss": evaluation[0] if evaluation else None,
                 "val_bpb": evaluation[1] if evaluation else None}
 
     def _provenance(self) -> dict[str, str]:
+        from fragment_llm.checkpoint import model_config_sha256
+
         shards = self.trainer.shards
-        config_text = json.dumps(self._config_record()["model"], sort_keys=True)
         return {"tokenizer_sha256": self.tokenizer.sha256,
                 "tokens_manifest_sha256": shards.manifest_sha256,
                 "processed_manifest_sha256": shards.manifest.processed_manifest_sha256,
-                "model_config_sha256": sha256_bytes(config_text.encode())}
+                "model_config_sha256": model_config_sha256(self._config_record()["model"])}
 
 
 class MetricsLog:

@@ -572,6 +572,21 @@ def test_generate_reads_a_file_and_stdin(runner, checkpoint, tmp_path):
     assert result.exit_code == 1 and "UTF-8" in result.stderr
 
 
+def test_generate_stop_flag_cuts_before_the_stop_text(runner, checkpoint, tmp_path):
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick",
+            "--temperature", "0", "--max-new-tokens", "24", "--json"]
+    full = json.loads(runner.invoke(cli, base).stdout)["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full  # the stop text must be visible for the test to mean anything
+    cut = runner.invoke(cli, [*base, "--stop", "zzz-never", "--stop", stop])
+    assert cut.exit_code == 0, cut.output
+    assert json.loads(cut.stdout)["text"] == full[:full.index(stop)]
+    config = tmp_path / "stop.toml"
+    config.write_text(f"[generate]\nstop = [{json.dumps(stop)}]\n")
+    from_file = runner.invoke(cli, [*base, "--config", str(config)])  # no --stop: file wins
+    assert json.loads(from_file.stdout)["text"] == full[:full.index(stop)]
+
+
 @pytest.mark.parametrize("args, code, text", [
     (["--prompt", "x" * 50, "--config", "CONFIG"], 1, "characters"),
     (["--prompt", "\x1b[2J"], 1, "empty"),

@@ -93,6 +93,9 @@ def test_loss_falls_and_metrics_are_logged(corpus, tmp_path):
     assert any("val_bpb" in x for x in lines)
     assert summary.steps == 30 and summary.val_bpb is not None
     assert summary.checkpoint == tmp_path / "run" / "step-0000030"
+    # a plain-text corpus trains a transcript model: chat must not use special tokens
+    config = json.loads((summary.checkpoint / "config.json").read_text())
+    assert config["chat_format"] == "transcript"
 
 
 def test_ctrl_c_then_resume_equals_uninterrupted(corpus, tmp_path):

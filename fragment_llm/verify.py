@@ -1,0 +1,653 @@
+"""`fragment verify`: check any artifact, and the chain of hashes back to its inputs.
+
+Every artifact records the sha256 of what it was made from:
+
+    processed manifest.json   -> each input file (`files[].sha256`, at `root`/`path`)
+    tokenizer.json            -> the processed manifest (`training.corpus_sha256`)
+    tokens/<key>/manifest.json -> the tokenizer and the processed manifest
+    step-NNNNNNN/manifest.json -> tokenizer, token-shard manifest, processed manifest and
+                                  model config (`provenance`)
+
+`verify(path)` works out which artifact `path` is, checks it with the stage's own
+loader (format, every hash, internal consistency), then follows each recorded hash to
+the upstream artifact where it is present: in the standard layout (`processed/`,
+`tokenizer.json` and `tokens/<key>/` side by side in one data folder, a run folder next
+to that data folder) or where `Upstream` hints say. An upstream that is absent is
+reported as "not present"; one that is present but different is a failure. Weights are
+never read: checkpoint headers are compared with a model built on the `meta` device.
+
+The `*_links` functions are the same link checks the loaders run (`load_trained`,
+`train --resume`); `require` turns their first failure into the stage's error.
+This module returns typed results and prints nothing; `cli.py` renders them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fragment_llm.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    FragmentError,
+    InputDataError,
+    ProcessedDataError,
+    TokenizerError,
+)
+from fragment_llm.safeio import HASH_CHUNK, open_regular, sha256_bytes
+
+T = TypeVar("T")
+MAX_LISTED_INPUTS = 20  # failing input files listed one per row; the count is always exact
+HINT_RESUME = ("resume with the tokenizer and processed folder this run was trained with "
+               "(`fragment verify OUT` shows the chain), or train into a new --out")
+
+
+class Kind(StrEnum):
+    INPUTS = "inputs"
+    PROCESSED = "processed"
+    TOKENIZER = "tokenizer"
+    TOKENS = "tokens"
+    CHECKPOINT = "checkpoint"
+    RUN = "run"
+
+
+class Status(StrEnum):
+    OK = "ok"
+    FAILED = "FAILED"
+    ABSENT = "not present"  # an upstream artifact that is not here: not a failure
+
+
+ERRORS: dict[Kind, type[FragmentError]] = {
+    Kind.INPUTS: InputDataError, Kind.PROCESSED: ProcessedDataError,
+    Kind.TOKENIZER: TokenizerError, Kind.TOKENS: DatasetError,
+    Kind.CHECKPOINT: CheckpointError, Kind.RUN: CheckpointError,
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing checked: `artifact` is the path it was checked on."""
+
+    kind: Kind
+    artifact: str
+    check: str
+    status: Status
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not Status.FAILED
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where upstream artifacts are, when not in the standard layout."""
+
+    processed: Path | None = None
+    tokenizer: Path | None = None
+    tokens: Path | None = None  # a shard folder, or the `tokens/` folder holding them
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: Path
+    kind: Kind
+    checks: tuple[Check, ...]
+    latest_valid: Path | None = None  # for a run folder
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.ok]
+
+    def raise_for_failure(self) -> None:
+        """Raise the first failure as its stage's error (one line naming the file)."""
+        if self.ok:
+            return
+        first, count = self.failures[0], len(self.failures)
+        raise ERRORS[first.kind](
+            f"{first.check}: {first.detail}",
+            hint=f"{count} of {len(self.checks)} checks failed on {self.path}")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "kind": self.kind.value, "ok": self.ok,
+                "latest_valid": None if self.latest_valid is None else str(self.latest_valid),
+                "checks": [{"kind": c.kind.value, "artifact": c.artifact, "check": c.check,
+                            "status": c.status.value, "detail": c.detail}
+                           for c in self.checks]}
+
+
+def require(checks: Iterable[Check], error: type[FragmentError], hint: str) -> None:
+    """Raise `error` for the first failed check: how loaders run verify's link checks."""
+    for check in checks:
+        if not check.ok:
+            raise error(check.detail, hint=hint)
+
+
+# ---------------------------------------------------------------------- link checks
+
+
+def short(digest: str | None) -> str:
+    return "-" if digest is None else f"{digest[:16]}…"
+
+
+def link(kind: Kind, artifact: str, check: str, recorded: str | None, actual: str,
+         where: str) -> Check:
+    """Compare a recorded hash with the hash of what is here."""
+    if recorded is None:
+        return Check(kind, artifact, check, Status.ABSENT, "no hash recorded")
+    if recorded == actual:
+        return Check(kind, artifact, check, Status.OK, f"sha256 {short(actual)} matches")
+    return Check(kind, artifact, check, Status.FAILED,
+                 f"{where} has sha256 {short(actual)} but {artifact} records "
+                 f"{short(recorded)}")
+
+
+def checkpoint_links(checkpoint: Any, tokenizer: Any) -> list[Check]:
+    """The checkpoint's own tokenizer copy and config against its manifest's provenance."""
+    from fragment_llm.checkpoint import model_config_sha256
+
+    art, prov = str(checkpoint.path), checkpoint.provenance
+    config_sha = model_config_sha256(checkpoint.config.get("model"))
+    return [link(Kind.CHECKPOINT, art, "tokenizer copy hash", prov.get("tokenizer_sha256"),
+                 tokenizer.sha256, str(checkpoint.tokenizer_path)),
+            link(Kind.CHECKPOINT, art, "model config hash", prov.get("model_config_sha256"),
+                 config_sha, str(checkpoint.path / "config.json"))]
+
+
+def checked_tokenizer(checkpoint: Any) -> Any:
+    """Load a checkpoint's tokenizer copy; refuse it unless it is the one trained with."""
+    from fragment_llm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(checkpoint.tokenizer_path)
+    require(checkpoint_links(checkpoint, tokenizer), CheckpointError,
+            hint="the checkpoint was edited after it was saved; use another checkpoint")
+    return tokenizer
+
+
+def resume_links(checkpoint: Any, tokenizer: Any, shards: Any | None = None) -> list[Check]:
+    """What a resumed run uses (tokenizer, then token shards) against what it was trained on."""
+    art, prov = str(checkpoint.path), checkpoint.provenance
+    checks = [link(Kind.CHECKPOINT, art, "tokenizer in use", prov.get("tokenizer_sha256"),
+                   tokenizer.sha256, "the --tokenizer file")]
+    if shards is not None:
+        checks += [link(Kind.CHECKPOINT, art, "token shards in use",
+                        prov.get("tokens_manifest_sha256"), shards.manifest_sha256,
+                        str(shards.folder / "manifest.json")),
+                   link(Kind.CHECKPOINT, art, "processed folder in use",
+                        prov.get("processed_manifest_sha256"),
+                        shards.manifest.processed_manifest_sha256, "the --data folder")]
+    return checks
+
+
+def cache_key_check(shards: Any) -> Check:
+    """A shard folder is named by the cache key of its manifest's inputs, so an edited
+    manifest (which has no checksum of its own) no longer matches its folder."""
+    from fragment_llm.data import cache_key
+
+    manifest = shards.manifest
+    key = cache_key(manifest.processed_manifest_sha256, manifest.tokenizer_sha256,
+                    manifest.val_fraction)
+    if shards.folder.name == key:
+        return Check(Kind.TOKENS, str(shards.folder), "cache key", Status.OK,
+                     f"folder name is the key {key}")
+    return Check(Kind.TOKENS, str(shards.folder), "cache key", Status.FAILED,
+                 f"folder name is not the cache key {key} of its manifest (manifest edited "
+                 f"or folder renamed), in {shards.folder}")
+
+
+def tokens_links(shards: Any, tokenizer: Any, where: str) -> list[Check]:
+    """A shard folder against the tokenizer it is about to be used with."""
+    return [cache_key_check(shards),
+            link(Kind.TOKENS, str(shards.folder), "tokenizer",
+                 shards.manifest.tokenizer_sha256, tokenizer.sha256, where)]
+
+
+# ------------------------------------------------------------------ kind detection
+
+
+_ARTIFACTS_HINT = ("pass a processed folder, a tokenizer file, a token-shard folder "
+                   "(data/tokens/<key>), a checkpoint step folder or a run folder")
+_MANIFEST_FORMATS = {"fragment-processed": Kind.PROCESSED, "fragment-tokens": Kind.TOKENS,
+                     "fragment-checkpoint": Kind.CHECKPOINT}
+
+
+def detect_kind(path: Path) -> Kind:
+    """Which artifact `path` is, from its type and names (ConfigError when none fits)."""
+    from fragment_llm.checkpoint import MODEL_FILE, STEP_NAME
+
+    try:
+        info = os.lstat(path)
+    except OSError:
+        raise ConfigError(f"not found: {path}", hint=_ARTIFACTS_HINT) from None
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"refusing to follow a symlink: {path}", hint="pass the real path")
+    if not stat.S_ISDIR(info.st_mode):
+        return Kind.TOKENIZER if stat.S_ISREG(info.st_mode) else _unknown(path)
+    try:
+        names = set(os.listdir(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot list {path}: {exc.strerror}") from None
+    if STEP_NAME.fullmatch(path.name) or MODEL_FILE in names:
+        return Kind.CHECKPOINT
+    if any(STEP_NAME.fullmatch(name) for name in names) or "metrics.jsonl" in names:
+        return Kind.RUN
+    if any(name.endswith(".parquet") for name in names):
+        return Kind.PROCESSED
+    if any(name.endswith(".bin") for name in names):
+        return Kind.TOKENS
+    return _kind_from_manifest(path) if "manifest.json" in names else _unknown(path)
+
+
+def _kind_from_manifest(path: Path) -> Kind:
+    from fragment_llm.safeio import parse_json_guarded, read_capped
+
+    raw = read_capped(path / "manifest.json", 256 << 20, ConfigError)
+    doc = parse_json_guarded(raw, str(path / "manifest.json"), ConfigError)
+    kind = _MANIFEST_FORMATS.get(doc.get("format")) if isinstance(doc, dict) else None
+    return kind if kind is not None else _unknown(path)
+
+
+def _unknown(path: Path) -> Kind:
+    raise ConfigError(f"cannot tell which artifact {path} is", hint=_ARTIFACTS_HINT)
+
+
+def verify(path: Path, hints: Upstream | None = None) -> VerifyReport:
+    """Check the artifact at `path` and its chain; see the module docstring."""
+    kind = detect_kind(path)
+    verifier = _Verifier(hints or Upstream())
+    latest = None
+    if kind is Kind.RUN:
+        latest = verifier.run(path)
+    else:
+        {Kind.PROCESSED: verifier.processed, Kind.TOKENIZER: verifier.tokenizer,
+         Kind.TOKENS: verifier.tokens, Kind.CHECKPOINT: verifier.checkpoint}[kind](path)
+    return VerifyReport(path, kind, tuple(verifier.checks), latest)
+
+
+# ------------------------------------------------------------------------ verifier
+
+
+@dataclass
+class _Verifier:
+    """Runs checks, collecting `Check`s; each upstream artifact is verified once."""
+
+    hints: Upstream
+    checks: list[Check] = field(default_factory=list)
+    _done: dict[tuple[Kind, str], Any] = field(default_factory=dict)
+    loadable: dict[str, bool] = field(default_factory=dict)  # step folder -> own checks hold
+
+    def add(self, kind: Kind, artifact: str, check: str, status: Status, detail: str) -> None:
+        self.checks.append(Check(kind, artifact, check, status, detail))
+
+    def attempt(self, kind: Kind, artifact: str, check: str,
+                action: Callable[[], tuple[T, str]]) -> T | None:
+        """Run one loader step: its detail on success, its error message on failure."""
+        try:
+            value, detail = action()
+        except FragmentError as exc:
+            self.add(kind, artifact, check, Status.FAILED, exc.message)
+            return None
+        self.add(kind, artifact, check, Status.OK, detail)
+        return value
+
+    def once(self, kind: Kind, path: Path, run: Callable[[Path], Any]) -> Any:
+        key = (kind, os.path.abspath(path))
+        if key not in self._done:
+            self._done[key] = None
+            self._done[key] = run(path)
+        return self._done[key]
+
+    def chain(self, kind: Kind, artifact: str, check: str, recorded: str | None,
+              upstream: Path | None, open_upstream: Callable[[Path], Any],
+              sha_of: Callable[[Any], str]) -> Any:
+        """Follow one recorded hash to an upstream artifact, verifying that one too."""
+        if recorded is None:
+            self.add(kind, artifact, check, Status.ABSENT, "no hash recorded")
+            return None
+        if upstream is None or not os.path.lexists(upstream):
+            self.add(kind, artifact, check, Status.ABSENT,
+                     f"{upstream or 'upstream'} not present; recorded {short(recorded)}")
+            return None
+        loaded = open_upstream(upstream)
+        if loaded is None:
+            self.add(kind, artifact, check, Status.FAILED,
+                     f"{upstream} is present but fails its own checks")
+            return None
+        self.checks.append(link(kind, artifact, check, recorded, sha_of(loaded), str(upstream)))
+        return loaded
+
+    # ----------------------------------------------------------------- processed
+
+    def processed(self, folder: Path) -> Any:
+        return self.once(Kind.PROCESSED, folder, self._processed)
+
+    def _processed(self, folder: Path) -> Any:
+        art = str(folder)
+        corpus = self.attempt(Kind.PROCESSED, art, "manifest and shards",
+                              lambda: _open_processed(folder))
+        if corpus is not None:
+            self.attempt(Kind.PROCESSED, art, "document hashes",
+                         lambda: (None, _check_documents(corpus)))
+            self._inputs(art, corpus.manifest.files)
+        return corpus
+
+    def _inputs(self, art: str, files: Iterable[Any]) -> None:
+        outcomes = [(entry, _input_outcome(entry)) for entry in files
+                    if entry.status == "kept" and entry.sha256 is not None]
+        failed = [(entry, detail) for entry, (status, detail) in outcomes
+                  if status is Status.FAILED]
+        present = sum(status is Status.OK for _, (status, _) in outcomes)
+        absent = len(outcomes) - present - len(failed)
+        for entry, detail in failed[:MAX_LISTED_INPUTS]:
+            self.add(Kind.INPUTS, entry.location, "input file", Status.FAILED, detail)
+        summary = f"{present} match, {absent} not present, {len(failed)} differ"
+        status = Status.FAILED if failed else Status.OK if present else Status.ABSENT
+        self.add(Kind.INPUTS, art, "input files", status, summary)
+
+    # ----------------------------------------------------------------- tokenizer
+
+    def tokenizer(self, path: Path) -> Any:
+        return self.once(Kind.TOKENIZER, path, self._tokenizer)
+
+    def _tokenizer(self, path: Path) -> Any:
+        art = str(path)
+        tok = self.attempt(Kind.TOKENIZER, art, "format", lambda: _load_tokenizer(path))
+        if tok is not None:
+            recorded = tok.training.corpus_sha256 if tok.training else None
+            self.chain(Kind.TOKENIZER, art, "trained on processed", recorded,
+                       self.hints.processed or path.parent / "processed", self.processed,
+                       lambda corpus: corpus.manifest_sha256)
+        return tok
+
+    # -------------------------------------------------------------------- tokens
+
+    def tokens(self, folder: Path) -> Any:
+        return self.once(Kind.TOKENS, folder, self._tokens)
+
+    def _tokens(self, folder: Path) -> Any:
+        art = str(folder)
+        shards = self.attempt(Kind.TOKENS, art, "manifest and shards",
+                              lambda: _open_tokens(folder))
+        if shards is None:
+            return None
+        self.attempt(Kind.TOKENS, art, "documents", lambda: (None, _count_documents(shards)))
+        self.checks.append(cache_key_check(shards))
+        data = folder.parent.parent
+        manifest = shards.manifest
+        tok = self.chain(Kind.TOKENS, art, "tokenizer", manifest.tokenizer_sha256,
+                         self.hints.tokenizer or data / "tokenizer.json", self.tokenizer,
+                         lambda t: t.sha256)
+        if tok is not None and (tok.vocab_size, tok.eot_id) != (manifest.vocab_size,
+                                                                 manifest.eot_id):
+            self.add(Kind.TOKENS, art, "vocabulary", Status.FAILED,
+                     f"shards were built for vocab {manifest.vocab_size} / eot "
+                     f"{manifest.eot_id}, the tokenizer has {tok.vocab_size} / {tok.eot_id}")
+        corpus = self.chain(Kind.TOKENS, art, "processed", manifest.processed_manifest_sha256,
+                            self.hints.processed or data / "processed", self.processed,
+                            lambda c: c.manifest_sha256)
+        if corpus is not None:
+            self._document_total(art, shards, corpus)
+        return shards
+
+    def _document_total(self, art: str, shards: Any, corpus: Any) -> None:
+        split_docs = shards.manifest.train.documents + shards.manifest.val.documents
+        status = Status.OK if split_docs == corpus.documents else Status.FAILED
+        self.add(Kind.TOKENS, art, "document count", status,
+                 f"{split_docs} documents in the shards, {corpus.documents} in "
+                 f"{corpus.folder}")
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def checkpoint(self, folder: Path) -> Any:
+        return self.once(Kind.CHECKPOINT, folder, self._checkpoint)
+
+    def _checkpoint(self, folder: Path) -> Any:
+        art, before = str(folder), len(self.checks)
+        ckpt = self.attempt(Kind.CHECKPOINT, art, "files and manifest",
+                            lambda: _load_checkpoint(folder))
+        if ckpt is None:
+            return None
+        config = self.attempt(Kind.CHECKPOINT, art, "model config",
+                              lambda: _model_config(ckpt))
+        if config is not None:
+            self.attempt(Kind.CHECKPOINT, art, "weights layout",
+                         lambda: (None, _check_layout(ckpt, config)))
+        self.attempt(Kind.CHECKPOINT, art, "trainer state", lambda: (None, _check_state(ckpt)))
+        tok = self.attempt(Kind.CHECKPOINT, art, "tokenizer copy",
+                           lambda: _load_tokenizer(ckpt.tokenizer_path))
+        if tok is not None:
+            self.checks += checkpoint_links(ckpt, tok)
+            if config is not None and tok.vocab_size != config.vocab_size:
+                self.add(Kind.CHECKPOINT, art, "vocabulary", Status.FAILED,
+                         f"tokenizer copy has {tok.vocab_size} tokens, config.json "
+                         f"{config.vocab_size}, in {folder}")
+        # Loadable means its own checks hold; a changed upstream does not stop chat.
+        self.loadable[art] = all(check.ok for check in self.checks[before:])
+        self._checkpoint_upstream(art, ckpt)
+        return ckpt
+
+    def _checkpoint_upstream(self, art: str, ckpt: Any) -> None:
+        prov, data = ckpt.provenance, ckpt.path.parent.parent / "data"
+        self.chain(Kind.CHECKPOINT, art, "tokenizer", prov.get("tokenizer_sha256"),
+                   self.hints.tokenizer or data / "tokenizer.json", self.tokenizer,
+                   lambda t: t.sha256)
+        self.chain(Kind.CHECKPOINT, art, "token shards", prov.get("tokens_manifest_sha256"),
+                   self._tokens_folder(ckpt, data), self.tokens,
+                   lambda s: s.manifest_sha256)
+        self.chain(Kind.CHECKPOINT, art, "processed", prov.get("processed_manifest_sha256"),
+                   self.hints.processed or data / "processed", self.processed,
+                   lambda c: c.manifest_sha256)
+
+    def _tokens_folder(self, ckpt: Any, data: Path) -> Path | None:
+        """The shard folder the run trained on: its name is the cache key of the hashes
+        the checkpoint records and the run's val_fraction."""
+        from fragment_llm.data import cache_key
+
+        hint = self.hints.tokens
+        if hint is not None and os.path.lexists(hint / "manifest.json"):
+            return hint
+        prov, train = ckpt.provenance, ckpt.config.get("train")
+        fraction = train.get("val_fraction") if isinstance(train, dict) else None
+        processed, tokenizer = (prov.get("processed_manifest_sha256"),
+                                prov.get("tokenizer_sha256"))
+        if None in (processed, tokenizer) or not isinstance(fraction, float):
+            return None
+        return (hint or data / "tokens") / cache_key(processed, tokenizer, fraction)
+
+    # ----------------------------------------------------------------------- run
+
+    def run(self, folder: Path) -> Path | None:
+        """Verify every step folder; return the newest whose own checks all hold."""
+        from fragment_llm.checkpoint import STEP_NAME
+
+        steps = sorted(name for name in os.listdir(folder) if STEP_NAME.fullmatch(name))
+        if not steps:
+            self.add(Kind.RUN, str(folder), "step folders", Status.FAILED,
+                     f"no step-NNNNNNN folders in {folder}")
+        valid = []
+        for name in steps:
+            if self._step(folder / name):
+                valid.append(folder / name)
+        latest = valid[-1] if valid else None
+        self.add(Kind.RUN, str(folder), "latest valid", Status.OK if latest else Status.FAILED,
+                 f"{latest.name}: the newest step whose own checks all hold" if latest
+                 else f"no loadable checkpoint in {folder}")
+        return latest
+
+    def _step(self, path: Path) -> bool:
+        if os.path.islink(path) or not os.path.isdir(path):
+            self.add(Kind.RUN, str(path), "step folder", Status.FAILED,
+                     f"{path} is a symlink or not a folder; never followed")
+            return False
+        self.checkpoint(path)
+        return self.loadable.get(str(path), False)
+
+
+# --------------------------------------------------------------- stage loaders
+
+
+def _open_processed(folder: Path) -> tuple[Any, str]:
+    from fragment_llm.processed import ProcessedCorpus
+
+    corpus = ProcessedCorpus.open(folder)
+    return corpus, (f"{len(corpus.manifest.shards)} shard(s), {corpus.documents:,} documents, "
+                    f"manifest sha256 {short(corpus.manifest_sha256)}")
+
+
+def _check_documents(corpus: Any) -> str:
+    """Each document's text against its sha256 column; totals against the manifest."""
+    count = chars = 0
+    for text, source, digest in corpus.iter_documents():
+        count += 1
+        chars += len(text)
+        if sha256_bytes(text.encode("utf-8")) != digest:
+            raise ProcessedDataError(f"document {count} (from {source}) does not match its "
+                                     f"sha256, in {corpus.folder}")
+    counts = corpus.manifest.counts
+    if (count, chars) != (counts.documents, counts.chars):
+        raise ProcessedDataError(f"shards hold {count} documents / {chars} chars, the manifest "
+                                 f"says {counts.documents} / {counts.chars}, in {corpus.folder}")
+    return f"{count:,} documents, {chars:,} chars"
+
+
+def _input_outcome(entry: Any) -> tuple[Status, str]:
+    """An input file still at `root/path`: same size and sha256 as when preprocessed?
+
+    Symlinks are followed (preprocess follows those inside an input folder); only the
+    size is compared before hashing, so a huge replacement is not read.
+    """
+    path = Path(entry.root) / entry.path
+    if not os.path.lexists(path):
+        return Status.ABSENT, f"{path} not present"
+    try:
+        fd = open_regular(Path(os.path.realpath(path)), InputDataError)
+    except InputDataError as exc:
+        return Status.FAILED, exc.message
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size != entry.size:
+            return Status.FAILED, (f"input file changed since preprocess: {size} bytes, the "
+                                   f"manifest says {entry.size}, in {path}")
+        digest = hashlib.sha256()
+        while block := fh.read(HASH_CHUNK):
+            digest.update(block)
+    if digest.hexdigest() != entry.sha256:
+        return Status.FAILED, f"input file changed since preprocess (sha256 differs), {path}"
+    return Status.OK, str(path)
+
+
+def _load_tokenizer(path: Path) -> tuple[Any, str]:
+    from fragment_llm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    return tok, (f"vocab {tok.vocab_size:,}, {tok.pattern_name} pattern, "
+                 f"sha256 {short(tok.sha256)}")
+
+
+def _open_tokens(folder: Path) -> tuple[Any, str]:
+    from fragment_llm.data import TokenShards
+
+    shards = TokenShards.open(folder)
+    train, val = shards.manifest.train, shards.manifest.val
+    return shards, (f"train {train.tokens:,} / val {val.tokens:,} tokens, manifest sha256 "
+                    f"{short(shards.manifest_sha256)}")
+
+
+def _count_documents(shards: Any) -> str:
+    """Every document ends with <|endoftext|>, and encode never makes one: count them."""
+    eot = shards.manifest.eot_id
+    for name in ("train", "val"):
+        found = sum(int((shard == eot).sum()) for shard in getattr(shards, name).shards)
+        listed = getattr(shards.manifest, name).documents
+        if found != listed:
+            raise DatasetError(f"{name} shards hold {found} end-of-text tokens, the manifest "
+                               f"lists {listed} documents, in {shards.folder}")
+    return "one <|endoftext|> per document in both splits"
+
+
+def _load_checkpoint(folder: Path) -> tuple[Any, str]:
+    from fragment_llm.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(folder)
+    return ckpt, f"step {ckpt.step}, {len(ckpt.files)} files hashed"
+
+
+def _model_config(ckpt: Any) -> tuple[Any, str]:
+    from fragment_llm.evaluate import checkpoint_model_config
+
+    config = checkpoint_model_config(ckpt)
+    return config, (f"{config.n_layer} layers, {config.n_embd} wide, vocab "
+                    f"{config.vocab_size:,}")
+
+
+def _expected_tensors(config: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
+                                            dict[str, str], int]:
+    """Names, dtypes and shapes of the model `config` builds, on the meta device (no
+    memory); tied names as {alias: first name}; and the number of parameters."""
+    import torch
+
+    from fragment_llm.checkpoint import DTYPES
+    from fragment_llm.model import GPT
+
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        first.setdefault(id(param), name)
+    specs = {name: (names.get(t.dtype, str(t.dtype)), tuple(t.shape))
+             for name, t in model.state_dict().items() if name not in aliases}
+    return specs, aliases, len(first)
+
+
+def _check_layout(ckpt: Any, config: Any) -> str:
+    """Safetensors headers against the model config.json describes; no tensor is read."""
+    expected, aliases, params = _expected_tensors(config)
+    where = ckpt.path / "model.safetensors"
+    header = {name: (spec.dtype, spec.shape) for name, spec in ckpt.model_header.tensors.items()}
+    if set(header) != set(expected) or ckpt.model_aliases != aliases:
+        odd = sorted(set(header) ^ set(expected)) or ["(weight tying)"]
+        raise CheckpointError(f"tensors differ from what config.json builds: "
+                              f"{', '.join(odd[:5])}, in {where}")
+    for name, spec in header.items():
+        if spec != expected[name]:
+            raise CheckpointError(f"tensor {name!r} is {spec[0]} {list(spec[1])}, config.json "
+                                  f"builds {expected[name][0]} {list(expected[name][1])}, "
+                                  f"in {where}")
+    layout = ckpt.optimizer_layout
+    if layout is not None:
+        listed = sum(len(group["params"]) for group in layout["param_groups"])
+        if listed != params:
+            raise CheckpointError(f"optimizer holds {listed} parameters, the model {params}, "
+                                  f"in {ckpt.path / 'optimizer.safetensors'}")
+    return f"{len(header)} tensors match config.json (read from headers only)"
+
+
+def _check_state(ckpt: Any) -> str:
+    step = ckpt.trainer_state.get("step")
+    if step != ckpt.step:
+        raise CheckpointError(f"trainer_state.json says step {step!r}, the manifest "
+                              f"{ckpt.step}, in {ckpt.path}")
+    return f"step {step}"
+
+
+def describe(checks: Iterable[Check]) -> Mapping[Status, int]:
+    """How many checks ended in each status."""
+    counts = dict.fromkeys(Status, 0)
+    for check in checks:
+        counts[check.status] += 1
+    return counts

@@ -1,0 +1,346 @@
+"""`fragment verify` and the provenance chain: every artifact verifies, every tamper fails.
+
+One real pipeline is built per module (preprocess -> train-tokenizer -> 4 training steps
+of a tiny GPT) in the standard layout `ROOT/data/{processed,tokenizer.json,tokens/<key>}`
+plus `ROOT/checkpoints/step-*`. Each tamper test copies it and breaks one thing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fragment_llm import checkpoint as ck
+from fragment_llm.cli import FLAGS, cli
+from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
+from fragment_llm.errors import CheckpointError, DatasetError
+from fragment_llm.preprocess import run_preprocess
+from fragment_llm.tokenizer import Tokenizer
+from fragment_llm.tokenizer_train import train_tokenizer
+from fragment_llm.train import TrainRequest, run_training
+from fragment_llm.verify import Kind, Status, Upstream, verify
+
+RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
+MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32}
+TRAIN = {"batch_size": 2, "max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2,
+         "eval_every": 0, "eval_blocks": 2, "device": "cpu", "precision": "fp32",
+         "workers": 1}
+STEP = "checkpoints/step-0000004"
+
+
+def _request(root: Path, tokenizer: Path | None = None, resume: bool = False) -> TrainRequest:
+    return TrainRequest(data=root / "data/processed",
+                        tokenizer=tokenizer or root / "data/tokenizer.json",
+                        out=root / "checkpoints", model=ModelConfig(**MODEL),
+                        train=TrainConfig(**TRAIN), resume=resume)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The quick start in miniature; input roots are absolute, so copies still find them."""
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "raw").mkdir()
+    for name in ("hamlet_gut.txt", "macbeth_gut.txt"):
+        (root / "raw" / name).write_text((RAW / name).read_text()[:12_000])
+    run_preprocess([root / "raw"], root / "data/processed", PreprocessConfig(workers=1))
+    train_tokenizer(root / "data/processed", root / "data/tokenizer.json",
+                    TokenizerConfig(vocab_size=300, workers=1), overwrite=False)
+    run_training(_request(root), lambda event: None)
+    return root
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    shutil.copytree(built, tmp_path / "root", symlinks=True)
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    FLAGS.debug = FLAGS.quiet = False
+    return CliRunner()
+
+
+def tokens_dir(root: Path) -> Path:
+    (folder,) = (root / "data/tokens").iterdir()
+    return folder
+
+
+def run_verify(runner: CliRunner, path: Path, *extra: str):
+    return runner.invoke(cli, ["verify", str(path), *extra])
+
+
+def error_line(result) -> str:
+    return next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+
+
+# ------------------------------------------------------------------ clean artifacts
+
+
+@pytest.mark.parametrize("target", ["data/processed", "data/tokenizer.json", "tokens",
+                                    STEP, "checkpoints"])
+def test_every_artifact_of_the_pipeline_verifies(built, runner, target):
+    path = tokens_dir(built) if target == "tokens" else built / target
+    result = run_verify(runner, path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["checks"]
+    # The whole chain is present in the standard layout: nothing is skipped.
+    assert {c["status"] for c in report["checks"]} == {"ok"}
+
+
+def test_a_checkpoint_follows_its_chain_to_the_input_files(built):
+    report = verify(built / STEP)
+    assert report.kind is Kind.CHECKPOINT and report.ok
+    checked = {(c.kind, c.check) for c in report.checks}
+    assert {(Kind.CHECKPOINT, "weights layout"), (Kind.CHECKPOINT, "token shards"),
+            (Kind.TOKENS, "cache key"), (Kind.TOKENIZER, "trained on processed"),
+            (Kind.PROCESSED, "document hashes"), (Kind.INPUTS, "input files")} <= checked
+    inputs = next(c for c in report.checks if c.check == "input files")
+    assert inputs.detail.startswith("2 match")
+
+
+def test_run_folder_reports_the_latest_valid_step(built):
+    report = verify(built / "checkpoints")
+    assert report.kind is Kind.RUN and report.ok
+    assert report.latest_valid == built / STEP
+    assert {c.artifact for c in report.checks} >= {str(built / "checkpoints/step-0000002"),
+                                                   str(built / STEP)}
+
+
+def test_the_table_lists_each_check(built, runner):
+    result = run_verify(runner, built / "data/tokenizer.json")
+    assert result.exit_code == 0
+    assert "trained on processed" in result.stderr and "FAILED" not in result.stderr
+
+
+def test_absent_upstream_is_reported_not_failed(built, tmp_path):
+    shutil.copytree(built / "checkpoints", tmp_path / "alone" / "checkpoints")
+    report = verify(tmp_path / "alone" / STEP)
+    assert report.ok
+    absent = {c.check for c in report.checks if c.status is Status.ABSENT}
+    assert absent == {"tokenizer", "token shards", "processed"}
+
+
+def test_hints_find_upstream_outside_the_standard_layout(built, tmp_path):
+    shutil.copytree(built / "checkpoints", tmp_path / "a" / "checkpoints")
+    shutil.copytree(built / "data", tmp_path / "b" / "elsewhere")
+    data = tmp_path / "b" / "elsewhere"
+    hints = Upstream(processed=data / "processed", tokenizer=data / "tokenizer.json",
+                     tokens=data / "tokens")
+    report = verify(tmp_path / "a" / STEP, hints)
+    assert report.ok and all(c.status is Status.OK for c in report.checks)
+
+
+# ------------------------------------------------------------------------ tampering
+
+
+def flip_byte(path: Path, offset: int = -20) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def reseal(step: Path) -> None:
+    """Rewrite a step's manifest over its current files, keeping its provenance: only the
+    provenance can then tell that something changed."""
+    old = json.loads((step / "manifest.json").read_text())
+    manifest = ck.build_manifest(step, old["step"], old["provenance"])
+    (step / "manifest.json").write_text(manifest.to_json())
+
+
+def edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def edit_model_config(step: Path, **values) -> None:
+    edit_json(step / "config.json", lambda doc: doc["model"].update(values))
+    reseal(step)
+
+
+def forge_model_config(step: Path, **values) -> None:
+    """Edit the config and forge its provenance hash too: only the weights can tell."""
+    edit_model_config(step, **values)
+    model = json.loads((step / "config.json").read_text())["model"]
+    old = json.loads((step / "manifest.json").read_text())
+    provenance = {**old["provenance"], "model_config_sha256": ck.model_config_sha256(model)}
+    manifest = ck.build_manifest(step, old["step"], provenance)
+    (step / "manifest.json").write_text(manifest.to_json())
+
+
+def swap_checkpoint_tokenizer(step: Path) -> None:
+    texts = Tokenizer.load(step / "tokenizer.json").decode(range(256, 300))
+    Tokenizer.train([texts] * 3, TokenizerConfig(vocab_size=300, pattern="gpt2")).save(
+        step / "tokenizer.json")
+    reseal(step)
+
+
+def swap_data_tokenizer(root: Path) -> None:
+    train_tokenizer(root / "data/processed", root / "data/tokenizer.json",
+                    TokenizerConfig(vocab_size=290, workers=1), overwrite=True)
+
+
+def symlink_in_place(path: Path) -> None:
+    """Move the file out of its folder and leave a symlink to it in its place."""
+    real = path.parent.parent / ("real-" + path.name)
+    path.rename(real)
+    path.symlink_to(real)
+
+
+def edit_tokens_manifest(root: Path) -> None:
+    edit_json(tokens_dir(root) / "manifest.json",
+              lambda doc: doc.update(tokenizer_sha256="0" * 64))
+
+
+def edit_processed_counts(root: Path) -> None:
+    edit_json(root / "data/processed/manifest.json",
+              lambda doc: doc["counts"].update(documents=doc["counts"]["documents"] + 1))
+
+
+# (what to verify, how to break it, words the error line must contain)
+TAMPERS: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
+    "processed shard byte": ("data/processed",
+                             lambda r: flip_byte(r / "data/processed/shard-00000.parquet", 100),
+                             ("sha256", "shard-00000.parquet")),
+    "processed manifest edited": ("data/processed", edit_processed_counts,
+                                  ("manifest.json", "counts")),
+    "processed shard symlinked": ("data/processed",
+                                  lambda r: symlink_in_place(
+                                      r / "data/processed/shard-00000.parquet"),
+                                  ("symlink", "shard-00000.parquet")),
+    "processed changed under the tokenizer": ("data/tokenizer.json", edit_processed_counts,
+                                              ("manifest.json",)),
+    "tokenizer truncated": ("data/tokenizer.json",
+                            lambda r: (r / "data/tokenizer.json").write_text("{"),
+                            ("tokenizer.json",)),
+    "token shard byte": ("tokens", lambda r: flip_byte(tokens_dir(r) / "train-00000.bin", 4),
+                         ("sha256", "train-00000.bin")),
+    "token shard missing": ("tokens", lambda r: (tokens_dir(r) / "val-00000.bin").unlink(),
+                            ("val-00000.bin",)),
+    "token manifest edited": ("tokens", edit_tokens_manifest, ("cache key", "data/tokens")),
+    "data tokenizer swapped (tokens)": ("tokens", swap_data_tokenizer,
+                                        ("tokenizer", "data/tokenizer.json")),
+    "data tokenizer swapped (checkpoint)": (STEP, swap_data_tokenizer,
+                                            ("tokenizer", "data/tokenizer.json")),
+    "weights byte": (STEP, lambda r: flip_byte(r / STEP / "model.safetensors"),
+                     ("sha256 mismatch", "model.safetensors")),
+    "optimizer missing": (STEP, lambda r: (r / STEP / "optimizer.safetensors").unlink(),
+                          ("missing optimizer.safetensors",)),
+    "checkpoint file symlinked": (STEP, lambda r: symlink_in_place(r / STEP / "config.json"),
+                                  ("symlink", "config.json")),
+    "config edited, manifest resealed": (STEP, lambda r: edit_model_config(r / STEP,
+                                                                           dropout=0.25),
+                                         ("files and manifest", "model table hashes")),
+    "config shapes edited, resealed": (STEP, lambda r: edit_model_config(r / STEP,
+                                                                         n_embd=32),
+                                       ("files and manifest", "model table hashes")),
+    "config shapes and provenance forged": (STEP, lambda r: forge_model_config(r / STEP,
+                                                                               n_embd=32),
+                                            ("config.json", "model.safetensors")),
+    "tokenizer copy swapped, resealed": (STEP, lambda r: swap_checkpoint_tokenizer(r / STEP),
+                                         ("tokenizer copy hash", "tokenizer.json")),
+    "newest step damaged in a run": ("checkpoints",
+                                     lambda r: flip_byte(r / STEP / "trainer_state.json", 5),
+                                     ("trainer_state.json",)),
+}
+
+
+@pytest.mark.parametrize("name", TAMPERS)
+def test_each_tampered_artifact_is_refused(copy, runner, name):
+    target, tamper, words = TAMPERS[name]
+    tamper(copy)
+    path = tokens_dir(copy) if target == "tokens" else copy / target
+    result = run_verify(runner, path)
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    for word in words:
+        assert word in line, line
+    assert "FAILED" in result.stderr  # the table is shown too
+
+
+def test_damaged_newest_step_leaves_the_older_one_latest(copy):
+    flip_byte(copy / STEP / "model.safetensors")
+    report = verify(copy / "checkpoints")
+    assert not report.ok
+    assert report.latest_valid == copy / "checkpoints/step-0000002"
+
+
+def test_chat_falls_back_from_an_edited_newest_step(copy, runner):
+    # Every file hash holds after the reseal; only the provenance shows the edit, and a
+    # run folder must then resolve to the older step, as `verify` reports it.
+    edit_model_config(copy / STEP, dropout=0.25)
+    assert ck.resolve_checkpoint(copy / "checkpoints") == copy / "checkpoints/step-0000002"
+    result = runner.invoke(cli, ["generate", "--checkpoint", str(copy / "checkpoints"),
+                                 "--prompt", "ROMEO:", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+
+
+def test_input_files_changed_or_gone(tmp_path, runner):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("To be, or not to be, that is the question.\n" * 20)
+    (raw / "b.txt").write_text("Tomorrow, and tomorrow, and tomorrow.\n" * 20)
+    run_preprocess([raw], tmp_path / "processed", PreprocessConfig(workers=1))
+    assert run_verify(runner, tmp_path / "processed").exit_code == 0
+    (raw / "a.txt").write_text("To be, or not to be, that is the questioN.\n" * 20)
+    result = run_verify(runner, tmp_path / "processed")
+    assert result.exit_code == 1
+    assert "a.txt" in error_line(result) and "changed since preprocess" in error_line(result)
+    (raw / "a.txt").unlink()
+    report = verify(tmp_path / "processed")
+    assert report.ok
+    assert "1 not present" in next(c.detail for c in report.checks if c.check == "input files")
+
+
+def test_hostile_names_are_escaped(built, tmp_path, runner):
+    evil = tmp_path / "evil\x1b]52;c;aGk=\x07"
+    shutil.copytree(built / "checkpoints", evil)
+    flip_byte(evil / "step-0000004" / "model.safetensors")
+    result = run_verify(runner, evil)
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "\\x1b" in result.stderr
+
+
+def test_unknown_path_is_refused(tmp_path, runner):
+    (tmp_path / "empty").mkdir()
+    result = run_verify(runner, tmp_path / "empty")
+    assert result.exit_code == 1 and "cannot tell which artifact" in error_line(result)
+    assert run_verify(runner, tmp_path / "nothing").exit_code == 1
+
+
+# ------------------------------------------------------- the same checks on load
+
+
+def test_generate_refuses_a_resealed_config(copy, runner):
+    edit_model_config(copy / STEP, dropout=0.25)
+    result = runner.invoke(cli, ["generate", "--checkpoint", str(copy / STEP),
+                                 "--prompt", "ROMEO:", "--max-new-tokens", "2"])
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "config.json" in line and "model_config" not in line.split("records")[0]
+
+
+def test_resume_refuses_another_tokenizer(copy, tmp_path):
+    other = tmp_path / "other.json"
+    texts = Tokenizer.load(copy / "data/tokenizer.json").decode(range(256, 300))
+    Tokenizer.train([texts] * 3, TokenizerConfig(vocab_size=300, pattern="gpt2")).save(other)
+    with pytest.raises(CheckpointError) as caught:
+        run_training(_request(copy, tokenizer=other, resume=True), lambda event: None)
+    recorded = json.loads((copy / STEP / "manifest.json").read_text())["provenance"]
+    message = caught.value.message
+    assert recorded["tokenizer_sha256"][:16] in message
+    assert Tokenizer.load(other).sha256[:16] in message
+    assert caught.value.hint and "verify" in caught.value.hint
+
+
+def test_train_refuses_an_edited_token_manifest(copy):
+    edit_tokens_manifest(copy)
+    with pytest.raises(DatasetError, match="cache key"):
+        run_training(_request(copy, resume=True), lambda event: None)
