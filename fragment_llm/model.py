@@ -406,16 +406,34 @@ def _embedding_names(model: GPT) -> set[str]:
 
 
 def count_parameters(model: GPT | ModelConfig, exclude_embeddings: bool = False) -> int:
-    """Trainable parameters; a config is measured on a `meta` model (nothing allocated).
+    """Trainable parameters of a model, or of the model a config describes.
 
     `exclude_embeddings` leaves out the token and learned-position tables and an untied
     lm_head, so the count is the same tied or untied: Kaplan et al.'s non-embedding N.
     """
     if isinstance(model, ModelConfig):
-        with torch.device("meta"):
-            model = GPT(model)
+        body, embeddings = _config_counts(model)
+        return body if exclude_embeddings else body + embeddings
     skip = _embedding_names(model) if exclude_embeddings else set()
     return sum(p.numel() for name, p in model.named_parameters() if name not in skip)
+
+
+def _config_counts(config: ModelConfig) -> tuple[int, int]:
+    """(non-embedding, embedding) parameters, by arithmetic on the config.
+
+    Not by building the model on the `meta` device: that imports torch's meta kernels,
+    77 MiB of RSS in a chat process, and a hostile checkpoint's config is sized here
+    before anything is built. Tests hold it equal to counting a real model.
+    """
+    C, H, hs = config.n_embd, config.hidden_dim, config.head_dim
+    norm = 2 * C if config.norm == "layernorm" else C  # LayerNorm has a bias
+    attention = C * (config.n_head + 2 * config.kv_heads) * hs + C * C  # qkv + proj
+    mlp = (3 if config.mlp == "swiglu" else 2) * C * H
+    body = config.n_layer * (attention + mlp + 2 * norm) + norm  # + the final norm
+    embeddings = config.vocab_size * C * (1 if config.tie_embeddings else 2)
+    if config.positions == "learned":
+        embeddings += config.block_size * C
+    return body, embeddings
 
 
 def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
