@@ -177,9 +177,14 @@ def translate_os_errors(target: Path) -> Iterator[None]:
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write `data` to `target` so that readers see the old file or the new one, never a mix."""
+    """Write `data` to `target` so that readers see the old file or the new one, never a mix.
+
+    Temporaries that killed runs left beside `target` are removed first: nothing else
+    would ever clean up after a writer killed between its write and its rename.
+    """
     tmp = temp_name_for(target)
     with translate_os_errors(target):
+        remove_stale_temps(target)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             with os.fdopen(fd, "wb") as fh:
