@@ -51,7 +51,9 @@ class PreprocessConfig(StageConfig):
     max_json_depth: int = Field(32, ge=2, le=512, description="deeper JSONL lines are skipped")
     invalid_utf8: Literal["reject", "replace"] = Field(
         "reject", description="reject a file with invalid UTF-8, or replace bad bytes with U+FFFD")
-    shard_max_bytes: int = Field(128 * MiB, ge=1 * MiB, le=4 * GiB,
+    # At most 512 MiB: a reader holds one whole (compressed) shard in memory to hash it
+    # and parse the very bytes it hashed (processed.MAX_SHARD_FILE_BYTES).
+    shard_max_bytes: int = Field(128 * MiB, ge=1 * MiB, le=512 * MiB,
                                  description="text bytes per output shard before starting another")
     workers: int = Field(2, ge=1, le=256, description="processes that read and clean inputs")
     zstd_level: int = Field(1, ge=1, le=22, description="Parquet zstd compression level "

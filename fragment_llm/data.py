@@ -352,13 +352,15 @@ def _open_shard(folder: Path, entry: ShardEntry, dtype: np.dtype, vocab_size: in
         if size % dtype.itemsize or size // dtype.itemsize != entry.tokens:
             raise DatasetError(f"shard size {size} bytes does not hold {entry.tokens} "
                                f"{dtype.name} tokens, in {path}")
-        fh.seek(0)
-        digest = hashlib.sha256()
-        while block := fh.read(HASH_CHUNK):  # hash the descriptor we map: no swap race
-            digest.update(block)
-        if digest.hexdigest() != entry.sha256:
-            raise DatasetError(f"sha256 mismatch (file changed or corrupted), in {path}")
         array = np.memmap(fh, dtype=dtype, mode="r", shape=(entry.tokens,))
+    # Hash the mapping itself, not a read() of the file before mapping it: bytes rewritten
+    # between the two would otherwise be used unchecked.
+    raw = array.view(np.uint8)
+    digest = hashlib.sha256()
+    for start in range(0, raw.size, HASH_CHUNK):
+        digest.update(raw[start:start + HASH_CHUNK])
+    if digest.hexdigest() != entry.sha256:
+        raise DatasetError(f"sha256 mismatch (file changed or corrupted), in {path}")
     _check_ids(array, vocab_size, path)
     return array
 

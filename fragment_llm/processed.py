@@ -40,7 +40,6 @@ from fragment_llm.cleaning import CleaningCounts
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.errors import OutputError, ProcessedDataError
 from fragment_llm.safeio import (
-    HASH_CHUNK,
     open_regular,
     parse_json_guarded,
     read_capped,
@@ -59,6 +58,9 @@ MAX_MALFORMED_LISTED = 20  # per input file; the count is always exact
 # A row group holds a few MB of text; a single document can be larger, but nothing
 # legitimate comes near this, and a hostile footer must not make us allocate more.
 MAX_ROW_GROUP_BYTES = 512 << 20
+# A shard file is read whole to be hashed and parsed from the same bytes; preprocess
+# writes at most 512 MiB of text (plus one document) per shard, compressed.
+MAX_SHARD_FILE_BYTES = 1 << 30
 ROW_GROUP_BYTES = 8 << 20  # text per row group the writer aims for: what a reader holds
 HINT_RUN_PREPROCESS = "run `fragment preprocess` first"
 HINT_RERUN = "rebuild it with `fragment preprocess --overwrite`"
@@ -166,7 +168,7 @@ class Counts(_Frozen):
 class ShardInfo(_Frozen):
     file: str = Field(pattern=r"^shard-\d{5}\.parquet$")
     sha256: str = Field(pattern=SHA256_HEX)
-    size: int = Field(ge=1, description="bytes of the Parquet file")
+    size: int = Field(ge=1, le=MAX_SHARD_FILE_BYTES, description="bytes of the Parquet file")
     documents: int = Field(ge=1)
     chars: int = Field(ge=0)
     text_bytes: int = Field(ge=0, description="UTF-8 bytes of the documents' text")
@@ -321,10 +323,12 @@ def _validate_manifest(data: Any, path: Path) -> ProcessedManifest:
 
 
 class _ShardHandle:
-    """A context manager opening one shard safely and verifying it on the same descriptor.
+    """A context manager opening one shard safely and verifying it.
 
-    Hashing and reading use one file descriptor (opened without following symlinks), so a
-    file swapped after the check cannot be the one that is read.
+    The shard's bytes are read once (opened without following symlinks, size-checked
+    first), hashed, and parsed from memory: neither a file swapped after the check nor
+    bytes rewritten in place can be what pyarrow reads. One compressed shard
+    (`shard_max_bytes`, 128 MiB by default) is held at a time.
     """
 
     def __init__(self, path: Path, shard: ShardInfo) -> None:
@@ -333,9 +337,12 @@ class _ShardHandle:
         self._file: BinaryIO | None = None
 
     def __enter__(self) -> Any:
-        self._file = os.fdopen(open_regular(self.path, ProcessedDataError), "rb")
+        import pyarrow as pa
+
+        with os.fdopen(open_regular(self.path, ProcessedDataError), "rb") as fh:
+            data = _verified_bytes(fh, self.path, self.shard)
+        self._file = pa.BufferReader(data)
         try:
-            _check_bytes(self._file, self.path, self.shard)
             return _open_parquet(self._file, self.path, self.shard)
         except BaseException:
             self._file.close()
@@ -346,26 +353,24 @@ class _ShardHandle:
             self._file.close()
 
 
-def _check_bytes(fh: BinaryIO, path: Path, shard: ShardInfo) -> None:
+def _verified_bytes(fh: BinaryIO, path: Path, shard: ShardInfo) -> bytes:
     info = os.fstat(fh.fileno())
     if not stat.S_ISREG(info.st_mode) or info.st_size != shard.size:
         raise ProcessedDataError(f"shard size {info.st_size} differs from the manifest's "
                                  f"{shard.size}, in {path}", hint=HINT_RUN_PREPROCESS)
-    digest = hashlib.sha256()
-    while block := fh.read(HASH_CHUNK):
-        digest.update(block)
-    if digest.hexdigest() != shard.sha256:
+    data = fh.read(shard.size + 1)  # one byte more: a file that grew is caught below
+    if len(data) != shard.size or hashlib.sha256(data).hexdigest() != shard.sha256:
         raise ProcessedDataError(f"shard sha256 differs from the manifest (modified or "
                                  f"corrupted), in {path}", hint=HINT_RUN_PREPROCESS)
-    fh.seek(0)
+    return data
 
 
-def _open_parquet(fh: BinaryIO, path: Path, shard: ShardInfo) -> Any:
+def _open_parquet(source: Any, path: Path, shard: ShardInfo) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(pa.PythonFile(fh, mode="r"))
+        parquet = pq.ParquetFile(source)
         schema = parquet.schema_arrow
         rows = parquet.metadata.num_rows
         group_sizes = [parquet.metadata.row_group(i).total_byte_size
