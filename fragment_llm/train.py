@@ -44,7 +44,7 @@ from fragment_llm.errors import (
 )
 from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
-from fragment_llm.safeio import atomic_write_text
+from fragment_llm.safeio import atomic_write_text, translate_os_errors
 from fragment_llm.verify import (
     HINT_RESUME,
     checked_tokenizer,
@@ -679,9 +679,16 @@ class MetricsLog:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in values.items()}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean, sort_keys=True) + "\n")
-            fh.flush()
+        line = (json.dumps(clean, sort_keys=True) + "\n").encode("utf-8")
+        # O_NOFOLLOW: a metrics.jsonl planted as a symlink must not redirect our appends
+        # into some other file; a full disk is one OutputError line, not an internal error.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with translate_os_errors(self.path):
+            fd = os.open(self.path, flags, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint (and any torn last line)."""

@@ -20,7 +20,7 @@ from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, 
 from fragment_llm.errors import ConfigError, OutputError, TrainingError
 from fragment_llm.preprocess import run_preprocess
 from fragment_llm.tokenizer import Tokenizer
-from fragment_llm.train import RunLock, TrainRequest, lr_at, run_training
+from fragment_llm.train import MetricsLog, RunLock, TrainRequest, lr_at, run_training
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "raw"
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -96,6 +96,27 @@ def test_loss_falls_and_metrics_are_logged(corpus, tmp_path):
     # a plain-text corpus trains a transcript model: chat must not use special tokens
     config = json.loads((summary.checkpoint / "config.json").read_text())
     assert config["chat_format"] == "transcript"
+
+
+def test_metrics_file_planted_as_a_symlink_is_never_written_through(corpus, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to(victim)
+    run_training(request(corpus, out, max_steps=2), lambda e: None)
+    assert victim.read_text() == "precious\n"  # the link was replaced, never followed
+    assert not (out / "metrics.jsonl").is_symlink()
+    assert "train_loss" in (out / "metrics.jsonl").read_text()
+
+
+def test_metrics_append_never_follows_a_symlink(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(OutputError, match="metrics.jsonl"):
+        MetricsLog(tmp_path / "metrics.jsonl", enabled=True).write({"step": 1})
+    assert victim.read_text() == "precious\n"
 
 
 def test_ctrl_c_then_resume_equals_uninterrupted(corpus, tmp_path):
