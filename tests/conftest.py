@@ -1,4 +1,4 @@
-"""Hypothesis profiles for the whole suite.
+"""Shared test setup: hypothesis profiles, and the `no_hang` fixture.
 
 - `ci` (the default): Hypothesis' usual 100 examples for a bare `@given`, no deadline
   (a busy 2-core runner makes per-example timings meaningless; tests/test_fuzz.py
@@ -14,7 +14,9 @@ Tests that pass their own `@settings(max_examples=...)` keep it under either pro
 from __future__ import annotations
 
 import os
+import signal
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 CI_EXAMPLES = 100
@@ -24,3 +26,16 @@ settings.register_profile("ci", max_examples=CI_EXAMPLES, deadline=None,
 settings.register_profile("fuzz", parent=settings.get_profile("ci"),
                           max_examples=20 * CI_EXAMPLES)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang the suite, if a refusal blocks (a FIFO opened for reading)."""
+    def timeout(signum, frame):
+        raise TimeoutError("blocked on a hostile input")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +47,6 @@ from fragment_llm.train import TrainRequest, run_training
 # Merges "ab" (256), "abc" (257), "dd" (258): with the 5 special tokens, vocab 264.
 MERGES = [(97, 98), (256, 99), (100, 100)]
 TOKENIZER_VOCAB = 256 + len(MERGES) + 5
-
-
-@pytest.fixture
-def no_hang():
-    """Fail, rather than hang the suite, if a refusal blocks (a FIFO opened for reading)."""
-    def timeout(signum, frame):
-        raise TimeoutError("blocked on a hostile input")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

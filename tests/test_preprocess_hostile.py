@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,19 +37,6 @@ def raw(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "good.txt").write_text(GOOD)
     return folder
-
-
-@pytest.fixture
-def no_hang():
-    """Fail, rather than hang the suite, if something blocks (a FIFO opened for reading)."""
-    def timeout(signum, frame):
-        raise TimeoutError("preprocess blocked")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def preprocess_ok(runner: CliRunner, raw: Path, *flags: str) -> dict:
