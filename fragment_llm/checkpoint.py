@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import stat
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1054,7 +1055,8 @@ class Checkpoint:
         target = _unwrap(model).state_dict()
         where = self.path / MODEL_FILE
         _check_model_layout(self.model_header, self.model_aliases, target, where)
-        tensors = self._load_tensors(MODEL_FILE, self.model_header)
+        data = _read_verified(where, self.files[MODEL_FILE], self.max_bytes)
+        tensors = _views_of(data, self.model_header, where)
         with torch.no_grad():
             for name, value in tensors.items():
                 target[name].copy_(value)  # state_dict tensors share the parameters' memory
@@ -1086,6 +1088,29 @@ class Checkpoint:
             raise CheckpointError(f"safetensors read tensors that differ from the checked "
                                   f"header, in {path}")
         return tensors
+
+
+def _views_of(data: bytes, header: SafetensorsHeader, where: Path) -> dict[str, torch.Tensor]:
+    """Read-only tensors viewing the verified bytes of a safetensors file, no copy.
+
+    The weights are then copied once, into the model: a chat process holds the file's
+    bytes and the model, not a third copy as `safetensors.torch.load` would make. The
+    header is parsed again from these very bytes and must equal the checked one.
+    """
+    length = _header_length(data[:8], len(data), where)
+    start = 8 + length
+    if _parse_header(data[8:start], len(data) - start, where) != header:
+        raise CheckpointError(f"safetensors header changed after it was checked, in {where}")
+    views = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # bytes are read-only; we only read
+        for name, spec in header.tensors.items():
+            dtype = DTYPES[spec.dtype]
+            count = math.prod(spec.shape)
+            flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + spec.begin)
+                    if count else torch.empty(0, dtype=dtype))
+            views[name] = flat.view(spec.shape)
+    return views
 
 
 def load_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Checkpoint:
