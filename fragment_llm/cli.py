@@ -206,7 +206,8 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
               default=DEFAULT_TOKENIZER, show_default=True, help="Tokenizer file to write.")
 @config_option
 @click.option("--vocab-size", type=click.IntRange(262, 1 << 20),
-              help="256 bytes + merges + 5 special tokens [8192].")
+              help="256 bytes + merges + 5 special tokens [16384: the fewest bits per "
+                   "byte from a 10-minute run, docs/benchmarks.md].")
 @click.option("--pattern", type=click.Choice(["gpt2", "gpt4"]),
               help="Pre-split pattern [gpt4]; a custom regex goes in --config.")
 @click.option("--max-chars", type=click.IntRange(min=1),

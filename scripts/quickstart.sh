@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 fragment preprocess data/raw --out data/processed --overwrite
-fragment train-tokenizer --data data/processed --out data/tokenizer.json --overwrite
+fragment train-tokenizer --data data/processed --out data/tokenizer.json --overwrite --vocab-size 8192
 rm -rf checkpoints/step-* checkpoints/metrics.jsonl   # a fresh run, not a resume
 fragment train --preset tiny --data data/processed --tokenizer data/tokenizer.json --out checkpoints
 fragment generate --checkpoint checkpoints --prompt "ROMEO." --max-new-tokens 80 --seed 1
