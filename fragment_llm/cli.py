@@ -496,7 +496,7 @@ def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
       fragment verify data/tokenizer.json --processed other/processed
       fragment verify checkpoints/step-0000200 --json
     """
-    from fragment_llm.display import listing_table, safe
+    from fragment_llm.display import listing_table
     from fragment_llm.verify import Upstream, describe
     from fragment_llm.verify import verify as run_verify
 
@@ -506,7 +506,7 @@ def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
     else:
         counts = ", ".join(f"{n} {status}" for status, n in describe(report.checks).items()
                            if n)
-        title = f"fragment verify {safe(path)} ({report.kind}): {counts}"  # titles are not escaped
+        title = f"fragment verify {path} ({report.kind}): {counts}"  # the table escapes it
         _show(listing_table(title, ["artifact", "check", "result", "detail"],
                             [(c.artifact, c.check, c.status, c.detail) for c in report.checks]))
     report.raise_for_failure()
