@@ -61,7 +61,7 @@ class PreprocessConfig(StageConfig):
 
 
 class TokenizerConfig(StageConfig):
-    # 16384: on the Shakespeare corpus a 10-minute `small` run ends 0.09 bits/byte lower
+    # 16384: on the Shakespeare corpus a 10-minute `small` run ends ~0.09 bits/byte lower
     # than at 8192 (whole words become tokens; docs/benchmarks.md, quality experiments).
     vocab_size: int = Field(16384, ge=262, le=1 << 20,
                             description="256 bytes + merges + special tokens")
@@ -283,7 +283,9 @@ class TrainConfig(StageConfig):
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"batch_size": 16, "lr": 2e-3, "max_steps": 200, "warmup_steps": 20,
              "eval_every": 100, "checkpoint_every": 100},
-    "small": {"batch_size": 16, "lr": 1e-3, "max_steps": 3000, "warmup_steps": 20},
+    # batch 8 (not 16 or 4): the fewest bits per byte from 10 minutes on 2 cores
+    # (2.049 vs 2.096 and 2.109; docs/benchmarks.md, training quality).
+    "small": {"batch_size": 8, "lr": 1e-3, "max_steps": 3000, "warmup_steps": 20},
     "base": {"batch_size": 8, "grad_accum": 4, "lr": 6e-4, "max_steps": 10000,
              "warmup_steps": 300},
 }
