@@ -1100,7 +1100,8 @@ def _views_of(data: bytes, header: SafetensorsHeader, where: Path) -> dict[str, 
     length = _header_length(data[:8], len(data), where)
     start = 8 + length
     if _parse_header(data[8:start], len(data) - start, where) != header:
-        raise CheckpointError(f"safetensors header changed after it was checked, in {where}")
+        raise CheckpointError(f"safetensors header changed after it was checked, in {where}",
+                              hint="load it again once nothing writes to the checkpoint")
     views = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # bytes are read-only; we only read

@@ -23,7 +23,6 @@ This module returns typed results and prints nothing; `cli.py` renders them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -41,7 +40,7 @@ from fragment_llm.errors import (
     ProcessedDataError,
     TokenizerError,
 )
-from fragment_llm.safeio import HASH_CHUNK, open_regular, sha256_bytes
+from fragment_llm.safeio import sha256_bytes, sha256_file
 
 T = TypeVar("T")
 MAX_LISTED_INPUTS = 20  # failing input files listed one per row; the count is always exact
@@ -524,25 +523,16 @@ def _check_documents(corpus: Any) -> str:
 def _input_outcome(entry: Any) -> tuple[Status, str]:
     """An input file still at `root/path`: same size and sha256 as when preprocessed?
 
-    Symlinks are followed (preprocess follows those inside an input folder); only the
-    size is compared before hashing, so a huge replacement is not read.
+    Symlinks are followed (preprocess follows those inside an input folder).
     """
     path = Path(entry.root) / entry.path
     if not os.path.lexists(path):
         return Status.ABSENT, f"{path} not present"
-    try:
-        fd = open_regular(Path(os.path.realpath(path)), InputDataError)
+    try:  # capped at the recorded size: a huge replacement is refused unread
+        digest = sha256_file(Path(os.path.realpath(path)), InputDataError, max_bytes=entry.size)
     except InputDataError as exc:
-        return Status.FAILED, exc.message
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size != entry.size:
-            return Status.FAILED, (f"input file changed since preprocess: {size} bytes, the "
-                                   f"manifest says {entry.size}, in {path}")
-        digest = hashlib.sha256()
-        while block := fh.read(HASH_CHUNK):
-            digest.update(block)
-    if digest.hexdigest() != entry.sha256:
+        return Status.FAILED, f"input file changed since preprocess ({exc.message})"
+    if digest != entry.sha256:
         return Status.FAILED, f"input file changed since preprocess (sha256 differs), {path}"
     return Status.OK, str(path)
 

@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles, and the `no_hang` fixture.
+"""Shared test setup: hypothesis profiles, and the `no_hang` and `runner` fixtures.
 
 - `ci` (the default): Hypothesis' usual 100 examples for a bare `@given`, no deadline
   (a busy 2-core runner makes per-example timings meaningless; tests/test_fuzz.py
@@ -17,7 +17,10 @@ import os
 import signal
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
+
+from fragment_llm.cli import FLAGS
 
 CI_EXAMPLES = 100
 
@@ -39,3 +42,10 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """A CLI runner with the global flags reset (another test may have set --quiet)."""
+    FLAGS.debug = FLAGS.quiet = False
+    return CliRunner()

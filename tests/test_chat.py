@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +27,7 @@ from fragment_llm.chat import (
     run_repl,
 )
 from fragment_llm.checkpoint import save_checkpoint
-from fragment_llm.cli import FLAGS, ChatTerminal, cli
+from fragment_llm.cli import ChatTerminal, cli
 from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
 from fragment_llm.evaluate import load_trained
 from fragment_llm.model import GPT
@@ -537,12 +536,6 @@ def exit_code(pid: int, timeout: float) -> int | None:
 
 
 # -------------------------------------------------------------- fragment generate
-
-
-@pytest.fixture
-def runner():
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 def test_generate_prints_only_the_completion(runner, hostile_checkpoint):

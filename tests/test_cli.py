@@ -8,17 +8,10 @@ import types
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from fragment_llm import __version__
-from fragment_llm.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, FLAGS, cli
+from fragment_llm.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, cli
 from fragment_llm.errors import InputDataError
-
-
-@pytest.fixture
-def runner():
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from test_train import FAST, MODEL, assert_same_weights, final_weights
 import fragment_llm.checkpoint as ck
 import fragment_llm.data as data_module
 import fragment_llm.processed as processed_module
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli import cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.model import GPT
@@ -131,12 +131,6 @@ def reference(corpus, tmp_path_factory) -> Reference:
 @pytest.fixture(scope="module")
 def trained(corpus, reference) -> Corpus:
     return replace(corpus, run=reference.out)
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 # ------------------------------------------------------------------------ helpers

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from torch import nn
 
 import fragment_llm.evaluate as evaluate
 from fragment_llm.chat import read_prompt
 from fragment_llm.checkpoint import save_checkpoint
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli import cli
 from fragment_llm.config import (
     GenerateConfig,
     ModelConfig,
@@ -47,12 +46,6 @@ from fragment_llm.train import TrainRequest, run_training
 # Merges "ab" (256), "abc" (257), "dd" (258): with the 5 special tokens, vocab 264.
 MERGES = [(97, 98), (256, 99), (100, 100)]
 TOKENIZER_VOCAB = 256 + len(MERGES) + 5
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 def listing(folder: Path) -> dict[str, bytes]:

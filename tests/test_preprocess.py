@@ -9,10 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import fragment_llm.preprocess as preprocess
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli import cli
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.preprocess import discover, run_preprocess
 from fragment_llm.processed import MANIFEST_NAME, ProcessedCorpus
@@ -23,12 +22,6 @@ PARAGRAPH = "The quality of mercy is not strained; it droppeth as the gentle rai
 
 def paragraph(i: int) -> str:
     return f"{i}: {PARAGRAPH}"
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 @pytest.fixture

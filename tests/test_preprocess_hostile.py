@@ -19,16 +19,10 @@ from click.testing import CliRunner
 import fragment_llm.preprocess as preprocess
 import fragment_llm.processed as processed
 import fragment_llm.readers as readers
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli import cli
 from fragment_llm.processed import MANIFEST_NAME
 
 GOOD = "Now is the winter of our discontent made glorious summer by this sun of York."
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 @pytest.fixture

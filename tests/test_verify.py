@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from fragment_llm import checkpoint as ck
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli import cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.preprocess import run_preprocess
@@ -58,12 +58,6 @@ def built(tmp_path_factory) -> Path:
 def copy(built, tmp_path) -> Path:
     shutil.copytree(built, tmp_path / "root", symlinks=True)
     return tmp_path / "root"
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    FLAGS.debug = FLAGS.quiet = False
-    return CliRunner()
 
 
 def tokens_dir(root: Path) -> Path:
