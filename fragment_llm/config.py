@@ -265,7 +265,10 @@ class TrainConfig(StageConfig):
     max_time_s: float | None = Field(None, gt=0.0, le=1e8,
                                      description="stop (and end the schedule) after this long")
     eval_every: int = Field(200, ge=0, le=100_000_000, description="steps between evals; 0 = end")
-    eval_blocks: int = Field(64, ge=1, le=1_000_000, description="validation blocks per eval")
+    eval_blocks: int = Field(64, ge=1, le=1_000_000,
+                             description="validation blocks per eval, spread over the split")
+    final_eval_blocks: int = Field(512, ge=1, le=1_000_000,
+                                   description="validation blocks for the eval that ends a run")
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between metrics lines")
     checkpoint_every: int = Field(500, ge=0, le=100_000_000,
                                   description="steps between checkpoints; 0 = only at the end")

@@ -480,12 +480,22 @@ class TokenBlockDataset(torch.utils.data.IterableDataset):
             k += stride
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` of the indices 0..total-1, evenly spaced, in order (all when count >= total).
+
+    Evaluation samples blocks this way rather than taking the first ones: those all come
+    from the first held-out document, and one document is not the held-out set.
+    """
+    count = min(total, count)
+    return [k * total // count for k in range(count)]
+
+
 def eval_batches(split: TokenSplit, block_size: int, batch_size: int, max_blocks: int,
                  rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `max_blocks` blocks in file order, this rank's share, in batches."""
+    """`max_blocks` blocks spread evenly over the split (all of it when they fit), this
+    rank's share, in batches."""
     starts = split.block_starts(block_size)
-    total = min(max_blocks, split.num_blocks(block_size))
-    mine = list(range(rank, total, world))
+    mine = spread_indices(split.num_blocks(block_size), max_blocks)[rank::world]
     for first in range(0, len(mine), batch_size):
         rows = np.stack([split.block(k, block_size, starts)
                          for k in mine[first:first + batch_size]]).astype(np.int64)

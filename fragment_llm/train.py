@@ -361,8 +361,9 @@ class Trainer:
         return total
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float] | None:
-        """Validation loss (nats/token) and bits per byte, or None without a val split."""
+    def evaluate(self, max_blocks: int | None = None) -> tuple[float, float] | None:
+        """Validation loss (nats/token) and bits per byte over up to `max_blocks` blocks
+        (default `eval_blocks`), or None without a val split."""
         split = self.shards.val
         block = self.model.config.block_size
         if split.num_blocks(block) == 0:
@@ -370,7 +371,8 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in eval_batches(split, block, self.config.batch_size,
-                                 self.config.eval_blocks, self.env.rank, self.env.world):
+                                 max_blocks or self.config.eval_blocks, self.env.rank,
+                                 self.env.world):
             x, y = x.to(self.device), y.to(self.device)
             with autocast_for(self.precision, self.device):
                 logits = self.model(x)
@@ -596,8 +598,7 @@ class TrainLoop:
                     hint="lower --lr, keep --grad-clip on, or use --precision fp32")
             if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                 self._save()
-        if self.evaluation is None or self.metrics.last_eval_step != trainer.step:
-            self._evaluate()
+        self._final_evaluation(interrupt.requested)
         if self.checkpoint is None or not self.checkpoint.name.endswith(f"{trainer.step:07d}"):
             self._save()
         return _summary(self.request, trainer, last, self.evaluation,
@@ -621,8 +622,19 @@ class TrainLoop:
             self.metrics.write(values)
         self.on_event(TrainEvent("step", step, values))
 
-    def _evaluate(self, log: bool = True) -> dict[str, float]:
-        self.evaluation = self.trainer.evaluate()
+    def _final_evaluation(self, interrupted: bool) -> None:
+        """The number a run ends on: `final_eval_blocks` spread over the held-out split.
+        After Ctrl-C, the quicker periodic size (the user is waiting to get out)."""
+        cfg, step = self.request.train, self.trainer.step
+        evaluated_now = self.evaluation is not None and self.metrics.last_eval_step == step
+        if interrupted or cfg.final_eval_blocks <= cfg.eval_blocks:
+            if not evaluated_now:
+                self._evaluate()
+            return
+        self._evaluate(max_blocks=cfg.final_eval_blocks)
+
+    def _evaluate(self, log: bool = True, max_blocks: int | None = None) -> dict[str, float]:
+        self.evaluation = self.trainer.evaluate(max_blocks)
         self.metrics.last_eval_step = self.trainer.step
         if self.evaluation is None:
             return {}

@@ -19,6 +19,7 @@ from fragment_llm.data import (
     eval_batches,
     is_validation,
     permuted_index,
+    spread_indices,
 )
 from fragment_llm.errors import DatasetError
 from fragment_llm.safeio import sha256_bytes
@@ -115,6 +116,23 @@ def test_dataloader_workers_and_ranks_cover_items_once(shards):
 def test_eval_batches_cover_validation_in_order(shards):
     batches = list(eval_batches(shards.val, 16, batch_size=5, max_blocks=100))
     assert sum(len(x) for x, _ in batches) == 199 // 16
+
+
+def test_eval_batches_sample_the_whole_split_not_its_first_blocks(tmp_path):
+    # two val shards (documents): a 4-block sample must reach into the second one
+    folder = write_shards(tmp_path / "tok", [np.arange(100)], [np.zeros(161), np.ones(161)])
+    firsts = [int(x[0, 0]) for x, _ in eval_batches(TokenShards.open(folder).val, 16, 1, 4)]
+    assert firsts == [0, 0, 1, 1]
+
+
+@given(st.integers(0, 100_000), st.integers(1, 5_000))
+def test_spread_indices_are_distinct_in_range_and_even(total, count):
+    picked = spread_indices(total, count)
+    assert len(picked) == min(total, count)
+    assert picked == sorted(set(picked)) and all(0 <= k < total for k in picked)
+    if picked:
+        gaps = np.diff([*picked, total])
+        assert picked[0] == 0 and gaps.max() - gaps.min() <= 1
 
 
 def test_split_and_cache_key_are_deterministic():

@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from fragment_llm.cli import FLAGS, cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
+from fragment_llm.data import TokenShards, eval_batches
 from fragment_llm.errors import ConfigError, OutputError, TrainingError
+from fragment_llm.model import GPT
 from fragment_llm.preprocess import run_preprocess
 from fragment_llm.tokenizer import Tokenizer
 from fragment_llm.train import MetricsLog, RunLock, TrainRequest, lr_at, run_training
@@ -96,6 +98,26 @@ def test_loss_falls_and_metrics_are_logged(corpus, tmp_path):
     # a plain-text corpus trains a transcript model: chat must not use special tokens
     config = json.loads((summary.checkpoint / "config.json").read_text())
     assert config["chat_format"] == "transcript"
+
+
+def test_a_run_ends_on_an_evaluation_of_the_whole_held_out_split(corpus, tmp_path):
+    out = tmp_path / "run"
+    summary = run_training(request(corpus, out, max_steps=6, eval_every=3,
+                                   final_eval_blocks=2000), lambda e: None)
+    shards = TokenShards.open(next((tmp_path / "tokens").iterdir()))
+    model = GPT(ModelConfig(**MODEL, vocab_size=shards.manifest.vocab_size))
+    model.load_state_dict(final_weights(out))
+    model.eval()
+    with torch.no_grad():  # every validation block, independently of the trainer
+        losses = [torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(),
+                                                    reduction="sum")
+                  for x, y in eval_batches(shards.val, 32, 16, 10**6)]
+    blocks = shards.val.num_blocks(32)
+    assert 4 < blocks <= 2000  # more than the periodic 4
+    assert summary.val_loss == pytest.approx(float(sum(losses)) / (blocks * 32), rel=1e-5)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last_two = [x["val_loss"] for x in lines[-2:]]  # step 6: the periodic eval, then this
+    assert last_two[1] == summary.val_loss != last_two[0]
 
 
 def test_metrics_file_planted_as_a_symlink_is_never_written_through(corpus, tmp_path):
