@@ -33,7 +33,14 @@ import fragment_llm.checkpoint as ck
 import fragment_llm.data as data_module
 import fragment_llm.processed as processed_module
 from fragment_llm.cli import cli
-from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
+from fragment_llm.config import (
+    DEFAULT_PRESET,
+    TRAIN_PRESETS,
+    ModelConfig,
+    PreprocessConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.model import GPT
 from fragment_llm.preprocess import run_preprocess
@@ -89,7 +96,8 @@ def train_request(corpus: Corpus, out: Path, resume: bool = False, **train) -> T
     """The in-process twin of `fragment train --config <train_config_file()>`."""
     return TrainRequest(data=corpus.processed, tokenizer=corpus.tokenizer, out=out,
                         model=ModelConfig(**MODEL),
-                        train=TrainConfig(**{**FAST, "max_steps": TRAIN_STEPS, **train}),
+                        train=TrainConfig(**{**TRAIN_PRESETS[DEFAULT_PRESET], **FAST,
+                                             "max_steps": TRAIN_STEPS, **train}),
                         resume=resume, tokens_dir=corpus.root / "tokens")
 
 

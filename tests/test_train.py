@@ -16,7 +16,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from fragment_llm.cli import FLAGS, cli
-from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
+from fragment_llm.config import (
+    DEFAULT_PRESET,
+    TRAIN_PRESETS,
+    ModelConfig,
+    PreprocessConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 from fragment_llm.data import TokenShards, eval_batches
 from fragment_llm.errors import ConfigError, OutputError, TrainingError
 from fragment_llm.model import GPT
@@ -50,9 +57,12 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def request(corpus, out: Path, **train) -> TrainRequest:
+    """In process what `fragment train --config` does: the default preset's training
+    values under the file's, so a run here and one through the CLI are the same run."""
     processed, tokenizer = corpus
+    train = {**TRAIN_PRESETS[DEFAULT_PRESET], **FAST, **train}
     return TrainRequest(data=processed, tokenizer=tokenizer, out=out,
-                        model=ModelConfig(**MODEL), train=TrainConfig(**{**FAST, **train}),
+                        model=ModelConfig(**MODEL), train=TrainConfig(**train),
                         tokens_dir=out.parent / "tokens")
 
 
