@@ -178,11 +178,11 @@ class ModelConfig(StageConfig):
 
     vocab_size: int = Field(8192, ge=256, le=1 << 20,
                             description="token ids are 0..vocab_size-1; set from the tokenizer")
-    n_layer: int = Field(6, ge=1, le=256, description="transformer blocks")
-    n_head: int = Field(6, ge=1, le=256, description="query heads per block")
+    n_layer: int = Field(8, ge=1, le=256, description="transformer blocks")
+    n_head: int = Field(5, ge=1, le=256, description="query heads per block")
     n_kv_head: int | None = Field(None, ge=1, le=256,
                                   description="key/value heads (grouped-query); None = n_head")
-    n_embd: int = Field(384, ge=8, le=32768, description="residual stream width")
+    n_embd: int = Field(320, ge=8, le=32768, description="residual stream width")
     block_size: int = Field(256, ge=1, le=1 << 17, description="context window in tokens")
     positions: PositionsName = Field("rope", description="rope, learned or sinusoidal")
     norm: NormName = Field("rmsnorm", description="rmsnorm or layernorm (pre-norm)")
@@ -231,13 +231,15 @@ class ModelConfig(StageConfig):
 # Named sets of [model] keys; a config file and flags override them (vocab_size comes from
 # the tokenizer). Parameter counts at vocab 8192, with tied embeddings (docs/model.md):
 #   tiny   0.85M non-embedding,  1.9M total: tests and the quick start
-#   small  10.6M non-embedding, 13.8M total: the 2-core laptop default
+#   small  10.2M non-embedding, 12.8M total: the 2-core laptop default
 #   base   39.6M non-embedding, 44.9M total
 _COMPONENTS = {"n_kv_head": None, "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu",
                "tie_embeddings": True, "dropout": 0.0}
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, **_COMPONENTS},
-    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, **_COMPONENTS},
+    # small is 8 x 320 rather than 6 x 384 (same ~10M): 0.89x the step time and 2.042 vs
+    # 2.068 bits/byte from 10 minutes (docs/benchmarks.md, training quality).
+    "small": {"n_layer": 8, "n_head": 5, "n_embd": 320, "block_size": 256, **_COMPONENTS},
     "base": {"n_layer": 8, "n_head": 10, "n_embd": 640, "block_size": 512, **_COMPONENTS},
 }
 
