@@ -332,7 +332,7 @@ def test_defaults_are_the_small_preset():
 
 @pytest.mark.parametrize("values,message", [
     ({"n_embd": 100, "n_head": 3}, r"n_embd \(100\) must be divisible by n_head \(3\)"),
-    ({"n_head": 6, "n_kv_head": 4}, r"n_head \(6\) must be divisible by n_kv_head \(4\)"),
+    ({"n_head": 5, "n_kv_head": 2}, r"n_head \(5\) must be divisible by n_kv_head \(2\)"),
     ({"n_embd": 36, "n_head": 4}, r"rope.*even head dim.*n_embd \(36\) / n_head \(4\) = 9"),
     ({"positions": "alibi"}, "positions"),
     ({"norm": "batchnorm"}, "norm"),
