@@ -27,20 +27,13 @@ import pytest
 import safetensors.torch
 from click.testing import CliRunner
 from safetensors import SafetensorError
-from test_train import FAST, MODEL, assert_same_weights, final_weights
+from test_train import FAST, MODEL, assert_same_weights, cli_train_config, final_weights
 
 import fragment_llm.checkpoint as ck
 import fragment_llm.data as data_module
 import fragment_llm.processed as processed_module
 from fragment_llm.cli import cli
-from fragment_llm.config import (
-    DEFAULT_PRESET,
-    TRAIN_PRESETS,
-    ModelConfig,
-    PreprocessConfig,
-    TokenizerConfig,
-    TrainConfig,
-)
+from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.model import GPT
 from fragment_llm.preprocess import run_preprocess
@@ -96,8 +89,8 @@ def train_request(corpus: Corpus, out: Path, resume: bool = False, **train) -> T
     """The in-process twin of `fragment train --config <train_config_file()>`."""
     return TrainRequest(data=corpus.processed, tokenizer=corpus.tokenizer, out=out,
                         model=ModelConfig(**MODEL),
-                        train=TrainConfig(**{**TRAIN_PRESETS[DEFAULT_PRESET], **FAST,
-                                             "max_steps": TRAIN_STEPS, **train}),
+                        train=cli_train_config(**{**FAST, "max_steps": TRAIN_STEPS,
+                                                  **train}),
                         resume=resume, tokens_dir=corpus.root / "tokens")
 
 

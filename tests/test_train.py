@@ -23,6 +23,7 @@ from fragment_llm.config import (
     PreprocessConfig,
     TokenizerConfig,
     TrainConfig,
+    resolve,
 )
 from fragment_llm.data import TokenShards, eval_batches
 from fragment_llm.errors import ConfigError, OutputError, TrainingError
@@ -56,13 +57,18 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     return processed, root / "tokenizer.json"
 
 
+def cli_train_config(**values) -> TrainConfig:
+    """What `fragment train --config` makes of a [train] table holding `values`: the
+    default preset's training values under them, so a run built here in process and one
+    started through the CLI are the same run."""
+    return resolve(TrainConfig, "train", {"train": values}, None, {},
+                   base=TRAIN_PRESETS[DEFAULT_PRESET])
+
+
 def request(corpus, out: Path, **train) -> TrainRequest:
-    """In process what `fragment train --config` does: the default preset's training
-    values under the file's, so a run here and one through the CLI are the same run."""
     processed, tokenizer = corpus
-    train = {**TRAIN_PRESETS[DEFAULT_PRESET], **FAST, **train}
     return TrainRequest(data=processed, tokenizer=tokenizer, out=out,
-                        model=ModelConfig(**MODEL), train=TrainConfig(**train),
+                        model=ModelConfig(**MODEL), train=cli_train_config(**{**FAST, **train}),
                         tokens_dir=out.parent / "tokens")
 
 
