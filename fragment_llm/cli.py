@@ -391,8 +391,9 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
       fragment train --preset base --dry-run       # memory and speed plan only
     """
     from fragment_llm.display import TrainDisplay
-    from fragment_llm.train import TrainRequest, run_training
+    from fragment_llm.train import TrainRequest, keep_freed_memory, run_training
 
+    keep_freed_memory()  # ~25% faster CPU steps; this process exists to train
     flags["compile"] = flags.pop("compile_model")
     model_config, train_config = _train_configs(preset, config_path, {}, flags)
     request = TrainRequest(data=data, tokenizer=tokenizer_path, out=out, model=model_config,
