@@ -1,16 +1,25 @@
 """Training speed: tokens/s, MFU and peak RSS per preset, ours vs HF GPT2LMHeadModel.
 
-Each measurement runs in its own subprocess, so peak RSS is that configuration's own.
+Each measurement runs in its own subprocess, so peak RSS is that configuration's own,
+and with glibc tuned as `fragment train` tunes it (train.keep_freed_memory) for
+every contender alike.
 MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model
-.flops_per_token) over the fp32 matmul peak measured in this same run.
+.flops_per_token) over the matmul peak of the same precision measured in this same run.
 
     .venv/bin/python scripts/bench_train.py                  # tiny, small, base
     .venv/bin/python scripts/bench_train.py --presets small --steps 6
+    python scripts/bench_train.py --device cuda --presets base --batch 32 \
+        --precision bf16,fp16,fp32 --compile                  # on a GPU machine
+
+On CUDA the memory column is the GPU's peak allocation (torch.cuda.max_memory_allocated),
+fp16 steps go through a GradScaler as the trainer's do, and `--compile` adds a row per
+precision with our model under torch.compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -22,15 +31,27 @@ import torch
 VOCAB = 8192
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8) -> float:
-    """Best-of-3 GFLOP/s of a square matmul in `dtype` on this machine's threads."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8,
+                device: str = "cpu") -> float:
+    """Best-of-3 GFLOP/s of a square matmul in `dtype` on this machine's threads or GPU."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(3):
+        sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 * repeats / best / 1e9
 
@@ -56,42 +77,109 @@ def build(kind: str, preset: str):
     return hf, (lambda x, y: hf(input_ids=x, labels=x).loss), config, flops
 
 
-def measure(kind: str, preset: str, batch: int, steps: int, precision: str) -> dict:
-    """Runs inside a worker process: seconds per optimizer step after a warm-up."""
+def measure(kind: str, preset: str, batch: int, steps: int, precision: str,
+            device: str = "cpu", compile_model: bool = False) -> dict:
+    """Runs inside a worker process: seconds per optimizer step after warm-up steps."""
+    from fragment_llm.train import keep_freed_memory
+
+    keep_freed_memory()  # the allocator `fragment train` runs with, for every contender
     torch.manual_seed(0)
     model, loss_fn, config, flops = build(kind, preset)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    x = torch.randint(0, VOCAB, (batch, config.block_size))
+    model.to(device)
+    if compile_model:
+        model.forward = torch.compile(model.forward)
+    cuda = device == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=not cuda, fused=cuda)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    x = torch.randint(0, VOCAB, (batch, config.block_size), device=device)
     y = torch.roll(x, -1, dims=1)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                else torch.autocast("cpu", enabled=False))
+    autocast = torch.autocast(device, dtype=DTYPES[precision], enabled=precision != "fp32")
 
     def step() -> None:
         with autocast:
             loss = loss_fn(x, y)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
+    for _ in range(3 if compile_model or cuda else 1):  # compilation, cuBLAS autotuning
+        step()
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync(device)
     seconds = (time.perf_counter() - start) / steps
     params = sum(p.numel() for p in model.parameters())
+    memory = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"tokens_per_s": batch * config.block_size / seconds, "seconds_per_step": seconds,
-            "flops_per_token": flops, "parameters": params,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "flops_per_token": flops, "parameters": params, "peak_rss_mb": memory}
 
 
-def run_worker(kind: str, preset: str, batch: int, steps: int, precision: str) -> dict:
+def run_worker(kind: str, preset: str, batch: int, steps: int, precision: str,
+               device: str = "cpu", compile_model: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--presets", preset, "--batch",
-           str(batch), "--steps", str(steps), "--precision", precision]
+           str(batch), "--steps", str(steps), "--precision", precision, "--device", device]
+    if compile_model:
+        cmd.append("--compile")
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 BATCH = {"tiny": 32, "small": 16, "base": 8}
+
+
+def print_row(preset: str, kind: str, precision: str, row: dict, hf_row: dict,
+              peak: float) -> None:
+    mfu = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e9)
+    ratio = row["tokens_per_s"] / hf_row["tokens_per_s"]
+    print(f"{preset:6} {kind:14} {precision:5} {row['parameters'] / 1e6:7.1f}M "
+          f"{row['tokens_per_s']:9.0f} {ratio:5.2f}x {mfu:5.0%} {row['peak_rss_mb']:7.0f}")
+
+
+def print_header(memory: str) -> None:
+    header = (f"{'preset':6} {'model':14} {'prec':5} {'params':>8} {'tok/s':>9} {'vs HF':>6} "
+              f"{'MFU':>5} {memory:>7}")
+    print(header)
+    print("-" * len(header))
+
+
+def bench_cpu(args: argparse.Namespace) -> None:
+    # No native bf16 matmul on a CPU without AVX512-BF16/AMX: a small size keeps it short.
+    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, 512, 1)
+    print(f"threads {torch.get_num_threads()}; matmul peak fp32 {fp32_peak:.0f} GFLOP/s, "
+          f"bf16 {bf16_peak:.0f} GFLOP/s")
+    print_header("RSS MB")
+    for preset in args.presets.split(","):
+        batch = args.batch or BATCH[preset]
+        rows = {kind: run_worker(kind, preset, batch, args.steps, "fp32")
+                for kind in ("hf", "ours", "ours-gpt2")}
+        if preset == "tiny":  # bf16 autocast on CPU: measured once, it is far slower here
+            rows["ours bf16"] = run_worker("ours", preset, batch, 1, "bf16")
+        for kind, row in rows.items():
+            precision = "bf16" if "bf16" in kind else "fp32"
+            print_row(preset, kind.split()[0], precision, row, rows["hf"], fp32_peak)
+
+
+def bench_cuda(args: argparse.Namespace) -> None:
+    """Each precision against its own measured peak; HF and ours at the same batch."""
+    precisions = args.precision.split(",")
+    peaks = {name: matmul_peak(DTYPES[name], 8192, 10, "cuda") for name in precisions}
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; matmul peak "
+          + ", ".join(f"{name} {peak / 1e3:.0f} TFLOP/s" for name, peak in peaks.items()))
+    print_header("GPU MB")
+    for preset in args.presets.split(","):
+        batch = args.batch or BATCH[preset]
+        for precision in precisions:
+            run = functools.partial(run_worker, preset=preset, batch=batch, steps=args.steps,
+                                    precision=precision, device="cuda")
+            rows = {kind: run(kind) for kind in ("hf", "ours")}
+            if args.compile:
+                rows["ours compiled"] = run("ours", compile_model=True)
+            for kind, row in rows.items():
+                print_row(preset, kind, precision, row, rows["hf"], peaks[precision])
 
 
 def main() -> None:
@@ -100,34 +188,20 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,small,base")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=None, help="default: per preset")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32",
+                        help="CUDA: comma-separated among fp32,bf16,fp16 (CPU: fp32, plus "
+                             "one bf16 row for tiny)")
+    parser.add_argument("--compile", action="store_true", help="CUDA: add torch.compile rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.worker:
         print(json.dumps(measure(args.worker, args.presets, args.batch, args.steps,
-                                 args.precision)))
-        return
-    # No native bf16 matmul on a CPU without AVX512-BF16/AMX: a small size keeps it short.
-    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, 512, 1)
-    print(f"threads {torch.get_num_threads()}; matmul peak fp32 {fp32_peak:.0f} GFLOP/s, "
-          f"bf16 {bf16_peak:.0f} GFLOP/s")
-    header = (f"{'preset':6} {'model':10} {'prec':5} {'params':>8} {'tok/s':>8} {'vs HF':>6} "
-              f"{'MFU':>5} {'RSS MB':>7}")
-    print(header)
-    print("-" * len(header))
-    for preset in args.presets.split(","):
-        batch = args.batch or BATCH[preset]
-        rows = {kind: run_worker(kind, preset, batch, args.steps, "fp32")
-                for kind in ("hf", "ours", "ours-gpt2")}
-        if preset == "tiny":  # bf16 autocast on CPU: measured once, it is far slower here
-            rows["ours bf16"] = run_worker("ours", preset, batch, 1, "bf16")
-        for kind, row in rows.items():
-            mfu = row["tokens_per_s"] * row["flops_per_token"] / (fp32_peak * 1e9)
-            ratio = row["tokens_per_s"] / rows["hf"]["tokens_per_s"]
-            print(f"{preset:6} {kind.split()[0]:10} {'bf16' if 'bf16' in kind else 'fp32':5} "
-                  f"{row['parameters'] / 1e6:7.1f}M {row['tokens_per_s']:8.0f} {ratio:5.2f}x "
-                  f"{mfu:5.0%} {row['peak_rss_mb']:7.0f}")
+                                 args.precision, args.device, args.compile)))
+    elif args.device == "cuda":
+        bench_cuda(args)
+    else:
+        bench_cpu(args)
 
 
 if __name__ == "__main__":
