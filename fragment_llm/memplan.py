@@ -3,7 +3,11 @@
 The estimate is deliberately simple and a little pessimistic: fp32 weights, gradients
 and two AdamW moments, plus activations per layer as in Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", eq. 2), and the
-logits, which dominate for small models with large vocabularies.
+logits, which dominate for small models with large vocabularies. On a CPU the process
+itself counts too: the interpreter and libraries, and the freed blocks the allocator
+keeps for reuse (`train.keep_freed_memory`). Planned against peak RSS measured on 2
+cores at vocab 16384 (docs/training.md): tiny 1,209 MiB planned for 1,139 measured,
+small 1,518 for 1,235-1,500 (a short run, the 10-minute run), base 5,357 for 4,179.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from fragment_llm.model import count_parameters
 
 SAFE_FRACTION = 0.8  # of available memory, for the default --max-memory
 FALLBACK_MEMORY = 2 << 30
+# Python, torch, pyarrow and our modules take ~270 MiB of RSS before any tensor (measured);
+# the rest is headroom for the data pipeline, the display and the evaluations.
+CPU_RUNTIME = 480 << 20
 
 
 @dataclass(frozen=True)
@@ -28,10 +35,12 @@ class MemoryPlan:
     optimizer: int
     activations: int
     logits: int
+    runtime: int = 0  # the process and the allocator's kept blocks (CPU only)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return (self.weights + self.gradients + self.optimizer + self.activations
+                + self.logits + self.runtime)
 
 
 def activation_bytes(model: ModelConfig, batch: int, bytes_per_value: int,
@@ -46,15 +55,19 @@ def activation_bytes(model: ModelConfig, batch: int, bytes_per_value: int,
     return model.n_layer * per_layer
 
 
-def plan_memory(model: ModelConfig, train: TrainConfig, precision: str) -> MemoryPlan:
+def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
+                device_type: str = "cpu") -> MemoryPlan:
     params = count_parameters(model)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     logits = 3 * train.batch_size * model.block_size * model.vocab_size * 4
+    # The allocator keeps freed logits-sized blocks that later, differently sized
+    # requests cannot reuse: half a copy of the logits covers what was measured.
+    runtime = CPU_RUNTIME + logits // 2 if device_type == "cpu" else 0
     return MemoryPlan(
         parameters=params, weights=4 * params, gradients=4 * params, optimizer=8 * params,
         activations=activation_bytes(model, train.batch_size, act_bytes,
                                      train.activation_checkpointing),
-        logits=logits)
+        logits=logits, runtime=runtime)
 
 
 def available_memory(device: torch.device) -> int:

@@ -488,7 +488,7 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
     if resume_from is not None:  # refuse a changed tokenizer before tokenizing anything
         checked_tokenizer(resume_from)
         require(resume_links(resume_from, tokenizer), CheckpointError, HINT_RESUME)
-    plan = plan_memory(model_config, request.train, precision)
+    plan = plan_memory(model_config, request.train, precision, device.type)
     check_memory(plan, request.train.max_memory or default_memory_limit(device))
     shards = prepare_shards(request, env, tokenizer.vocab_size, on_event)
     _check_shard_chain(request, tokenizer, shards, resume_from)

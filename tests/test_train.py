@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fragment_llm.cli import FLAGS, cli
 from fragment_llm.config import (
     DEFAULT_PRESET,
+    MODEL_PRESETS,
     TRAIN_PRESETS,
     ModelConfig,
     PreprocessConfig,
@@ -27,6 +28,7 @@ from fragment_llm.config import (
 )
 from fragment_llm.data import TokenShards, eval_batches
 from fragment_llm.errors import ConfigError, OutputError, TrainingError
+from fragment_llm.memplan import CPU_RUNTIME, plan_memory
 from fragment_llm.model import GPT
 from fragment_llm.preprocess import run_preprocess
 from fragment_llm.tokenizer import Tokenizer
@@ -251,6 +253,19 @@ def test_memory_plan_refuses_when_over_the_limit(corpus, tmp_path):
         run_training(request(corpus, tmp_path / "mem", max_memory=1 << 20), lambda e: None)
     assert "--activation-checkpointing" in info.value.hint
     assert not (tmp_path / "mem").exists()
+
+
+def test_memory_plan_counts_the_process_on_a_cpu_and_covers_the_measured_peak():
+    model = ModelConfig(**MODEL_PRESETS["small"], vocab_size=16384)
+    train = cli_train_config()
+    cpu, gpu = plan_memory(model, train, "fp32", "cpu"), plan_memory(model, train, "bf16", "cuda")
+    assert cpu.runtime == CPU_RUNTIME + cpu.logits // 2 and gpu.runtime == 0
+    assert cpu.total == (cpu.weights + cpu.gradients + cpu.optimizer + cpu.activations
+                         + cpu.logits + cpu.runtime)
+    assert cpu.total >= 1500 << 20  # the 10-minute run's peak RSS (docs/training.md)
+    recompute = plan_memory(model, train.model_copy(update={"activation_checkpointing": True}),
+                            "fp32", "cpu")
+    assert recompute.activations < cpu.activations / 2
 
 
 def test_dry_run_reports_a_plan_and_writes_nothing(corpus, tmp_path):
