@@ -80,17 +80,16 @@ def checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     return save(tmp_path_factory.mktemp("ckpt") / "run", GPT(config), tokenizer_file)
 
 
-def hostile_model(vocab: int, n_layer: int = 1) -> GPT:
+def hostile_model(vocab: int) -> GPT:
     """A bigram machine whose greedy output cycles through HOSTILE's bytes.
 
     Attention and MLP write nothing (zero output projections), so the final hidden
     state is the current token's embedding: one-hot, hence logits = column `token` of
     lm_head. Column b of a HOSTILE byte points at the byte after it; every other
-    token (prompt merges, specials) points at HOSTILE's first byte. More layers change
-    nothing but the time a token takes.
+    token (prompt merges, specials) points at HOSTILE's first byte.
     """
-    config = ModelConfig(vocab_size=vocab, n_layer=n_layer, n_head=4, n_embd=320,
-                         block_size=64, tie_embeddings=False)
+    config = ModelConfig(vocab_size=vocab, n_layer=1, n_head=4, n_embd=320, block_size=64,
+                         tie_embeddings=False)
     model = GPT(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -109,14 +108,6 @@ def hostile_model(vocab: int, n_layer: int = 1) -> GPT:
 @pytest.fixture(scope="module")
 def hostile_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     return save(tmp_path_factory.mktemp("hostile") / "run", hostile_model(300), tokenizer_file)
-
-
-@pytest.fixture(scope="module")
-def slow_hostile_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
-    """The same output, a few ms a token: an answer outlasts the terminal's buffers, so
-    a Ctrl-C typed on seeing its start lands while it is still being written."""
-    return save(tmp_path_factory.mktemp("slow") / "run", hostile_model(300, n_layer=4),
-                tokenizer_file)
 
 
 @pytest.fixture(scope="module")
@@ -494,8 +485,7 @@ def read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
     return screen
 
 
-def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(slow_hostile_checkpoint,
-                                                                  tmp_path):
+def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkpoint, tmp_path):
     """Keys typed into a real terminal (the chat's controlling tty, so Ctrl-C is a
     signal); the screen must hold none of the model's escape sequences. Colours are
     off, so any ESC at all would be suspect."""
@@ -504,7 +494,7 @@ def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(slow_hostile_c
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "HOME": str(tmp_path),
            "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     argv = [sys.executable, "-m", "fragment_llm", "chat", "--checkpoint",
-            str(slow_hostile_checkpoint), "--temperature", "0", "--max-new-tokens", "4000"]
+            str(hostile_checkpoint), "--temperature", "0", "--max-new-tokens", "4000"]
     pid, terminal = pty.fork()
     if pid == 0:  # the child: become the chat
         try:
