@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -499,6 +500,9 @@ def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkp
     if pid == 0:  # the child: become the chat
         try:
             os.chdir(ROOT)
+            # A user's terminal delivers SIGINT; a suite started in the background
+            # (`cmd &` without job control) ignores it, and exec would pass that on.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, argv, env)
         finally:
             os._exit(127)
