@@ -8,6 +8,7 @@ MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model
 
     .venv/bin/python scripts/bench_train.py                  # tiny, small, base
     .venv/bin/python scripts/bench_train.py --presets small --steps 6
+    .venv/bin/python scripts/bench_train.py --presets small --rounds 3   # shared machine
     python scripts/bench_train.py --device cuda --presets base --batch 32 \
         --precision bf16,fp16,fp32 --compile                  # on a GPU machine
 
@@ -25,6 +26,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -146,6 +148,19 @@ def print_header(memory: str) -> None:
     print("-" * len(header))
 
 
+def best_of_rounds(rounds: int, kinds: tuple[str, ...],
+                   measure_one: Callable[[str], dict]) -> dict[str, dict]:
+    """Run the contenders in turn, round after round, and keep each one's fastest round:
+    on a shared machine a neighbour's burst then costs every contender alike."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for kind in kinds:
+            row = measure_one(kind)
+            if kind not in best or row["tokens_per_s"] > best[kind]["tokens_per_s"]:
+                best[kind] = row
+    return best
+
+
 def bench_cpu(args: argparse.Namespace) -> None:
     # No native bf16 matmul on a CPU without AVX512-BF16/AMX: a small size keeps it short.
     fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, 512, 1)
@@ -154,8 +169,9 @@ def bench_cpu(args: argparse.Namespace) -> None:
     print_header("RSS MB")
     for preset in args.presets.split(","):
         batch = args.batch or BATCH[preset]
-        rows = {kind: run_worker(kind, preset, batch, args.steps, "fp32")
-                for kind in ("hf", "ours", "ours-gpt2")}
+        run = functools.partial(run_worker, preset=preset, batch=batch, steps=args.steps,
+                                precision="fp32")
+        rows = best_of_rounds(args.rounds, ("hf", "ours", "ours-gpt2"), run)
         if preset == "tiny":  # bf16 autocast on CPU: measured once, it is far slower here
             rows["ours bf16"] = run_worker("ours", preset, batch, 1, "bf16")
         for kind, row in rows.items():
@@ -188,6 +204,8 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,small,base")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=None, help="default: per preset")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="CPU: interleaved rounds, best of each contender kept")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32",
                         help="CUDA: comma-separated among fp32,bf16,fp16 (CPU: fp32, plus "
