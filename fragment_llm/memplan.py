@@ -35,7 +35,7 @@ class MemoryPlan:
     optimizer: int
     activations: int
     logits: int
-    runtime: int = 0  # the process and the allocator's kept blocks (CPU only)
+    runtime: int = 0  # the process and the allocator's kept blocks (host RAM only)
 
     @property
     def total(self) -> int:
@@ -62,7 +62,9 @@ def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
     logits = 3 * train.batch_size * model.block_size * model.vocab_size * 4
     # The allocator keeps freed logits-sized blocks that later, differently sized
     # requests cannot reuse: half a copy of the logits covers what was measured.
-    runtime = CPU_RUNTIME + logits // 2 if device_type == "cpu" else 0
+    # On CUDA the limit is VRAM, where the process does not live; on a CPU or MPS
+    # (unified memory) the limit is host RAM, which holds the process too.
+    runtime = CPU_RUNTIME + logits // 2 if device_type != "cuda" else 0
     return MemoryPlan(
         parameters=params, weights=4 * params, gradients=4 * params, optimizer=8 * params,
         activations=activation_bytes(model, train.batch_size, act_bytes,

@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="CUDA: add torch.compile rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.precision.split(",")) - set(DTYPES)
+    if unknown:
+        parser.error(f"--precision: {', '.join(sorted(unknown))} is not one of fp32, bf16, fp16")
     if args.worker:
         print(json.dumps(measure(args.worker, args.presets, args.batch, args.steps,
                                  args.precision, args.device, args.compile)))

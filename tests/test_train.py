@@ -260,6 +260,7 @@ def test_memory_plan_counts_the_process_on_a_cpu_and_covers_the_measured_peak():
     train = cli_train_config()
     cpu, gpu = plan_memory(model, train, "fp32", "cpu"), plan_memory(model, train, "bf16", "cuda")
     assert cpu.runtime == CPU_RUNTIME + cpu.logits // 2 and gpu.runtime == 0
+    assert plan_memory(model, train, "fp32", "mps").runtime == cpu.runtime  # unified memory
     assert cpu.total == (cpu.weights + cpu.gradients + cpu.optimizer + cpu.activations
                          + cpu.logits + cpu.runtime)
     assert cpu.total >= 1500 << 20  # the 10-minute run's peak RSS (docs/training.md)
