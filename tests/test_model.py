@@ -220,6 +220,32 @@ def test_lm_loss_matches_cross_entropy_value_and_gradient(dtype):
     assert torch.allclose(logits.grad.double(), expected_grad.double(), atol=tol * 1e-2)
 
 
+def test_lm_loss_is_exact_where_the_target_probability_underflows():
+    logits = torch.zeros(3, V)
+    logits[0, 5] = 200.0  # target 6 sits 200 nats below: exp(-200) is 0 in fp32
+    logits.requires_grad_()
+    targets = torch.tensor([6, 1, 2])
+    loss = lm_loss(logits, targets)
+    reference = torch.nn.functional.cross_entropy(logits.double(), targets)
+    assert math.isfinite(loss.item()) and abs(loss.item() - reference.item()) < 1e-4
+    loss.backward()
+    expected, = torch.autograd.grad(reference, logits)
+    assert torch.allclose(logits.grad, expected, atol=1e-7)
+
+
+def test_hand_written_norm_and_swiglu_backwards_match_autograd():
+    from fragment_llm.model import _RMSNormFunction, _SwiGLUFunction
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    gain = torch.empty(16, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, gain))
+    fused = torch.randn(2, 3, 2 * 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLUFunction.apply, (fused,))
+    gate, up = fused.detach().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert torch.allclose(_SwiGLUFunction.apply(fused), expected, rtol=0, atol=1e-12)
+
+
 def test_lm_loss_second_backward_is_refused_not_wrong():
     logits = torch.randn(1, 3, V, requires_grad=True)
     loss = lm_loss(logits, torch.tensor([[1, 2, 3]]))
