@@ -546,6 +546,11 @@ def _parse_optimizer_layout(header: SafetensorsHeader, where: Path) -> dict[str,
     return layout
 
 
+# Param-group keys that pick how a step is computed (one kernel per tensor, per list, or
+# fused), not what it computes: a saved value neither has to match nor is restored.
+IMPLEMENTATION_FLAGS = ("foreach", "fused")
+
+
 def _check_optimizer_layout(skeleton: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                             where: Path) -> None:
     """Groups, parameter counts, hyperparameter keys and state shapes must fit `optimizer`."""
@@ -564,7 +569,8 @@ def _check_optimizer_layout(skeleton: Mapping[str, Any], optimizer: torch.optim.
                                   f"optimizer's has {sorted(t)}",
                                   hint="resume with the same optimizer and torch version")
         for key in sorted(set(s) - {"params"}):
-            _check_hyperparameter(i, key, s[key], t[key], where)
+            if key not in IMPLEMENTATION_FLAGS:
+                _check_hyperparameter(i, key, s[key], t[key], where)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for pid, entry in skeleton["state"].items():
         _check_param_state(pid, entry, params, where)
@@ -573,7 +579,7 @@ def _check_optimizer_layout(skeleton: Mapping[str, Any], optimizer: torch.optim.
 def _check_hyperparameter(group: int, key: str, saved: Any, current: Any, where: Path) -> None:
     """A saved hyperparameter must suit the optimizer as built now, or its first step
     crashes: numbers stay finite numbers, tuples keep their shape, and flags keep their
-    value (`amsgrad` without its state). `foreach`/`fused` (None: auto) may be any flag."""
+    value (`amsgrad` without its state). IMPLEMENTATION_FLAGS are not checked here."""
     same_flag = not isinstance(current, bool) or saved == current
     if _hyperparameter_kind(saved) != _hyperparameter_kind(current) or not same_flag:
         raise CheckpointError(f"param group {group} in {where} has {key} = "
@@ -1071,10 +1077,16 @@ class Checkpoint:
                                              self.optimizer_layout)
         _check_optimizer_layout(skeleton, optimizer, where)
         tensors = self._load_tensors(OPTIMIZER_FILE, self.optimizer_header)
+        # How this device runs the step stays this device's choice: a run saved on a
+        # GPU (fused) resumes on a CPU, and one saved before CPUs got fused as well.
+        chosen = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group}
+                  for group in optimizer.param_groups]
         try:
             optimizer.load_state_dict(unflatten_optimizer_state(tensors, self.optimizer_layout))
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"optimizer refused the state ({exc}), in {where}") from None
+        for group, flags in zip(optimizer.param_groups, chosen, strict=True):
+            group.update(flags)
 
     def _load_tensors(self, name: str, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
         path = self.path / name

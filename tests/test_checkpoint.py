@@ -126,6 +126,24 @@ def test_optimizer_resume_continues_bit_identically(tmp_path, tokenizer_file):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_optimizer_resumes_across_step_implementations(tmp_path, tokenizer_file):
+    model, opt = make(0)  # foreach: how a CPU run saved before fused AdamW on CPU
+    train_steps(model, opt, 2)
+    path = save(tmp_path / "run", 2, model, opt, tokenizer_file)
+    resumed = TinyLM()
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2, betas=(0.9, 0.95),
+                                    fused=True)
+    loaded = ck.load_checkpoint(path)
+    loaded.load_model_into(resumed)
+    loaded.load_optimizer_into(resumed_opt)
+    assert resumed_opt.param_groups[0]["fused"] is True  # the device's choice stays
+    assert resumed_opt.param_groups[0]["foreach"] is None
+    train_steps(model, opt, 2)
+    train_steps(resumed, resumed_opt, 2)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value.float(), resumed.state_dict()[name].float(), atol=1e-6)
+
+
 def test_flatten_round_trip_with_amsgrad():
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, amsgrad=True, weight_decay=0.1)
