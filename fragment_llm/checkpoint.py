@@ -579,7 +579,7 @@ def _check_optimizer_layout(skeleton: Mapping[str, Any], optimizer: torch.optim.
 def _check_hyperparameter(group: int, key: str, saved: Any, current: Any, where: Path) -> None:
     """A saved hyperparameter must suit the optimizer as built now, or its first step
     crashes: numbers stay finite numbers, tuples keep their shape, and flags keep their
-    value (`amsgrad` without its state). IMPLEMENTATION_FLAGS are not checked here."""
+    value (`amsgrad` without its state). The caller skips IMPLEMENTATION_FLAGS."""
     same_flag = not isinstance(current, bool) or saved == current
     if _hyperparameter_kind(saved) != _hyperparameter_kind(current) or not same_flag:
         raise CheckpointError(f"param group {group} in {where} has {key} = "

@@ -420,6 +420,9 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
                                ignore_index)
 
 
+_UNDERFLOW = 1e-30  # far above fp32's smallest normal (1.2e-38): -log stays exact above it
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Cross-entropy that keeps the softmax and turns it into the gradient in place:
     softmax - one_hot, scaled. F.cross_entropy instead allocates a zero tensor and a
@@ -455,9 +458,6 @@ class _CrossEntropy(torch.autograd.Function):
         # refuses a second backward through it (retain_graph) instead of lying
         grad = probs.scatter_add_(1, safe[:, None], torch.full_like(probs[:, :1], -1.0))
         return grad.mul_((keep * (grad_loss / count))[:, None]), None, None
-
-
-_UNDERFLOW = 1e-30  # far above fp32's smallest normal (1.2e-38): -log stays exact above it
 
 
 # ----------------------------------------------------------------------------------------
