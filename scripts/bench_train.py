@@ -4,6 +4,8 @@ Each measurement runs in its own subprocess, so peak RSS is that configuration's
 and with glibc tuned as `fragment train` tunes it (train.keep_freed_memory) for
 every contender alike.
 Each worker times single steps after three warm-up steps and keeps the median.
+With `--rounds N` the contenders run in turn N times: `vs HF` compares their fastest
+rounds, and `median` is the median over rounds of ours / HF within one round.
 MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model
 .flops_per_token) over the matmul peak of the same precision measured in this same run.
 
@@ -140,34 +142,43 @@ BATCH = {"tiny": 32, "small": 16, "base": 8}
 
 
 def print_row(preset: str, kind: str, precision: str, row: dict, hf_row: dict,
-              peak: float) -> None:
+              peak: float, median_ratio: float | None = None) -> None:
     mfu = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e9)
     ratio = row["tokens_per_s"] / hf_row["tokens_per_s"]
+    paired = "" if median_ratio is None else f" {median_ratio:6.2f}x"
     print(f"{preset:6} {kind:14} {precision:5} {row['parameters'] / 1e6:7.1f}M "
-          f"{row['tokens_per_s']:9.0f} {ratio:5.2f}x {mfu:5.0%} {row['peak_rss_mb']:7.0f}")
+          f"{row['tokens_per_s']:9.0f} {ratio:5.2f}x {mfu:5.0%} {row['peak_rss_mb']:7.0f}"
+          + paired)
 
 
-def print_header(memory: str) -> None:
+def print_header(memory: str, paired: bool = False) -> None:
     header = (f"{'preset':6} {'model':14} {'prec':5} {'params':>8} {'tok/s':>9} {'vs HF':>6} "
-              f"{'MFU':>5} {memory:>7}")
+              f"{'MFU':>5} {memory:>7}" + (f" {'median':>7}" if paired else ""))
     print(header)
     print("-" * len(header))
 
 
 def best_of_rounds(rounds: int, kinds: tuple[str, ...], measure_one: Callable[[str], dict],
-                   measure_peak: Callable[[], float]) -> tuple[dict[str, dict], float]:
+                   measure_peak: Callable[[], float]
+                   ) -> tuple[dict[str, dict], float, dict[str, float]]:
     """Run the contenders in turn, round after round, and keep each one's fastest round:
     on a shared machine a neighbour's burst then costs every contender alike. The matmul
-    peak is re-measured each round and its best kept too, so MFU compares best moments."""
+    peak is re-measured each round and its best kept too, so MFU compares best moments.
+
+    Also returns, per contender, the median over rounds of its tokens/s over the first
+    contender's in the same round: a paired ratio, steadier than a ratio of two bests.
+    """
     best: dict[str, dict] = {}
+    ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
     peak = 0.0
     for _ in range(rounds):
         peak = max(peak, measure_peak())
-        for kind in kinds:
-            row = measure_one(kind)
+        this_round = {kind: measure_one(kind) for kind in kinds}
+        for kind, row in this_round.items():
+            ratios[kind].append(row["tokens_per_s"] / this_round[kinds[0]]["tokens_per_s"])
             if kind not in best or row["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = row
-    return best, peak
+    return best, peak, {kind: statistics.median(r) for kind, r in ratios.items()}
 
 
 def bench_cpu(args: argparse.Namespace) -> None:
@@ -178,16 +189,17 @@ def bench_cpu(args: argparse.Namespace) -> None:
         batch = args.batch or BATCH[preset]
         run = functools.partial(run_worker, preset=preset, batch=batch, steps=args.steps,
                                 precision="fp32")
-        rows, fp32_peak = best_of_rounds(args.rounds, ("hf", "ours", "ours-gpt2"), run,
+        rows, fp32_peak, paired = best_of_rounds(args.rounds, ("hf", "ours", "ours-gpt2"), run,
                                          lambda: matmul_peak(torch.float32))
         if preset == "tiny":  # bf16 autocast on CPU: measured once, it is far slower here
             rows["ours bf16"] = run_worker("ours", preset, batch, 1, "bf16")
         print(f"\n{preset}: batch {batch}, fp32 matmul peak {fp32_peak:.0f} GFLOP/s "
               f"(best of {args.rounds} round(s))")
-        print_header("RSS MB")
+        print_header("RSS MB", paired=True)
         for kind, row in rows.items():
             precision = "bf16" if "bf16" in kind else "fp32"
-            print_row(preset, kind.split()[0], precision, row, rows["hf"], fp32_peak)
+            print_row(preset, kind.split()[0], precision, row, rows["hf"], fp32_peak,
+                      paired.get(kind))
 
 
 def bench_cuda(args: argparse.Namespace) -> None:
@@ -216,7 +228,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=None, help="default: per preset")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="CPU: interleaved rounds, best of each contender kept")
+                        help="CPU: interleaved rounds; best of each contender kept, plus "
+                             "the median of same-round ratios")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32",
                         help="CUDA: comma-separated among fp32,bf16,fp16 (CPU: fp32, plus "
