@@ -189,8 +189,8 @@ def bench_cpu(args: argparse.Namespace) -> None:
         batch = args.batch or BATCH[preset]
         run = functools.partial(run_worker, preset=preset, batch=batch, steps=args.steps,
                                 precision="fp32")
-        rows, fp32_peak, paired = best_of_rounds(args.rounds, ("hf", "ours", "ours-gpt2"), run,
-                                         lambda: matmul_peak(torch.float32))
+        rows, fp32_peak, paired = best_of_rounds(
+            args.rounds, ("hf", "ours", "ours-gpt2"), run, lambda: matmul_peak(torch.float32))
         if preset == "tiny":  # bf16 autocast on CPU: measured once, it is far slower here
             rows["ours bf16"] = run_worker("ours", preset, batch, 1, "bf16")
         print(f"\n{preset}: batch {batch}, fp32 matmul peak {fp32_peak:.0f} GFLOP/s "
