@@ -87,6 +87,11 @@ def build(kind: str, preset: str):
     return hf, (lambda x, y: hf(input_ids=x, labels=x).loss), config, flops
 
 
+# Warm-up steps: compilation and cuBLAS autotuning on CUDA; on CPU the heap growing to
+# its working size (its page faults are a start-up cost, not a step's).
+WARMUP_STEPS = 3
+
+
 class Contender:
     """One model's training step at a fixed batch, ready to time: `step()` runs forward,
     loss, backward and a fused AdamW step, as the trainer does."""
@@ -107,6 +112,10 @@ class Contender:
                                        enabled=precision != "fp32")
         self.tokens_per_step = batch * config.block_size
         self.parameters = sum(p.numel() for p in model.parameters())
+
+    def warm_up(self) -> None:
+        for _ in range(WARMUP_STEPS):
+            self.step()
 
     def step(self) -> None:
         with self.autocast:
@@ -135,11 +144,6 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# Warm-up steps: compilation and cuBLAS autotuning on CUDA; on CPU the heap growing to
-# its working size (its page faults are a start-up cost, not a step's).
-WARMUP_STEPS = 3
-
-
 def measure(kind: str, preset: str, batch: int, steps: int, precision: str,
             device: str = "cpu", compile_model: bool = False) -> dict:
     """Runs inside a worker process: seconds per optimizer step after warm-up steps."""
@@ -147,8 +151,7 @@ def measure(kind: str, preset: str, batch: int, steps: int, precision: str,
 
     keep_freed_memory()  # the allocator `fragment train` runs with, for every contender
     contender = Contender(kind, preset, batch, precision, device, compile_model)
-    for _ in range(WARMUP_STEPS):
-        contender.step()
+    contender.warm_up()
     times = [contender.timed_step() for _ in range(steps)]
     # the median: one neighbour's burst moves a mean, not this
     return contender.row(statistics.median(times))
@@ -159,15 +162,14 @@ def measure_paired(kinds: list[str], preset: str, batch: int, pairs: int) -> dic
     each in turn (the order rotating), `pairs` times. A neighbour's burst then lands on
     steps seconds apart, and each turn gives one ratio per contender: seconds of the
     first contender / seconds of this one. Returns, per contender, the row at its fastest
-    step plus the median of those ratios. Peak RSS here is the process's, not a row's.
+    step plus the median of those ratios. No peak RSS: one process holds them all.
     """
     from fragment_llm.train import keep_freed_memory
 
     keep_freed_memory()
     contenders = {kind: Contender(kind, preset, batch, "fp32") for kind in kinds}
     for contender in contenders.values():
-        for _ in range(WARMUP_STEPS):
-            contender.step()
+        contender.warm_up()
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for turn in range(pairs):
         order = kinds[turn % len(kinds):] + kinds[:turn % len(kinds)]
@@ -176,7 +178,7 @@ def measure_paired(kinds: list[str], preset: str, batch: int, pairs: int) -> dic
     rows = {}
     for kind, contender in contenders.items():
         ratios = [first / own for first, own in zip(times[kinds[0]], times[kind], strict=True)]
-        rows[kind] = {**contender.row(min(times[kind])),
+        rows[kind] = {**contender.row(min(times[kind])), "peak_rss_mb": None,
                       "median_ratio": statistics.median(ratios)}
     return rows
 
@@ -271,8 +273,7 @@ def bench_cpu_paired(args: argparse.Namespace) -> None:
               f"{args.paired} turns in one process (tok/s and vs HF: fastest steps)")
         print_header("RSS MB", paired=True)
         for kind, row in rows.items():
-            print_row(preset, kind, "fp32", {**row, "peak_rss_mb": None}, rows["hf"], peak,
-                      row["median_ratio"])
+            print_row(preset, kind, "fp32", row, rows["hf"], peak, row["median_ratio"])
 
 
 def bench_cuda(args: argparse.Namespace) -> None:
@@ -316,6 +317,8 @@ def main() -> None:
     unknown = set(args.precision.split(",")) - set(DTYPES)
     if unknown:
         parser.error(f"--precision: {', '.join(sorted(unknown))} is not one of fp32, bf16, fp16")
+    if args.paired < 0 or (args.paired and args.device != "cpu"):
+        parser.error("--paired: a number of turns >= 1, on --device cpu")
     if args.worker == "paired":
         print(json.dumps(measure_paired(list(CPU_CONTENDERS), args.presets, args.batch,
                                         args.paired)))
