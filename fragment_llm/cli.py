@@ -312,12 +312,14 @@ class ByteSize(click.ParamType):
 
 
 def _train_configs(preset: str | None, config_path: Path | None,
-                   model_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[Any, Any]:
-    """Layer preset < config file < flags for the [model] and [train] tables."""
+                   train_flags: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Layer preset < config file < flags for the [model] and [train] tables, and say
+    which keys were chosen (not defaults): a resumed run is checked against those."""
     from fragment_llm.config import (
         DEFAULT_PRESET,
         MODEL_PRESETS,
         TRAIN_PRESETS,
+        GivenSettings,
         ModelConfig,
         TrainConfig,
         read_config_file,
@@ -326,11 +328,18 @@ def _train_configs(preset: str | None, config_path: Path | None,
 
     tables = read_config_file(config_path) if config_path is not None else {}
     name = preset or DEFAULT_PRESET
-    model = resolve(ModelConfig, "model", tables, config_path, model_flags,
-                    base=MODEL_PRESETS[name])
+    model = resolve(ModelConfig, "model", tables, config_path, {}, base=MODEL_PRESETS[name])
     train = resolve(TrainConfig, "train", tables, config_path, train_flags,
                     base=TRAIN_PRESETS[name])
-    return model, train
+    spelled = {param.name: param for param in click.get_current_context().command.params}
+    flags = {key: _flag_name(spelled[key], value) for key, value in train_flags.items()
+             if value is not None}
+    return model, train, GivenSettings.collect(preset, tables, config_path, flags)
+
+
+def _flag_name(param: Any, value: Any) -> str:
+    """The flag as the user typed it: `--max-time` for max_time_s, `--no-compile`."""
+    return param.secondary_opts[0] if value is False and param.secondary_opts else param.opts[0]
 
 
 @cli.command()
@@ -356,7 +365,7 @@ def _train_configs(preset: str | None, config_path: Path | None,
 @click.option("--eval-every", type=click.IntRange(min=0), help="Steps between evaluations.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="auto: bf16/fp16 on CUDA, fp32 on CPU.")
-@click.option("--compile/--no-compile", "compile_model", default=None,
+@click.option("--compile/--no-compile", "compile", default=None,
               help="torch.compile the model (optional).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
               help="auto: CUDA, then MPS, then CPU.")
@@ -394,10 +403,9 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
     from fragment_llm.train import TrainRequest, keep_freed_memory, run_training
 
     keep_freed_memory()  # ~25% faster CPU steps; this process exists to train
-    flags["compile"] = flags.pop("compile_model")
-    model_config, train_config = _train_configs(preset, config_path, {}, flags)
+    model_config, train_config, given = _train_configs(preset, config_path, flags)
     request = TrainRequest(data=data, tokenizer=tokenizer_path, out=out, model=model_config,
-                           train=train_config, resume=resume)
+                           train=train_config, resume=resume, given=given)
     with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
         summary = run_training(request, display, dry_run=dry_run)
     _show(summary_for_display(summary, display, dry_run))
@@ -416,7 +424,8 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
         ("train / val tokens", f"{plan.get('train_tokens', 0):,} / {plan.get('val_tokens', 0):,}"),
     ]
     if dry_run:
-        rows.append(("seconds per step (probe)", f"{display.probe:.3f}"))
+        rows += [("seconds per step (probe)", f"{display.probe:.3f}"),
+                 ("estimated training time", _planned_time(plan, display.probe))]
         return summary_table("Training plan (dry run)", rows)
     rows += [("steps", summary.steps), ("tokens", f"{summary.tokens:,}"),
              ("time", f"{summary.seconds:,.1f} s"),
@@ -425,6 +434,20 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
              ("checkpoint", summary.checkpoint or "-")]
     title = "Training interrupted (checkpoint saved)" if summary.interrupted else "Training done"
     return summary_table(title, rows)
+
+
+def _planned_time(plan: dict[str, Any], seconds_per_step: float) -> str:
+    """`0:54:10 (3,000 steps)`, or `0:03:00 (~166 steps; --max-time ends it)`: whichever
+    bound ends the run first, at the probe's speed (training time only)."""
+    from fragment_llm.display import clock, run_budget
+
+    step = int(plan.get("step", 0))
+    budget = run_budget(int(plan.get("max_steps", 0)), plan.get("max_time_s"), step,
+                        float(plan.get("elapsed_s", 0.0)), seconds_per_step)
+    steps = f"{budget.steps - step:,} steps" + (f" from step {step:,}" if step else "")
+    if budget.bound == "time":
+        return f"{clock(budget.eta_s)} (~{steps}; --max-time ends it)"
+    return f"{clock(budget.eta_s)} ({steps})"
 
 
 def _fmt(value: float | None) -> str:

@@ -9,6 +9,7 @@ any work starts, so a bad value is refused naming the field, its source and the 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -300,6 +301,42 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
              "warmup_steps": 300},
 }
 DEFAULT_PRESET = "small"
+
+
+@dataclass(frozen=True)
+class Given:
+    """Where a value the user chose came from: a flag, a config file, or a preset."""
+
+    source: str  # as the user wrote it: "--max-steps", "run.toml", "--preset tiny"
+    from_preset: bool = False
+
+
+@dataclass(frozen=True)
+class GivenSettings:
+    """The [model] and [train] keys the user chose, as opposed to defaults, and where.
+
+    A fresh run layers them over a preset; a resumed run takes everything else from
+    its checkpoint, and checks these against it (fragment_llm/resume.py).
+    """
+
+    model: dict[str, Given]
+    train: dict[str, Given]
+
+    @classmethod
+    def collect(cls, preset: str | None, file_tables: dict[str, dict[str, Any]],
+                config_path: Path | None, flags: dict[str, str]) -> GivenSettings:
+        """`flags` maps each [train] key given on the command line to its flag's name.
+        `vocab_size` is never chosen: it comes from the tokenizer."""
+        tables = {}
+        for table, presets in (("model", MODEL_PRESETS), ("train", TRAIN_PRESETS)):
+            given = {key: Given(f"--preset {preset}", from_preset=True)
+                     for key in (presets[preset] if preset else {})}
+            given.update({key: Given(str(config_path)) for key in file_tables.get(table, {})})
+            if table == "train":
+                given.update({key: Given(flag) for key, flag in flags.items()})
+            given.pop("vocab_size", None)
+            tables[table] = given
+        return cls(**tables)
 
 # A checkpoint's config.json "chat_format": how `fragment chat` renders turns for it.
 # Plain-text corpora give "transcript" ("User: ...\nAssistant:"); "special_tokens"

@@ -8,8 +8,11 @@ with markup off, so neither terminal escapes nor rich markup in data can act.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import (
@@ -106,16 +109,65 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@dataclass(frozen=True)
+class Budget:
+    """Where a run stands against the bound that will end it: `--max-steps` or
+    `--max-time`, whichever comes first at the measured speed."""
+
+    bound: str  # "steps" or "time"
+    steps: int  # the steps the run will end at: max_steps, or the estimate by time
+    fraction: float  # how much of that bound is spent, in [0, 1]
+    eta_s: float | None  # training time left; None until a step's time is known
+
+    def describe(self, step: int) -> str:
+        """`step 4/3000`, or `step 4/~180` (an estimate) when time will end the run."""
+        if self.bound == "steps":
+            return f"step {step:,}/{self.steps:,}"
+        return f"step {step:,}/~{self.steps:,}"
+
+
+def run_budget(max_steps: int, max_time_s: float | None, step: int, elapsed_s: float,
+               seconds_per_step: float | None) -> Budget:
+    """Which bound ends the run, when, and after how many steps, at `seconds_per_step`.
+
+    Training time only, as `--max-time` counts it: evaluations and checkpoints add to
+    the wall-clock time. `run_budget(3000, 180, step=4, elapsed_s=4, seconds_per_step=1)`
+    -> time ends it: 176 s left, at step ~180 of 3000.
+    """
+    if not seconds_per_step or seconds_per_step <= 0:
+        by_time = elapsed_s / max_time_s if max_time_s else 0.0
+        return Budget("steps", max_steps, min(1.0, max(step / max_steps, by_time)), None)
+    by_steps = max(0, max_steps - step) * seconds_per_step
+    if max_time_s is not None:
+        time_left = max(0.0, max_time_s - elapsed_s)
+        if time_left < by_steps:  # the loop takes a step while time is left
+            steps = min(max_steps, step + math.ceil(time_left / seconds_per_step))
+            return Budget("time", steps, min(1.0, elapsed_s / max_time_s), time_left)
+    return Budget("steps", max_steps, min(1.0, step / max_steps), by_steps)
+
+
+def clock(seconds: float | None) -> str:
+    """`0:03:00`; `-:--:--` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
 class TrainDisplay:
-    """Turns `TrainEvent`s into a live status line, notes, and the data for a summary."""
+    """Turns `TrainEvent`s into a live status line, notes, and the data for a summary.
+
+    The bar and its eta follow whichever of `--max-steps` and `--max-time` will end the
+    run (`run_budget`), so a time-bound run shows its estimated steps and time left.
+    """
 
     def __init__(self, enabled: bool, max_steps: int) -> None:
         self.enabled = enabled
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(),
                              TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                             TextColumn("eta"), TimeRemainingColumn(), console=err_console)
+                             TextColumn("eta {task.fields[eta]}"), console=err_console)
         self.task: TaskID | None = None
         self.max_steps = max_steps
+        self.max_time_s: float | None = None
         self.plan: dict[str, object] = {}
         self.last_eval: dict[str, float] = {}
         self.probe = 0.0
@@ -139,6 +191,7 @@ class TrainDisplay:
     def _on_plan(self, event) -> None:
         self.plan = dict(event.values)
         self.max_steps = int(event.values.get("max_steps", self.max_steps))
+        self.max_time_s = event.values.get("max_time_s")
 
     def _on_probe(self, event) -> None:
         self.probe = float(event.values["seconds_per_step"])
@@ -169,12 +222,13 @@ class TrainDisplay:
         values = event.values
         if self.task is None:
             self.bars.start()
-            self.task = self.bars.add_task("train", total=self.max_steps, status="")
-        status = (f"step {event.step}/{self.max_steps}  loss {values['train_loss']:.4f}  "
+            self.task = self.bars.add_task("train", total=1.0, status="", eta="")
+        elapsed = float(values.get("elapsed_s", 0.0))
+        budget = run_budget(self.max_steps, self.max_time_s, event.step, elapsed,
+                            elapsed / event.step if event.step else None)
+        limit = f" (time limit {clock(self.max_time_s)})" if budget.bound == "time" else ""
+        status = (f"{budget.describe(event.step)}{limit}  loss {values['train_loss']:.4f}  "
                   f"lr {values['lr']:.2e}  {values['tokens_per_s']:,.0f} tok/s  "
                   f"rss {_rss_mib():,.0f} MiB")
-        total = self.max_steps
-        completed = event.step
-        if values.get("progress") is not None and values["progress"] > event.step / total:
-            completed = int(values["progress"] * total)  # time-limited runs
-        self.bars.update(self.task, completed=completed, status=status)
+        self.bars.update(self.task, completed=budget.fraction, status=status,
+                         eta=clock(budget.eta_s))

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fragment_llm import __version__
-from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, ModelConfig, TrainConfig
+from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, GivenSettings, ModelConfig, TrainConfig
 from fragment_llm.data import (
     BuildRequest,
     TokenShards,
@@ -46,6 +46,7 @@ from fragment_llm.errors import (
 )
 from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
+from fragment_llm.resume import ResumedSettings, resumed_settings
 from fragment_llm.safeio import atomic_write_text, translate_os_errors
 from fragment_llm.verify import (
     HINT_RESUME,
@@ -65,7 +66,13 @@ MAX_NONFINITE_IN_A_ROW = 3
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """Everything `train` needs, already validated by the config layer."""
+    """Everything `train` needs, already validated by the config layer.
+
+    On resume, `model` and `train` are checked against the checkpoint's recorded ones
+    (fragment_llm/resume.py): `given` says which of their keys the user chose (None: a
+    library caller chose every [train] value that is not None). `resumed` is filled in
+    by `run_training` with the settings the run continues.
+    """
 
     data: Path
     tokenizer: Path
@@ -74,6 +81,8 @@ class TrainRequest:
     train: TrainConfig
     resume: bool = False
     tokens_dir: Path | None = None  # default: <data>/../tokens
+    given: GivenSettings | None = None
+    resumed: ResumedSettings | None = None
 
 
 @dataclass
@@ -170,7 +179,7 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def lr_at(step: int, config: TrainConfig, progress: float,
-          warmup_end: float | None = None) -> float:
+          warmup_end: float | None = None, cosine_start: float = 0.0) -> float:
     """Linear warmup over `warmup_steps`, then cosine from `lr` to `lr * min_lr_ratio`.
 
     `progress` in [0, 1] is how far through the planned run we are: steps over
@@ -178,14 +187,36 @@ def lr_at(step: int, config: TrainConfig, progress: float,
     the progress at which warmup finished; the cosine spans the rest. It defaults to
     `warmup_steps / max_steps`, which is wrong for a time-bound run: there 100 warmup
     steps can be half of the run, and the cosine must not already be half done.
+    Once `warmup_end` is set the warmup is over, whatever `warmup_steps` says now.
+    `cosine_start` is explained at `cosine_position`.
     """
     warmup = min(config.warmup_steps, config.max_steps)
-    if step < warmup:
+    if step < warmup and warmup_end is None:
         return config.lr * (step + 1) / warmup
-    warm = warmup / config.max_steps if warmup_end is None else min(warmup_end, 1.0)
-    ratio = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1.0 - warm)))
+    ratio = cosine_position(config, progress, warmup_end, cosine_start)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * ratio))
+
+
+def cosine_position(config: TrainConfig, progress: float, warmup_end: float | None = None,
+                    cosine_start: float = 0.0) -> float:
+    """How far along the cosine the run is at `progress`: 0 at the peak, 1 at the floor.
+
+    It goes linearly from `cosine_start` at `warmup_end` to 1 at the end of the budget.
+    `cosine_start` is 0 unless the budget was extended on resume: the cosine then goes
+    on from where it was, spread over what is left of the longer run.
+    """
+    warmup = min(config.warmup_steps, config.max_steps)
+    warm = warmup / config.max_steps if warmup_end is None else min(warmup_end, 1.0)
+    share = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1.0 - warm)))
+    return cosine_start + (1.0 - cosine_start) * share
+
+
+def budget_progress(step: int, elapsed: float, config: TrainConfig) -> float:
+    """How much of the budget is spent: steps over `max_steps` or training time over
+    `max_time_s`, whichever is further, at most 1."""
+    by_time = elapsed / config.max_time_s if config.max_time_s else 0.0
+    return min(1.0, max(step / config.max_steps, by_time))
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig,
@@ -336,12 +367,27 @@ class Trainer:
         self.elapsed = 0.0
         self.nonfinite_in_a_row = 0
         self.warmup_end: float | None = None  # progress when warmup finished
+        self.cosine_start = 0.0  # the cosine's position at warmup_end (see cosine_position)
 
     @property
     def progress(self) -> float:
-        by_steps = self.step / self.config.max_steps
-        by_time = self.elapsed / self.config.max_time_s if self.config.max_time_s else 0.0
-        return min(1.0, max(by_steps, by_time))
+        return budget_progress(self.step, self.elapsed, self.config)
+
+    def extend_budget(self, recorded: TrainConfig) -> None:
+        """Go on with the schedule after a resume that extended the `recorded` budget.
+
+        Steps taken keep the learning rate they had. A run still in warmup simply
+        continues: its cosine will span the longer run, exactly as if it had been planned
+        that long. A run past warmup keeps its place on the cosine, so the learning rate
+        is continuous here, and the rest of the cosine is spread over the rest of the new
+        budget (a finished run extended stays at the floor).
+        """
+        if self.warmup_end is None and self.step < min(recorded.warmup_steps,
+                                                       recorded.max_steps):
+            return
+        spent = budget_progress(self.step, self.elapsed, recorded)
+        position = cosine_position(recorded, spent, self.warmup_end, self.cosine_start)
+        self.warmup_end, self.cosine_start = self.progress, position
 
     @property
     def tokens_per_step(self) -> int:
@@ -350,9 +396,10 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step: `grad_accum` micro-batches, clip, step (or skip if NaN)."""
-        if self.step == min(self.config.warmup_steps, self.config.max_steps):
+        if self.warmup_end is None and self.step == min(self.config.warmup_steps,
+                                                        self.config.max_steps):
             self.warmup_end = self.progress
-        lr = lr_at(self.step, self.config, self.progress, self.warmup_end)
+        lr = lr_at(self.step, self.config, self.progress, self.warmup_end, self.cosine_start)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._accumulate_gradients()
@@ -412,7 +459,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "elapsed_s": self.elapsed, "data": self.stream.state_dict(),
                 "scaler": self.scaler.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "warmup_end_progress": self.warmup_end}
+                "warmup_end_progress": self.warmup_end, "cosine_start": self.cosine_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -421,6 +468,9 @@ class Trainer:
             self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
             warmup_end = state.get("warmup_end_progress")
             self.warmup_end = None if warmup_end is None else float(warmup_end)
+            self.cosine_start = float(state.get("cosine_start", 0.0))
+            if not 0.0 <= self.cosine_start <= 1.0:
+                raise ValueError(f"cosine_start {self.cosine_start} is outside [0, 1]")
             self.stream.load_state_dict(state["data"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -477,12 +527,15 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
     from fragment_llm.tokenizer import Tokenizer
 
     env = DistEnv.from_environ()
+    resume_from = _find_resume_point(request, env, on_event) if request.resume else None
+    if resume_from is not None:  # the run's own settings, before anything uses them
+        resumed = resumed_settings(resume_from, request.model, request.train, request.given)
+        request = replace(request, model=resumed.model, train=resumed.train, resumed=resumed)
     device = select_device(request.train.device)
     precision = select_precision(request.train.precision, device)
     init_distributed(env, device)
     tokenizer = Tokenizer.load(request.tokenizer)
-    resume_from = _find_resume_point(request, env, on_event) if request.resume else None
-    model_config = (_checkpoint_model_config(resume_from) if resume_from
+    model_config = (request.model if resume_from
                     else _effective_model_config(request, tokenizer.vocab_size))
     if model_config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"checkpoint vocab size {model_config.vocab_size} differs from the "
@@ -495,12 +548,15 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
     shards = prepare_shards(request, env, tokenizer.vocab_size, on_event)
     _check_shard_chain(request, tokenizer, shards, resume_from)
     trainer = Trainer(model_config, request.train, shards, device, precision, env)
-    on_event(TrainEvent("plan", 0, _plan_values(trainer, plan, device, precision)))
-    if dry_run:
-        on_event(TrainEvent("probe", 0, {"seconds_per_step": _probe(trainer)}))
-        return _summary(request, trainer, None, None, interrupted=False, seconds=0.0)
     if resume_from is not None:
         _restore(trainer, resume_from)
+        if request.resumed is not None and request.resumed.budget_extended:
+            trainer.extend_budget(request.resumed.recorded)
+    on_event(TrainEvent("plan", trainer.step, _plan_values(trainer, plan, device, precision)))
+    if dry_run:
+        on_event(TrainEvent("probe", trainer.step, {"seconds_per_step": _probe(trainer)}))
+        return _summary(request, trainer, None, None, interrupted=False, seconds=0.0)
+    if resume_from is not None:
         on_event(TrainEvent("note", trainer.step,
                             {"message": f"resumed from {resume_from.path}"}))
     with contextlib.ExitStack() as stack:
@@ -532,7 +588,8 @@ def _plan_values(trainer: Trainer, plan: MemoryPlan, device: torch.device,
             "precision": precision, "world_size": trainer.env.world,
             "train_tokens": trainer.shards.manifest.train.tokens,
             "val_tokens": trainer.shards.manifest.val.tokens,
-            "max_steps": trainer.config.max_steps}
+            "max_steps": trainer.config.max_steps, "max_time_s": trainer.config.max_time_s,
+            "step": trainer.step, "elapsed_s": trainer.elapsed}
 
 
 def _probe(trainer: Trainer, steps: int = 2) -> float:
@@ -553,12 +610,6 @@ def _remove_killed_runs_temporaries(out: Path) -> None:
     from fragment_llm.checkpoint import clean_stale_temporaries
 
     clean_stale_temporaries(out)
-
-
-def _checkpoint_model_config(checkpoint) -> ModelConfig:
-    from fragment_llm.evaluate import checkpoint_model_config
-
-    return checkpoint_model_config(checkpoint)
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
@@ -692,7 +743,10 @@ class TrainLoop:
                 # train a model that continues a "User: ... Assistant:" transcript.
                 "chat_format": TRANSCRIPT_CHAT_FORMAT,
                 "val_loss": evaluation[0] if evaluation else None,
-                "val_bpb": evaluation[1] if evaluation else None}
+                "val_bpb": evaluation[1] if evaluation else None,
+                # What resuming changed ([train] holds the values in force now).
+                "resume_changes": (self.request.resumed.change_record()
+                                   if self.request.resumed else [])}
 
     def _provenance(self) -> dict[str, str]:
         from fragment_llm.checkpoint import model_config_sha256

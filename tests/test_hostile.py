@@ -234,7 +234,8 @@ def checkpoint_with(run: Path, tokenizer_file: Path, model_config: dict) -> Path
     """A checkpoint whose files all verify, but whose config.json says `model_config`."""
     weights = nn.Linear(2, 2)  # the loader must refuse before these matter
     return save_checkpoint(run, 1, model=weights, optimizer=None, trainer_state={"step": 1},
-                           config={"model": model_config}, tokenizer_file=tokenizer_file)
+                           config={"model": model_config, "train": {}},
+                           tokenizer_file=tokenizer_file)
 
 
 SMALL = {"vocab_size": TOKENIZER_VOCAB, "n_layer": 1, "n_head": 2, "n_embd": 16,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from fragment_llm.config import (
     resolve,
 )
 from fragment_llm.data import TokenShards, eval_batches
-from fragment_llm.errors import ConfigError, OutputError, TrainingError
+from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from fragment_llm.memplan import CPU_RUNTIME, plan_memory
 from fragment_llm.model import GPT
 from fragment_llm.preprocess import run_preprocess
@@ -349,3 +350,307 @@ def test_ddp_two_processes_match_one_process_with_double_batch(corpus, tmp_path)
     single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for name in single:
         assert torch.allclose(single[name], ddp[name], atol=1e-5), name
+
+
+# ------------------------------------------- resume keeps the run's settings (issue 15)
+
+
+def cli_args(corpus, out: Path, *extra: str) -> list[str]:
+    processed, tokenizer = corpus
+    return ["train", "--data", str(processed), "--tokenizer", str(tokenizer), "--out",
+            str(out), *extra]
+
+
+def interrupt_when(monkeypatch, stop) -> None:
+    """Ctrl-C as the display shows a step for which `stop(event)` holds."""
+    from fragment_llm.display import TrainDisplay
+
+    real = TrainDisplay._on_step
+
+    def on_step(self, event):
+        real(self, event)
+        if stop(event):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrainDisplay, "_on_step", on_step)
+
+
+def runs_past(last: int):
+    """A guard for a resumed run: Ctrl-C past its plan, so a resume that lost the run's
+    settings (3,000 steps of the default preset) fails in seconds, not minutes."""
+    return lambda event: event.step == last + 1
+
+
+@pytest.fixture(scope="module")
+def tiny_flags(tmp_path_factory) -> list[str]:
+    """The tiny preset, 6 steps of 4 sequences, and (from a config file) a small final
+    evaluation to keep the tests quick."""
+    config = tmp_path_factory.mktemp("tiny-config") / "evals.toml"
+    config.write_text("[train]\nfinal_eval_blocks = 8\n")
+    return ["--preset", "tiny", "--max-steps", "6", "--batch-size", "4", "--device", "cpu",
+            "--config", str(config)]
+
+
+@pytest.fixture(scope="module")
+def tiny_cut(corpus, tiny_flags, tmp_path_factory) -> Path:
+    """`fragment train --preset tiny --max-steps 6 ...`, Ctrl-C at step 2."""
+    out = tmp_path_factory.mktemp("tiny") / "cut"
+    FLAGS.debug = FLAGS.quiet = False
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_when(patch, lambda event: event.step == 2)
+        result = CliRunner().invoke(cli, cli_args(corpus, out, *tiny_flags))
+    assert result.exit_code == 130, result.output
+    assert [p.name for p in out.glob("step-*")] == ["step-0000002"]
+    return out
+
+
+def summary_rows(stderr: str) -> dict[str, str]:
+    """The rows of the summary table: `│ key │ value │` lines."""
+    rows = {}
+    for line in stderr.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def recorded_config(run: Path, step: int) -> dict:
+    return json.loads((run / f"step-{step:07d}" / "config.json").read_text())
+
+
+def test_plain_resume_continues_the_tiny_run_with_its_own_settings(corpus, tiny_flags,
+                                                                   tiny_cut, runner,
+                                                                   monkeypatch, tmp_path):
+    # The issue's scenario: a tiny run stopped at step 2, then a plain `--resume`. It must
+    # not fall back to the default preset (batch 8, 3,000 steps, another lr curve).
+    run = copy_run(tiny_cut, tmp_path)
+    interrupt_when(monkeypatch, runs_past(6))
+    result = runner.invoke(cli, cli_args(corpus, run, "--resume"))
+    assert result.exit_code == 0, result.output
+    rows = summary_rows(result.stderr)
+    assert rows["tokens per step"] == "512" and rows["steps"] == "6"  # 4 x 128, as begun
+    started, ended = recorded_config(run, 2), recorded_config(run, 6)
+    assert ended["train"] == started["train"] and ended["model"] == started["model"]
+    assert started["train"]["lr"] == TRAIN_PRESETS["tiny"]["lr"]
+    assert started["train"]["final_eval_blocks"] == 8 and ended["resume_changes"] == []
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    assert runner.invoke(cli, cli_args(corpus, whole, *tiny_flags)).exit_code == 0
+    assert_same_weights(final_weights(whole), final_weights(run))  # the same run, exactly
+
+
+def test_plain_resume_keeps_the_time_budget(corpus, tiny_flags, runner, monkeypatch,
+                                            tmp_path):
+    run = tmp_path / "run"
+    budget = [*tiny_flags, "--max-steps", "10000", "--max-time", "2s"]
+    interrupt_when(monkeypatch, lambda event: event.step == 1)
+    assert runner.invoke(cli, cli_args(corpus, run, *budget)).exit_code == 130
+    seen = []  # the resumed run's steps, on the wall clock: Ctrl-C after a minute
+
+    def after_a_minute(event) -> bool:
+        seen.append(time.monotonic())
+        return seen[-1] - seen[0] > 60
+
+    interrupt_when(monkeypatch, after_a_minute)
+    result = runner.invoke(cli, cli_args(corpus, run, "--resume"))
+    assert result.exit_code == 0, result.output
+    last = sorted(run.glob("step-*"))[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["elapsed_s"] >= 2.0 and state["step"] < 10000
+    assert json.loads((last / "config.json").read_text())["train"]["max_time_s"] == 2.0
+
+
+def _config_file(tmp_path: Path) -> str:
+    path = tmp_path / "seed.toml"
+    path.write_text("[train]\nseed = 7\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("given, field, stored, source", [
+    (["--batch-size", "8"], "train.batch_size", "4", "--batch-size gives 8"),
+    (["--lr", "0.01"], "train.lr", "0.002", "--lr gives 0.01"),
+    (["--max-steps", "5"], "train.max_steps", "6", "--max-steps gives 5"),
+    (["--preset", "small"], "model.n_layer", "4", "--preset small gives 6"),
+    (["--preset", "tiny"], "train.batch_size", "4", "--preset tiny gives 16"),
+    (["--config", _config_file], "train.seed", "1337", "seed.toml gives 7"),
+])
+def test_resume_refuses_a_setting_that_disagrees_with_the_run(corpus, tiny_cut, runner,
+                                                              monkeypatch, tmp_path, given,
+                                                              field, stored, source):
+    run = copy_run(tiny_cut, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    interrupt_when(monkeypatch, lambda event: True)  # a run that starts fails fast
+    given = [arg(tmp_path) if callable(arg) else arg for arg in given]
+    result = runner.invoke(cli, cli_args(corpus, run, "--resume", *given))
+    assert result.exit_code == 1, result.output
+    error, hint = result.stderr.splitlines()
+    assert error.startswith(f"error: {field} is {stored} in the run being resumed (")
+    assert "step-0000002" in error and error.endswith(source)
+    assert hint.startswith("hint: ")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_resume_may_extend_the_budget_and_records_the_change(corpus, tiny_cut, runner,
+                                                             monkeypatch, tmp_path):
+    run = copy_run(tiny_cut, tmp_path)
+    interrupt_when(monkeypatch, runs_past(8))
+    result = runner.invoke(cli, cli_args(corpus, run, "--resume", "--max-steps", "8",
+                                         "--checkpoint-every", "4", "--batch-size", "4"))
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in run.glob("step-*")} >= {"step-0000004", "step-0000008"}
+    started, ended = recorded_config(run, 2), recorded_config(run, 8)
+    assert ended["train"] == {**started["train"], "max_steps": 8, "checkpoint_every": 4}
+    changes = sorted(ended["resume_changes"], key=lambda change: change["field"])
+    assert changes == [
+        {"step": 2, "field": "checkpoint_every", "recorded": 100, "given": 4,
+         "source": "--checkpoint-every"},
+        {"step": 2, "field": "max_steps", "recorded": 6, "given": 8,
+         "source": "--max-steps"}]
+
+
+def interrupt_at(step: int):
+    def on_event(event):
+        if event.kind == "step" and event.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+    return on_event
+
+
+def test_extending_the_budget_during_warmup_equals_planning_it_from_the_start(corpus,
+                                                                              tmp_path):
+    quick = {"warmup_steps": 4, "final_eval_blocks": 4}
+    run_training(request(corpus, tmp_path / "full", max_steps=16, **quick), lambda e: None)
+    cut = request(corpus, tmp_path / "cut", max_steps=12, **quick)
+    assert run_training(cut, interrupt_at(2)).steps == 2
+    resumed = run_training(_resume(request(corpus, tmp_path / "cut", max_steps=16, **quick)),
+                           lambda e: None)
+    assert resumed.steps == 16
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "cut"))
+
+
+def test_extending_the_budget_after_warmup_keeps_the_lr_continuous(corpus, tmp_path):
+    # The steps taken keep their learning rate; from the resume on, the rest of the cosine
+    # is spread over the longer run: no jump back up, and the floor at the new end.
+    out = tmp_path / "run"
+    run_training(request(corpus, out, max_steps=12, final_eval_blocks=4), interrupt_at(6))
+    run_training(_resume(request(corpus, out, max_steps=24, final_eval_blocks=4)),
+                 lambda e: None)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in lines if "lr" in x and x["step"] > FAST["warmup_steps"]]
+    assert len(lrs) == 24 - FAST["warmup_steps"]
+    assert lrs == sorted(lrs, reverse=True)
+    # lrs[i] is logged as step i + 3. Step 7, the first after the resume, has the lr the
+    # 12-step run would have given it; from there the slope is gentler, and the floor
+    # comes at step 24.
+    planned = cli_train_config(**{**FAST, "max_steps": 12})
+    assert lrs[4] == pytest.approx(lr_at(6, planned, 6 / 12, warmup_end=2 / 12), rel=1e-12)
+    assert 0 < lrs[4] - lrs[5] < lrs[3] - lrs[4]
+    floor = FAST["lr"] * planned.min_lr_ratio
+    assert lrs[-1] == pytest.approx(floor, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def short_run(corpus, tmp_path_factory) -> Path:
+    """A finished 2-step run, with its token cache beside it."""
+    root = tmp_path_factory.mktemp("short")
+    run_training(request(corpus, root / "run", max_steps=2, final_eval_blocks=4),
+                 lambda e: None)
+    return root
+
+
+def resealed_copy(short_run: Path, tmp_path: Path, name: str, edit) -> Path:
+    """A copy of `short_run` whose step folder's `name` was edited by `edit(doc)` and
+    re-sealed, as a forger who rewrites the manifest too would. Returns the run folder."""
+    from fragment_llm import checkpoint as ck
+
+    out = Path(shutil.copytree(short_run, tmp_path / "short")) / "run"
+    folder = out / "step-0000002"
+    provenance = ck.load_checkpoint(folder).provenance
+    doc = json.loads((folder / name).read_text())
+    edit(doc)
+    (folder / name).write_text(json.dumps(doc))
+    manifest = ck.build_manifest(folder, 2, provenance)
+    (folder / ck.MANIFEST_FILE).write_text(manifest.to_json())
+    return out
+
+
+@pytest.mark.parametrize("change, rule", [
+    (lambda doc: doc.pop("train"), "config.json records no \\[train\\] table"),
+    (lambda doc: doc["train"].update(batch_size=0), "train.batch_size: Input should be"),
+    (lambda doc: doc["train"].update(lr="fast"), "train.lr: Input should be a valid number"),
+    (lambda doc: doc["train"].update(turbo=True), "train.turbo: Extra inputs"),
+])
+def test_resume_refuses_a_recorded_train_config_that_breaks_the_rules(corpus, short_run,
+                                                                      tmp_path, change, rule):
+    out = resealed_copy(short_run, tmp_path, "config.json", change)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(CheckpointError, match=rule) as info:
+        run_training(_resume(request(corpus, out, max_steps=2)), lambda e: None)
+    message = info.value.message
+    assert str(out / "step-0000002" / "config.json") in message and "\n" not in message
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("value", [5.0, -1.0, "half"])
+def test_resume_refuses_a_cosine_position_outside_the_cosine(corpus, short_run, tmp_path,
+                                                             value):
+    out = resealed_copy(short_run, tmp_path, "trainer_state.json",
+                        lambda doc: doc.update(cosine_start=value))
+    with pytest.raises(TrainingError, match="trainer_state.json is incomplete"):
+        run_training(_resume(request(corpus, out, max_steps=4)), lambda e: None)
+
+
+# ------------------------------------- the bar and --dry-run show what ends the run
+
+
+def test_run_budget_follows_the_bound_that_ends_the_run():
+    from fragment_llm.display import clock, run_budget
+
+    steps = run_budget(3000, None, step=4, elapsed_s=4.0, seconds_per_step=1.0)
+    assert (steps.bound, steps.steps, steps.eta_s) == ("steps", 3000, 2996.0)
+    assert steps.describe(4) == "step 4/3,000"
+    timed = run_budget(3000, 180.0, step=4, elapsed_s=4.0, seconds_per_step=1.0)
+    assert (timed.bound, timed.steps, timed.eta_s) == ("time", 180, 176.0)
+    assert timed.fraction == pytest.approx(4 / 180) and timed.describe(4) == "step 4/~180"
+    nearer = run_budget(100, 180.0, step=4, elapsed_s=4.0, seconds_per_step=1.0)
+    assert (nearer.bound, nearer.steps, nearer.eta_s) == ("steps", 100, 96.0)
+    slowed = run_budget(200, 180.0, step=150, elapsed_s=150.0, seconds_per_step=1.5)
+    assert (slowed.bound, slowed.steps, slowed.eta_s) == ("time", 170, 30.0)
+    unknown = run_budget(3000, 180.0, step=0, elapsed_s=0.0, seconds_per_step=None)
+    assert unknown.eta_s is None and clock(unknown.eta_s) == "-:--:--"
+    assert clock(176.0) == "0:02:56"
+
+
+def test_the_bar_of_a_time_bound_run_shows_the_time_budget():
+    from fragment_llm.display import TrainDisplay
+    from fragment_llm.train import TrainEvent
+
+    display = TrainDisplay(True, max_steps=3000)
+    display(TrainEvent("plan", 0, {"max_steps": 3000, "max_time_s": 180.0}))
+    with display:
+        display(TrainEvent("step", 4, {"train_loss": 5.0, "lr": 1e-3, "tokens_per_s": 1e3,
+                                       "elapsed_s": 4.0}))
+        task = display.bars.tasks[0]
+    assert task.fields["status"].startswith("step 4/~180 (time limit 0:03:00)")
+    assert task.fields["eta"] == "0:02:56" and task.percentage == pytest.approx(100 * 4 / 180)
+
+
+def test_dry_run_prints_the_estimated_training_time(corpus, tiny_flags, tiny_cut, runner,
+                                                    monkeypatch, tmp_path):
+    import fragment_llm.train as train_module
+
+    monkeypatch.setattr(train_module, "_probe", lambda trainer: 0.5)  # seconds per step
+
+    def planned(*args: str) -> str:
+        result = runner.invoke(cli, cli_args(corpus, *args, "--dry-run"))
+        assert result.exit_code == 0, result.output
+        return summary_rows(result.stderr)["estimated training time"]
+
+    assert planned(tmp_path / "a", *tiny_flags, "--max-steps", "100") == "0:00:50 (100 steps)"
+    assert planned(tmp_path / "b", *tiny_flags, "--max-steps", "100", "--max-time", "10s") == (
+        "0:00:10 (~20 steps; --max-time ends it)")
+    assert planned(copy_run(tiny_cut, tmp_path), "--resume", "--max-steps", "12") == (
+        "0:00:05 (10 steps from step 2)")
