@@ -374,8 +374,11 @@ def _flag_name(param: Any, value: Any) -> str:
 @click.option("--max-memory", type=ByteSize(), help="Refuse plans above this (e.g. 4G).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
               help="Documents held out for validation.")
-@click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and a timing probe, then exit.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its latest valid checkpoint, with the "
+                   "settings it recorded.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan, a timing probe and the estimated training time, then exit.")
 def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
           config_path: Path | None, resume: bool, dry_run: bool, **flags: Any) -> int:
     """Train a GPT on the processed corpus; checkpoints go to --out.
@@ -386,7 +389,9 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
     gradient accumulation and clipping. Every --checkpoint-every steps a
     checkpoint folder OUT/step-NNNNNNN/ is written atomically (safetensors +
     JSON, sha256 manifest). Ctrl-C finishes the step, checkpoints and exits 130;
-    --resume continues exactly where the newest valid checkpoint left off.
+    --resume continues exactly where the newest valid checkpoint left off, with the
+    run's recorded settings: a flag given with it must agree, except a larger
+    --max-steps or --max-time and the cadence flags (docs/training.md has the list).
 
     \b
     Layering: --preset values < the [model]/[train] tables of --config < flags.

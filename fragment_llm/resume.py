@@ -38,8 +38,6 @@ FREE = frozenset({"eval_every", "eval_blocks", "final_eval_blocks", "log_every",
                   "checkpoint_every", "keep_checkpoints", "workers", "max_memory",
                   "activation_checkpointing", "compile", "device", "precision"})
 KEPT_CHANGES = 100  # config.json keeps the newest changes, so it stays far under its cap
-HINT = ("a resumed run keeps the settings it was started with: leave this out, or start a "
-        "new run with another --out (docs/training.md lists what may change on resume)")
 
 
 @dataclass(frozen=True)
@@ -106,12 +104,18 @@ def _grows(old: float | None, new: float | None) -> bool:
 
 
 def _refusal(name: str, old: Any, new: Any, came: Given, where: Any) -> ConfigError:
-    hint = HINT
+    key = name.split(".", 1)[1]
     if came.from_preset:
-        hint = "drop --preset: " + HINT.split(": ", 1)[1]
-    elif name.removeprefix("train.") in EXTENDABLE:
-        hint = ("a resumed run's budget can be extended, not shortened; start a new run "
-                "with another --out for a shorter one")
+        culprit = "--preset"
+    elif came.source.startswith("--"):
+        culprit = came.source
+    else:
+        culprit = f"{key} from {came.source}"
+    hint = (f"a resumed run keeps the settings it was started with: leave out {culprit}, or "
+            "start a new run with another --out (docs/training.md: what may change on resume)")
+    if key in EXTENDABLE and not came.from_preset:
+        hint = (f"a resumed run's budget can be extended, not shortened: give at least {old}, "
+                "or start a new run with another --out")
     return ConfigError(f"{name} is {old!r} in the run being resumed ({where}), but "
                        f"{came.source} gives {new!r}", hint=hint)
 
