@@ -13,8 +13,9 @@ and the tokenizer and training stages, which read it:
 as hostile: the manifest is size-capped, parsed with guarded JSON and validated against
 the schema below; every shard it names must be a regular file (no symlink) inside the
 folder, with the recorded size and sha256 and the pinned Parquet schema. Any problem is
-a `ProcessedDataError` naming the file and the rule. Reading streams one row group at a
-time, so memory stays bounded.
+a `ProcessedDataError` naming the file and the rule. Reading streams a few rows at a
+time, and a row group may decode to no more than the reader's cap, so memory stays
+bounded whatever a footer claims (`decoded_batches`, which raw Parquet inputs use too).
 
 It does not read raw inputs or clean text (see `readers.py`, `cleaning.py`).
 """
@@ -277,7 +278,7 @@ class ProcessedCorpus:
         return [self.folder / shard.file for shard in self.manifest.shards]
 
     def iter_texts(self) -> Iterator[str]:
-        """Every document's text, in shard order, one row group in memory at a time."""
+        """Every document's text, in shard order, a few rows in memory at a time."""
         for columns in self._iter_row_groups(("text",)):
             yield from columns[0]
 

@@ -6,8 +6,9 @@ read), rejects binary content and invalid UTF-8, splits it into documents by for
 - `.txt`, `.md`   the whole file is one document;
 - `.jsonl`        one JSON object per line, text under `config.text_field`; a line is
                   length-checked before parsing, and a bad line is skipped and counted;
-- `.parquet`      column `config.text_field`, one row group at a time, after the footer's
-                  declared sizes were checked against the caps;
+- `.parquet`      column `config.text_field`, after the footer's declared sizes were
+                  checked against the caps, 64 rows at a time within a decoded-bytes
+                  budget (`processed.decoded_batches`);
 
 then cleans (`cleaning.py`), filters by length and hashes each document. Whatever the
 file holds, it returns a `FileResult` (kept, or rejected with a `Reason`): nothing a

@@ -233,7 +233,11 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         return
     if src.is_dir() and not src.is_symlink():
         os.mkdir(dst)
-        os.rename(src, dst)  # over the empty folder just created: allowed by POSIX
+        try:
+            os.rename(src, dst)  # over the empty folder just created: allowed by POSIX
+        except OSError:
+            os.rmdir(dst)
+            raise
         return
     os.link(src, dst, follow_symlinks=False)
     os.unlink(src)
