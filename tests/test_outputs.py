@@ -135,6 +135,26 @@ def test_preprocess_output_that_appears_during_the_run(raw, runner, monkeypatch)
     assert leftovers(raw.parent) == []
 
 
+def test_next_run_removes_a_dead_runs_staging_but_never_a_live_ones(raw, runner, tmp_path):
+    """Staging folders carry their run's pid: a killed run's goes, spool files its helpers
+    wrote included; a run still going (here, a live process's pid) keeps its own."""
+    out = tmp_path / "out"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folders = {name: tmp_path / f".out{TEMP_MARKER}{pid}-abcd1234"
+                   for name, pid in (("dead", 999_999_999), ("live", live.pid))}
+        for folder in folders.values():
+            (folder / ".spool").mkdir(parents=True)
+            (folder / ".spool" / "00000000-0000.bin").write_bytes(b"x" * 1000)
+        result = runner.invoke(cli, ["-q", "preprocess", str(raw), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert not folders["dead"].exists()
+        assert (folders["live"] / ".spool" / "00000000-0000.bin").exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_two_preprocess_runs_started_together_on_one_new_out(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
