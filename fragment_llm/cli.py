@@ -291,8 +291,8 @@ class Duration(click.ParamType):
             seconds = float(number) * _DURATION_UNITS[unit]
         except ValueError:
             self.fail(f"{value!r} is not a duration like 90s, 10m or 2h", param, ctx)
-        if not 0 < seconds < 1e8:
-            self.fail(f"{value!r} must be positive", param, ctx)
+        if not 0 < seconds <= 1e8:  # NaN fails too
+            self.fail(f"{value!r} must be more than 0 and at most 1e8 s (3 years)", param, ctx)
         return seconds
 
 
@@ -308,7 +308,7 @@ class ByteSize(click.ParamType):
         unit = text[-1] if text and text[-1] in _SIZE_UNITS else ""
         try:
             return int(float(text[:-1] if unit else text) * _SIZE_UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf, 1e400
             self.fail(f"{value!r} is not a size like 512M or 4G", param, ctx)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import typing
 
+import click
 import pytest
 from pydantic import ValidationError
 
@@ -147,3 +148,29 @@ def test_every_number_is_accepted_in_range_and_refused_outside(tmp_path, table, 
     else:
         with pytest.raises(ConfigError, match=rf"invalid {table}\.{name} = "):
             load_stage_config(STAGES[table], table, path, {})
+
+
+def numeric_flags() -> list[tuple[str, str]]:
+    """(verb, --flag) for every option of every verb that takes a number."""
+    from fragment_llm.cli import ByteSize, Duration, cli
+
+    numeric = (click.types.IntParamType, click.types.FloatParamType, ByteSize, Duration)
+    return [(name, option.opts[0]) for name, command in sorted(cli.commands.items())
+            for option in command.params
+            if isinstance(option, click.Option) and isinstance(option.type, numeric)]
+
+
+@pytest.mark.parametrize("verb, flag", numeric_flags())
+def test_every_numeric_flag_refuses_overflow_inf_and_nan(runner, tmp_path, monkeypatch,
+                                                         verb, flag):
+    """`--max-memory inf` was an OverflowError (exit 70). Every number a flag takes is
+    refused in one line (exit 2 from click, 1 from the config), or is in range and the
+    verb goes on to stop at the missing inputs of an empty folder (exit 1)."""
+    from fragment_llm.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    extra = ["--prompt", "a"] if verb == "generate" else []
+    for value in ("inf", "-inf", "nan", "1e400", "9" * 40, "-" + "9" * 40):
+        result = runner.invoke(cli, [verb, flag, value, *extra], input="")
+        assert result.exit_code in (1, 2), (value, result.output)
+        assert "internal error" not in result.output and "Traceback" not in result.output
