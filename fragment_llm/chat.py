@@ -9,8 +9,10 @@ This module owns everything about text that generate.py does not know:
   oldest turns are dropped when the context window is full (the system prompt stays);
 - output: ids -> `StreamDecoder` (never half a UTF-8 character) -> `OutputSanitizer`
   (no control character or escape sequence) -> stop strings, in `TextStream`;
-- the REPL: `ChatSession` turns one input line into a `Reply` and knows no terminal;
-  `run_repl` drives it through a `ChatIO` (the CLI's terminal, or a test's script).
+- the REPL: `ChatSession` turns one input line into a `Reply` and knows no terminal
+  (it asks questions through a `confirm` callback); `run_repl` drives it through a
+  `ChatIO` (the CLI's terminal, or a test's script), and nothing one message or
+  command causes ends the session.
 
 It does not own the terminal (cli.py renders with rich) or sampling (generate.py).
 """

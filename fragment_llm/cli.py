@@ -723,10 +723,12 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
 
     \b
     Commands: /help /reset /set KEY=VALUE /settings /system TEXT /save FILE /exit.
-    Ctrl-C stops an answer; Ctrl-D or /exit leaves. Everything the model writes is
-    sanitised: no control character or terminal escape sequence reaches the screen,
-    and [markup] is shown as typed. With stdin not a terminal, each line is one
-    prompt and each answer is printed plainly, so a chat can be scripted.
+    Ctrl-C stops an answer; Ctrl-D or /exit leaves; a paste of several lines is one
+    message. Everything the model writes is sanitised: no control character or
+    terminal escape sequence reaches the screen, and [markup] is shown as typed.
+    /save replaces a file only after a yes typed on the terminal. With stdin not a
+    terminal, each line is one prompt and each answer is printed plainly, one per
+    line, so a chat can be scripted.
 
     \b
     Examples:
