@@ -527,14 +527,17 @@ def _validated(settings: ChatConfig, changes: Mapping[str, str | None]) -> ChatC
 
 
 def save_target(arg: str) -> Path:
-    """The absolute path `/save ARG` writes (`~` expanded); OutputError for a name no
-    file can have."""
+    """Where `/save ARG` writes: `~` expanded and the folder resolved, so the reply can
+    say where the file went (`x/../talk.txt` -> `/home/me/talk.txt`); the name itself
+    is not resolved (a symlink there is refused, never followed). OutputError for a
+    name no file can have."""
     if "\x00" in arg:
         raise OutputError(f"cannot save to {_name(arg)}: a file name cannot contain a NUL "
                           "byte")
     try:
-        return Path(arg).expanduser().absolute()
-    except (RuntimeError, OSError) as exc:  # ~nosuchuser; a working folder since removed
+        path = Path(arg).expanduser()
+        return path.parent.resolve() / path.name
+    except (RuntimeError, OSError) as exc:  # ~nosuchuser; a symlink loop
         raise OutputError(f"cannot save to {_name(arg)}: {exc}") from None
 
 

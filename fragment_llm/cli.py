@@ -662,10 +662,10 @@ class ChatTerminal:
         return line.replace(self.PASTE_START, "").replace(self.PASTE_END, "")
 
     def begin_answer(self) -> None:
+        if self.interactive:
+            _write_stdout(f"{self.LABEL}model>{self.RESET} " if self.colour else "model> ")
         if self.colour:
-            _write_stdout(f"{self.LABEL}model>{self.RESET} {self.MODEL_TEXT}")
-        elif self.interactive:
-            _write_stdout("model> ")
+            _write_stdout(self.MODEL_TEXT)
 
     def write(self, text: str) -> None:
         _write_stdout(text)
