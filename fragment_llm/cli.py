@@ -702,7 +702,7 @@ class ChatTerminal:
                 termios.tcflush(fd, termios.TCIFLUSH)
             tty.write(question.encode("utf-8", "replace"))
             try:
-                answer = tty.readline(64)
+                answer = tty.readline(4096)  # a terminal's whole line (its line buffer)
             except KeyboardInterrupt:
                 tty.write(b"\n")
                 return False
