@@ -560,23 +560,16 @@ def fragment(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_chat_through_a_pipe(hostile_checkpoint, tmp_path):
+    """stdout a pipe, with a colour terminal type and no NO_COLOR: each answer plain (no
+    label, no colour, no paste mode) and ending its line, so answers never run together."""
     lines = b"hello\n\n/set temperature=abc\nhow are you?\n"
     result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
-                      "--max-new-tokens", "32", input=lines, env={"HOME": str(tmp_path)})
+                      "--max-new-tokens", "32", input=lines,
+                      env={"HOME": str(tmp_path), "TERM": "xterm-256color", "NO_COLOR": None})
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"okok\nokok\n"  # HOSTILE twice per answer, made safe
     assert b"invalid temperature" in result.stderr and b"parameters" in result.stderr
     assert b"Traceback" not in result.stderr and b"pwned" not in result.stderr
-
-
-def test_piped_answers_are_plain_and_one_per_line(hostile_checkpoint, tmp_path):
-    """stdout a pipe, on a colour terminal type without NO_COLOR: no label, no colour,
-    no paste mode, and each answer ends its line."""
-    result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
-                      "--max-new-tokens", "32", input=b"hello\nagain\n",
-                      env={"HOME": str(tmp_path), "TERM": "xterm-256color", "NO_COLOR": None})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == b"okok\nokok\n"
 
 
 def test_piped_save_never_replaces_a_file(hostile_checkpoint, tmp_path):
