@@ -11,6 +11,7 @@ Stage modules are imported inside each command so `fragment --help` stays instan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -290,8 +291,8 @@ class Duration(click.ParamType):
             seconds = float(number) * _DURATION_UNITS[unit]
         except ValueError:
             self.fail(f"{value!r} is not a duration like 90s, 10m or 2h", param, ctx)
-        if not 0 < seconds < 1e8:
-            self.fail(f"{value!r} must be positive", param, ctx)
+        if not 0 < seconds <= 1e8:  # NaN fails too
+            self.fail(f"{value!r} must be more than 0 and at most 1e8 s (3 years)", param, ctx)
         return seconds
 
 
@@ -307,7 +308,7 @@ class ByteSize(click.ParamType):
         unit = text[-1] if text and text[-1] in _SIZE_UNITS else ""
         try:
             return int(float(text[:-1] if unit else text) * _SIZE_UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf, 1e400
             self.fail(f"{value!r} is not a size like 512M or 4G", param, ctx)
 
 
@@ -604,30 +605,74 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
 
 
 class ChatTerminal:
-    """The chat's I/O: a rich console with markup, highlighting and emoji off, so model
-    text is shown literally; readline input on a terminal, plain lines from a pipe."""
+    """The chat's I/O on the real streams.
 
-    def __init__(self, interactive: bool) -> None:
+    On a terminal (stdin a tty): readline input after `you>`, a paste of several lines
+    taken as one message (bracketed paste, switched on for the session), the model's
+    turn labelled `model>` and, when stdout is a terminal too, coloured (never with
+    NO_COLOR set or TERM=dumb); Ctrl-D leaves the cursor on a fresh line. From a pipe:
+    one line per message, each answer plain on stdout ending in a newline, everything
+    else on stderr. Questions (`confirm`) go to /dev/tty, never to stdin. Model text
+    arrives already safe; messages are printed as rich Text, markup off.
+    """
+
+    PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+    PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+    LABEL, MODEL_TEXT, RESET = "\x1b[1;36m", "\x1b[36m", "\x1b[0m"  # bold cyan, cyan
+
+    def __init__(self, interactive: bool, colour: bool = False, paste: bool = False) -> None:
         from rich.console import Console
 
-        self.interactive = interactive
+        self.interactive, self.colour, self.paste = interactive, colour, paste
         self.console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
 
+    @classmethod
+    def for_this_process(cls) -> ChatTerminal:
+        interactive = sys.stdin.isatty()
+        fancy = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
+        return cls(interactive, colour=fancy and not os.environ.get("NO_COLOR"),
+                   paste=interactive and fancy)
+
+    def __enter__(self) -> ChatTerminal:
+        if self.paste:
+            _write_stdout(self.PASTE_ON)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.paste:
+            _write_stdout(self.PASTE_OFF)
+
     def read(self, prompt: str) -> str:
+        if not self.interactive:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        try:
+            line = input(prompt)
+        except EOFError:
+            _write_stdout("\n")  # Ctrl-D: the shell's prompt starts on a fresh line
+            raise
+        if self.PASTE_START in line:  # without readline a paste arrives line by line
+            lines = [line]
+            with contextlib.suppress(EOFError):
+                while self.PASTE_END not in lines[-1]:
+                    lines.append(input())
+            line = "\n".join(lines)
+        return line.replace(self.PASTE_START, "").replace(self.PASTE_END, "")
+
+    def begin_answer(self) -> None:
         if self.interactive:
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\n")
+            _write_stdout(f"{self.LABEL}model>{self.RESET} " if self.colour else "model> ")
+        if self.colour:
+            _write_stdout(self.MODEL_TEXT)
 
     def write(self, text: str) -> None:
-        from rich.text import Text
-
-        self.console.print(Text(text), end="")
+        _write_stdout(text)
 
     def end_answer(self, interrupted: bool) -> None:
-        self.console.print()  # ends the answer's line; in a pipe, one answer per line
+        # Ends the answer's line; in a pipe that makes one answer per line.
+        _write_stdout(f"{self.RESET}\n" if self.colour else "\n")
         if interrupted:
             self.message("[stopped]")
 
@@ -636,7 +681,35 @@ class ChatTerminal:
 
         from fragment_llm.display import err_console
 
-        (self.console if self.interactive else err_console).print(Text(text))
+        # soft_wrap: a long line (a path) is never broken by an inserted newline
+        (self.console if self.interactive else err_console).print(Text(text), soft_wrap=True)
+
+    def failure(self, exc: Exception) -> None:
+        _report_internal_error(exc)
+
+    def confirm(self, question: str) -> bool | None:
+        """y or n typed on the controlling terminal (/dev/tty), whatever stdin is; None
+        without one. Input typed or pasted before the question is discarded first, and
+        a pasted answer arrives wrapped in paste markers, so it is never a yes."""
+        try:
+            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "r+b", buffering=0) as tty:
+            with contextlib.suppress(ImportError, OSError):
+                import termios
+
+                termios.tcflush(fd, termios.TCIFLUSH)
+            tty.write(question.encode("utf-8", "replace"))
+            try:
+                answer = tty.readline(4096)  # a terminal's whole line (its line buffer)
+            except KeyboardInterrupt:
+                tty.write(b"\n")
+                return False
+        return answer.strip().lower() in (b"y", b"yes")
+
+
+CHAT_HINT = "/help lists the commands; Ctrl-D leaves, Ctrl-C stops an answer"
 
 
 @cli.command()
@@ -650,10 +723,12 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
 
     \b
     Commands: /help /reset /set KEY=VALUE /settings /system TEXT /save FILE /exit.
-    Ctrl-C stops an answer; Ctrl-D or /exit leaves. Everything the model writes is
-    sanitised: no control character or terminal escape sequence reaches the screen,
-    and [markup] is shown as typed. With stdin not a terminal, each line is one
-    prompt and each answer is printed plainly, so a chat can be scripted.
+    Ctrl-C stops an answer; Ctrl-D or /exit leaves; a paste of several lines is one
+    message. Everything the model writes is sanitised: no control character or
+    terminal escape sequence reaches the screen, and [markup] is shown as typed.
+    /save replaces a file only after a yes typed on the terminal. With stdin not a
+    terminal, each line is one prompt and each answer is printed plainly, one per
+    line, so a chat can be scripted.
 
     \b
     Examples:
@@ -669,13 +744,18 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
     settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})
     _use_threads(settings.threads)
     trained = load_trained(checkpoint_path)
-    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config)
-    interactive = sys.stdin.isatty()
+    terminal = ChatTerminal.for_this_process()
+    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config,
+                          confirm=terminal.confirm)
     _show(summary_table("fragment chat", banner_rows(trained)))
     # readline only for a terminal: a pipe is read line by line, with no editing
-    save_history = enable_line_editing(settings.history) if interactive else (lambda: None)
+    save_history = (enable_line_editing(settings.history) if terminal.interactive
+                    else (lambda: None))
     try:
-        return run_repl(session, ChatTerminal(interactive))
+        with terminal:
+            if terminal.interactive and not FLAGS.quiet:
+                terminal.message(CHAT_HINT)
+            return run_repl(session, terminal)
     finally:
         save_history()
 

@@ -14,6 +14,7 @@ from fragment_llm.errors import OutputError, TokenizerError
 from fragment_llm.safeio import (
     OLD_MARKER,
     TEMP_MARKER,
+    atomic_create_bytes,
     atomic_write_bytes,
     json_depth,
     parse_json_guarded,
@@ -154,3 +155,16 @@ def test_interrupted_swap_restores_previous_result(tmp_path):
     (old / "keep").write_text("old")
     remove_stale_temps(target)
     assert (target / "keep").read_text() == "old"
+
+
+def test_atomic_create_never_replaces(tmp_path):
+    target = tmp_path / "new.txt"
+    atomic_create_bytes(target, b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(OutputError, match="already exists"):
+        atomic_create_bytes(target, b"second")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="already exists"):  # a dangling symlink too
+        atomic_create_bytes(tmp_path / "link", b"third")
+    assert target.read_bytes() == b"first" and not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "new.txt"]
