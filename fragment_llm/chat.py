@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ChatConfig, GenerateConfig
 from fragment_llm.errors import FragmentError, OutputError, PromptError
 from fragment_llm.generate import Engine, GenerationStats
-from fragment_llm.safeio import atomic_create_bytes, atomic_write_bytes, read_capped
+from fragment_llm.safeio import atomic_write_bytes, read_capped
 from fragment_llm.sanitize import OutputSanitizer, escape_for_display, sanitize_prompt
 from fragment_llm.tokenizer import Tokenizer
 
@@ -469,7 +469,10 @@ class ChatSession:
                 return Reply("not saved")
             check_save_target(path)  # again: it may have changed while we asked
         data = self.conversation.transcript().encode("utf-8")
-        (atomic_write_bytes if exists else atomic_create_bytes)(path, data)
+        try:  # a file that appears after the check is never replaced: the rename refuses
+            atomic_write_bytes(path, data, replace=exists)
+        except OutputError as exc:
+            raise OutputError(exc.message, hint="/save to another name") from None
         return Reply(f"saved {len(self.conversation.turns)} turns to {shown}")
 
 

@@ -310,30 +310,6 @@ def atomic_write_text(target: Path, text: str, *, replace: bool = True) -> None:
     atomic_write_bytes(target, text.encode("utf-8"), replace=replace)
 
 
-def atomic_create_bytes(target: Path, data: bytes) -> None:
-    """Like `atomic_write_bytes`, but only ever a new file: OutputError if `target`
-    exists at the moment of publishing, not only when it was checked. The temporary is
-    hard-linked to `target` (which fails on an existing name, where a rename would
-    replace it), then removed."""
-    tmp = temp_name_for(target)
-    with translate_os_errors(target):
-        remove_stale_temps(target)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, target, follow_symlinks=False)
-            except FileExistsError:
-                raise OutputError(f"output already exists: {target}") from None
-            fsync_dir(target.parent)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
 def dump_json(obj: Any) -> str:
     """The one JSON style for artifacts: sorted keys, ASCII-safe, stable across runs."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"

@@ -14,7 +14,6 @@ from fragment_llm.errors import OutputError, TokenizerError
 from fragment_llm.safeio import (
     OLD_MARKER,
     TEMP_MARKER,
-    atomic_create_bytes,
     atomic_write_bytes,
     json_depth,
     parse_json_guarded,
@@ -157,14 +156,14 @@ def test_interrupted_swap_restores_previous_result(tmp_path):
     assert (target / "keep").read_text() == "old"
 
 
-def test_atomic_create_never_replaces(tmp_path):
+def test_atomic_write_without_replace_never_replaces(tmp_path):
     target = tmp_path / "new.txt"
-    atomic_create_bytes(target, b"first")
+    atomic_write_bytes(target, b"first", replace=False)
     assert target.read_bytes() == b"first"
     with pytest.raises(OutputError, match="already exists"):
-        atomic_create_bytes(target, b"second")
+        atomic_write_bytes(target, b"second", replace=False)
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OutputError, match="already exists"):  # a dangling symlink too
-        atomic_create_bytes(tmp_path / "link", b"third")
+        atomic_write_bytes(tmp_path / "link", b"third", replace=False)
     assert target.read_bytes() == b"first" and not (tmp_path / "elsewhere").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "new.txt"]
