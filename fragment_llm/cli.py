@@ -70,8 +70,53 @@ def _report_internal_error(exc: BaseException) -> None:
                f"(traceback saved to {path}; rerun with --debug to print it)", err=True)
 
 
+def _echo_click_error(exc: click.ClickException) -> None:
+    """click's own report (usage line, help hint, message), every line escaped like a
+    library error: a message can quote an argument, such as a hostile file name that a
+    shell glob turned into an extra argument."""
+    from fragment_llm.display import safe
+
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        exc.show()  # `fragment` alone: our own help text, not an error message
+        return
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        for line in ctx.get_usage().splitlines():
+            click.echo(safe(line), err=True)
+        if ctx.command.get_help_option(ctx) is not None:
+            option = max(ctx.command.get_help_option_names(ctx), key=len)
+            click.echo(safe(f"Try '{ctx.command_path} {option}' for help."), err=True)
+        click.echo(err=True)
+    click.echo(f"Error: {safe(exc.format_message())}", err=True)
+
+
+DEBUG_HELP = "Print full tracebacks for internal errors."
+QUIET_HELP = "No progress bars or summaries; errors only."
+
+
+def _set_global_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # given after the verb; the group already set what came before it
+        setattr(FLAGS, str(param.name), True)
+
+
+class FragmentCommand(click.Command):
+    """A verb that also takes the global flags after its name: `fragment chat -q` is
+    `fragment -q chat`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_global_flag, help=DEBUG_HELP),
+            click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_global_flag, help=QUIET_HELP),
+        ]
+
+
 class FragmentGroup(click.Group):
     """A click group whose `main` owns the error-to-exit-code mapping."""
+
+    command_class = FragmentCommand
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -89,7 +134,7 @@ class FragmentGroup(click.Group):
         except click.exceptions.Exit as exc:
             return exc.exit_code
         except click.ClickException as exc:
-            exc.show()
+            _echo_click_error(exc)
             return exc.exit_code
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("interrupted", err=True)
@@ -104,8 +149,8 @@ class FragmentGroup(click.Group):
 
 @click.group(cls=FragmentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fragment")
-@click.option("--debug", is_flag=True, help="Print full tracebacks for internal errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries; errors only.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def cli(debug: bool, quiet: bool) -> None:
     """Fragment LLM: train a small GPT on your own text, safely, on a small machine.
 
