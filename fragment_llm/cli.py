@@ -34,6 +34,7 @@ DEFAULT_RAW = Path("data/raw")
 DEFAULT_PROCESSED = Path("data/processed")
 DEFAULT_TOKENIZER = Path("data/tokenizer.json")
 DEFAULT_CHECKPOINTS = Path("checkpoints")
+DEFAULT_TOKENS = Path("data/tokens")
 
 
 @dataclass
@@ -480,27 +481,50 @@ def _fmt(value: float | None) -> str:
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
               default=DEFAULT_CHECKPOINTS, show_default=True,
               help="A run folder (its latest valid checkpoint) or one step folder.")
+@click.option("--tokens", type=click.Path(path_type=Path, file_okay=False),
+              help="The run's token-shard folder, or the tokens/ folder holding it "
+                   "[data/tokens].")
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False),
-              default=DEFAULT_PROCESSED, show_default=True, help="Any processed folder.")
-@click.option("--max-blocks", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Evaluate at most this many blocks.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"loss", "bpb", "tokens"} as JSON.')
-def evaluate(checkpoint_path: Path, data: Path, max_blocks: int, as_json: bool) -> None:
-    """Report loss and bits per byte of a checkpoint on a processed folder.
+              help="Measure every document of this processed folder instead.")
+@click.option("--max-blocks", type=click.IntRange(min=1),
+              help="Evaluate at most this many blocks [the run's final_eval_blocks, 512].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"loss", "bpb", "tokens", "split", "data"} as JSON.')
+def evaluate(checkpoint_path: Path, tokens: Path | None, data: Path | None,
+             max_blocks: int | None, as_json: bool) -> None:
+    """Report loss and bits per byte of a checkpoint.
 
     \b
-    All of the folder's documents are used (not only a validation split), tokenized
-    with the checkpoint's own tokenizer copy. Bits per byte do not depend on the
+    By default on the run's own held-out split, read from the token shards it was
+    trained on (data/tokens/) exactly as training's final evaluation reads it: the
+    same blocks, so the same bits per byte as the training summary's "val bits/byte".
+    With --data, on every document of any processed folder instead, tokenized with
+    the checkpoint's tokenizer copy; for the training corpus that includes the text
+    the model learned, so the figure is lower. Bits per byte do not depend on the
     tokenizer, so checkpoints with different vocabularies can be compared.
-    """
-    from fragment_llm.display import summary_table
-    from fragment_llm.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint_path, data, max_blocks=max_blocks)
+    \b
+    Examples:
+      fragment eval                                  # checkpoints/, held-out split
+      fragment eval --data other/processed --json    # every document of a folder
+    """
+    from fragment_llm.display import progress_bars, summary_table
+    from fragment_llm.evaluate import evaluate_documents, evaluate_held_out
+
+    if tokens is not None and data is not None:
+        raise click.UsageError("give --tokens (the held-out split) or --data (every "
+                               "document of a processed folder), not both")
+    with progress_bars(not FLAGS.quiet) as progress:
+        result = (evaluate_documents(checkpoint_path, data, max_blocks, progress) if data
+                  else evaluate_held_out(checkpoint_path, tokens or DEFAULT_TOKENS, max_blocks,
+                                         progress))
     if as_json:
-        click.echo(json.dumps({"loss": result.loss, "bpb": result.bpb, "tokens": result.tokens}))
+        click.echo(json.dumps(result.as_json()))
         return
+    text = (f"held-out split of {result.data}" if result.split == "val"
+            else f"every document of {result.data}")
     _show(summary_table("Evaluation", [("checkpoint", result.checkpoint),
+                                       ("measured on", text),
                                        ("loss (nats/token)", f"{result.loss:.4f}"),
                                        ("bits per byte", f"{result.bpb:.4f}"),
                                        ("tokens", f"{result.tokens:,}")]))
