@@ -12,6 +12,7 @@ Stage modules are imported inside each command so `fragment --help` stays instan
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -176,6 +177,12 @@ def config_option(func: Any) -> Any:
              "command-line flags override it.")(func)
 
 
+def json_option(keys: str) -> Any:
+    """`--json`: the summary as one JSON object on stdout, instead of the table on stderr."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print the summary as one JSON object ({keys}) on stdout.")
+
+
 def _show(*renderables: Any) -> None:
     if FLAGS.quiet:
         return
@@ -204,7 +211,8 @@ def _show(*renderables: Any) -> None:
 @click.option("--max-doc-chars", type=click.IntRange(min=1),
               help="Drop documents longer than this [16,000,000].")
 @click.option("--workers", type=click.IntRange(1, 256), help="Reading/cleaning processes [2].")
-def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
+@json_option('"out", "counts", "shards", "seconds", "problems"')
+def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None, as_json: bool,
                **flags: Any) -> None:
     """Validate, clean and shard raw text into data/processed/.
 
@@ -235,6 +243,9 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
     with progress_bars(not FLAGS.quiet) as progress:
         report = run_preprocess(list(inputs) or [DEFAULT_RAW], out, config,
                                 overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+        return
     problems = report.problem_rows()
     if problems:
         _show(listing_table("Files not used", ("file", "status", "reason"), problems))
@@ -260,7 +271,8 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
               help="Train on at most this many characters [all].")
 @click.option("--workers", type=click.IntRange(1, 256), help="Counting processes [2].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
+@json_option('"out", "vocab_size", "merges", "bytes_per_token", "seconds", "sha256", ...')
+def train_tokenizer_command(data: Path, out: Path, config_path: Path | None, as_json: bool,
                             **flags: Any) -> None:
     """Train a byte-level BPE tokenizer on data/processed/.
 
@@ -285,6 +297,9 @@ def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
     config = load_stage_config(TokenizerConfig, "tokenizer", config_path, flags)
     with progress_bars(not FLAGS.quiet) as progress:
         report = train_tokenizer(data, out, config, overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+        return
     _show(summary_table("Tokenizer summary", report.summary_rows()))
 
 
@@ -413,8 +428,10 @@ def _train_configs(preset: str | None, config_path: Path | None,
               help="Documents held out for validation.")
 @click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and a timing probe, then exit.")
+@json_option('"steps", "val_bpb", "checkpoint", "plan", ...')
 def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
-          config_path: Path | None, resume: bool, dry_run: bool, **flags: Any) -> int:
+          config_path: Path | None, resume: bool, dry_run: bool, as_json: bool,
+          **flags: Any) -> int:
     """Train a GPT on the processed corpus; checkpoints go to --out.
 
     \b
@@ -446,7 +463,10 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
                            train=train_config, resume=resume)
     with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
         summary = run_training(request, display, dry_run=dry_run)
-    _show(summary_for_display(summary, display, dry_run))
+    if as_json:
+        click.echo(json.dumps(summary_as_json(summary, display, dry_run)))
+    else:
+        _show(summary_for_display(summary, display, dry_run))
     return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
@@ -471,6 +491,23 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
              ("checkpoint", summary.checkpoint or "-")]
     title = "Training interrupted (checkpoint saved)" if summary.interrupted else "Training done"
     return summary_table(title, rows)
+
+
+def summary_as_json(summary: Any, display: Any, dry_run: bool) -> dict[str, Any]:
+    """`fragment train --json`: the summary's fields and the plan; no NaN or inf (not JSON)."""
+    from dataclasses import asdict
+
+    def finite(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    plan = {key: finite(value) for key, value in display.plan.items()}
+    if dry_run:  # nothing was trained: the plan and the probe are the result
+        return {"out": str(summary.out), "dry_run": True, "parameters": summary.parameters,
+                "plan": plan, "seconds_per_step_probe": finite(display.probe)}
+    values = {**asdict(summary), "out": str(summary.out), "dry_run": False,
+              "checkpoint": None if summary.checkpoint is None else str(summary.checkpoint),
+              "plan": plan}
+    return {key: finite(value) for key, value in values.items()}
 
 
 def _fmt(value: float | None) -> str:
