@@ -522,7 +522,7 @@ def _fmt(value: float | None) -> str:
               help="The run's token-shard folder, or the tokens/ folder holding it "
                    "[data/tokens].")
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False),
-              help="Measure every document of this processed folder instead.")
+              help="Measure the documents of this processed folder instead, from its start.")
 @click.option("--max-blocks", type=click.IntRange(min=1),
               help="Evaluate at most this many blocks [the run's final_eval_blocks, 512].")
 @click.option("--json", "as_json", is_flag=True,
@@ -535,15 +535,16 @@ def evaluate(checkpoint_path: Path, tokens: Path | None, data: Path | None,
     By default on the run's own held-out split, read from the token shards it was
     trained on (data/tokens/) exactly as training's final evaluation reads it: the
     same blocks, so the same bits per byte as the training summary's "val bits/byte".
-    With --data, on every document of any processed folder instead, tokenized with
-    the checkpoint's tokenizer copy; for the training corpus that includes the text
-    the model learned, so the figure is lower. Bits per byte do not depend on the
-    tokenizer, so checkpoints with different vocabularies can be compared.
+    With --data, on the documents of any processed folder from its start instead,
+    tokenized with the checkpoint's tokenizer copy; for the training corpus that
+    includes text the model learned, so it is not the held-out figure. Bits per byte
+    do not depend on the tokenizer, so checkpoints with different vocabularies can be
+    compared.
 
     \b
     Examples:
       fragment eval                                  # checkpoints/, held-out split
-      fragment eval --data other/processed --json    # every document of a folder
+      fragment eval --data other/processed --json    # another folder's documents
     """
     from fragment_llm.display import progress_bars, summary_table
     from fragment_llm.evaluate import evaluate_documents, evaluate_held_out
@@ -559,7 +560,7 @@ def evaluate(checkpoint_path: Path, tokens: Path | None, data: Path | None,
         click.echo(json.dumps(result.as_json()))
         return
     text = (f"held-out split of {result.data}" if result.split == "val"
-            else f"every document of {result.data}")
+            else f"documents of {result.data}, from its start")
     _show(summary_table("Evaluation", [("checkpoint", result.checkpoint),
                                        ("measured on", text),
                                        ("loss (nats/token)", f"{result.loss:.4f}"),

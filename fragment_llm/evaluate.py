@@ -6,8 +6,8 @@ checked against the model's vocabulary before any weight is read.
 
 `fragment eval` measures in one of two ways, and says which: `evaluate_held_out`, the
 run's own held-out split exactly as training's final evaluation reads it (so the two
-report the same bits per byte), or `evaluate_documents`, every document of any
-processed folder, which for the training corpus includes the text the model learned.
+report the same bits per byte), or `evaluate_documents`, the documents of any processed
+folder from its start, which for the training corpus includes text the model learned.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class EvalResult:
     loss: float
     bpb: float
     tokens: int
-    split: str  # "val": the run's held-out split; "all": every document of `data`
+    split: str  # "val": the run's held-out split; "all": `data`'s documents, no split
     data: Path  # the token-shard folder (split "val") or the processed folder ("all")
 
     def as_json(self) -> dict[str, Any]:
@@ -225,8 +225,8 @@ def _consecutive_blocks(tokens: np.ndarray, block: int, count: int,
 
 def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = None,
                        progress: ProgressFn = no_progress) -> EvalResult:
-    """Mean next-token loss over up to `max_blocks` blocks from the start of every
-    document of `processed` (training text included), and bits per byte."""
+    """Mean next-token loss over the first `max_blocks` blocks of the documents of
+    `processed`, in order (training text included), and bits per byte."""
     trained = load_trained(path)
     block = trained.model.config.block_size
     max_blocks = max_blocks or _final_eval_blocks(trained)

@@ -281,7 +281,7 @@ def test_eval_shows_progress_and_names_the_text(work):
     assert "evaluating" in result.stderr and "512 / 512" in result.stderr
     assert "held-out split of data/tokens/" in result.stderr
     result = ok(fragment("eval", "--data", "data/processed"))
-    assert "every document of data/processed" in result.stderr
+    assert "documents of data/processed, from its start" in result.stderr
 
 
 def test_eval_reports_the_figure_training_reported(work):
