@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -35,6 +36,7 @@ DEFAULT_RAW = Path("data/raw")
 DEFAULT_PROCESSED = Path("data/processed")
 DEFAULT_TOKENIZER = Path("data/tokenizer.json")
 DEFAULT_CHECKPOINTS = Path("checkpoints")
+DEFAULT_TOKENS = Path("data/tokens")
 
 
 @dataclass
@@ -71,8 +73,53 @@ def _report_internal_error(exc: BaseException) -> None:
                f"(traceback saved to {path}; rerun with --debug to print it)", err=True)
 
 
+def _echo_click_error(exc: click.ClickException) -> None:
+    """click's own report (usage line, help hint, message), every line escaped like a
+    library error: a message can quote an argument, such as a hostile file name that a
+    shell glob turned into an extra argument."""
+    from fragment_llm.display import safe
+
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        exc.show()  # `fragment` alone: our own help text, not an error message
+        return
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        for line in ctx.get_usage().splitlines():
+            click.echo(safe(line), err=True)
+        if ctx.command.get_help_option(ctx) is not None:
+            option = max(ctx.command.get_help_option_names(ctx), key=len)
+            click.echo(safe(f"Try '{ctx.command_path} {option}' for help."), err=True)
+        click.echo(err=True)
+    click.echo(f"Error: {safe(exc.format_message())}", err=True)
+
+
+DEBUG_HELP = "Print full tracebacks for internal errors."
+QUIET_HELP = "No progress bars or summaries; errors only."
+
+
+def _set_global_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # given after the verb; the group already set what came before it
+        setattr(FLAGS, str(param.name), True)
+
+
+class FragmentCommand(click.Command):
+    """A verb that also takes the global flags after its name: `fragment chat -q` is
+    `fragment -q chat`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_global_flag, help=DEBUG_HELP),
+            click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_global_flag, help=QUIET_HELP),
+        ]
+
+
 class FragmentGroup(click.Group):
     """A click group whose `main` owns the error-to-exit-code mapping."""
+
+    command_class = FragmentCommand
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -90,7 +137,7 @@ class FragmentGroup(click.Group):
         except click.exceptions.Exit as exc:
             return exc.exit_code
         except click.ClickException as exc:
-            exc.show()
+            _echo_click_error(exc)
             return exc.exit_code
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("interrupted", err=True)
@@ -105,8 +152,8 @@ class FragmentGroup(click.Group):
 
 @click.group(cls=FragmentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fragment")
-@click.option("--debug", is_flag=True, help="Print full tracebacks for internal errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries; errors only.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def cli(debug: bool, quiet: bool) -> None:
     """Fragment LLM: train a small GPT on your own text, safely, on a small machine.
 
@@ -129,6 +176,12 @@ def config_option(func: Any) -> Any:
         "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
         help="TOML file with a table per stage ([preprocess], [tokenizer], ...); "
              "command-line flags override it.")(func)
+
+
+def json_option(keys: str) -> Any:
+    """`--json`: the summary as one JSON object on stdout, instead of the table on stderr."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print the summary as one JSON object ({keys}) on stdout.")
 
 
 def _show(*renderables: Any) -> None:
@@ -159,7 +212,8 @@ def _show(*renderables: Any) -> None:
 @click.option("--max-doc-chars", type=click.IntRange(min=1),
               help="Drop documents longer than this [16,000,000].")
 @click.option("--workers", type=click.IntRange(1, 256), help="Reading/cleaning processes [2].")
-def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
+@json_option('"out", "counts", "shards", "seconds", "problems"')
+def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None, as_json: bool,
                **flags: Any) -> None:
     """Validate, clean and shard raw text into data/processed/.
 
@@ -190,6 +244,9 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
     with progress_bars(not FLAGS.quiet) as progress:
         report = run_preprocess(list(inputs) or [DEFAULT_RAW], out, config,
                                 overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+        return
     problems = report.problem_rows()
     if problems:
         _show(listing_table("Files not used", ("file", "status", "reason"), problems))
@@ -215,7 +272,8 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
               help="Train on at most this many characters [all].")
 @click.option("--workers", type=click.IntRange(1, 256), help="Counting processes [2].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
+@json_option('"out", "vocab_size", "merges", "bytes_per_token", "seconds", "sha256", ...')
+def train_tokenizer_command(data: Path, out: Path, config_path: Path | None, as_json: bool,
                             **flags: Any) -> None:
     """Train a byte-level BPE tokenizer on data/processed/.
 
@@ -240,6 +298,9 @@ def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
     config = load_stage_config(TokenizerConfig, "tokenizer", config_path, flags)
     with progress_bars(not FLAGS.quiet) as progress:
         report = train_tokenizer(data, out, config, overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+        return
     _show(summary_table("Tokenizer summary", report.summary_rows()))
 
 
@@ -368,8 +429,10 @@ def _train_configs(preset: str | None, config_path: Path | None,
               help="Documents held out for validation.")
 @click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and a timing probe, then exit.")
+@json_option('"steps", "val_bpb", "checkpoint", "plan", ...')
 def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
-          config_path: Path | None, resume: bool, dry_run: bool, **flags: Any) -> int:
+          config_path: Path | None, resume: bool, dry_run: bool, as_json: bool,
+          **flags: Any) -> int:
     """Train a GPT on the processed corpus; checkpoints go to --out.
 
     \b
@@ -401,7 +464,10 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
                            train=train_config, resume=resume)
     with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
         summary = run_training(request, display, dry_run=dry_run)
-    _show(summary_for_display(summary, display, dry_run))
+    if as_json:
+        click.echo(json.dumps(summary_as_json(summary, display, dry_run)))
+    else:
+        _show(summary_for_display(summary, display, dry_run))
     return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
@@ -428,6 +494,23 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
     return summary_table(title, rows)
 
 
+def summary_as_json(summary: Any, display: Any, dry_run: bool) -> dict[str, Any]:
+    """`fragment train --json`: the summary's fields and the plan; no NaN or inf (not JSON)."""
+    from dataclasses import asdict
+
+    def finite(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    plan = {key: finite(value) for key, value in display.plan.items()}
+    if dry_run:  # nothing was trained: the plan and the probe are the result
+        return {"out": str(summary.out), "dry_run": True, "parameters": summary.parameters,
+                "plan": plan, "seconds_per_step_probe": finite(display.probe)}
+    values = {**asdict(summary), "out": str(summary.out), "dry_run": False,
+              "checkpoint": None if summary.checkpoint is None else str(summary.checkpoint),
+              "plan": plan}
+    return {key: finite(value) for key, value in values.items()}
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -436,27 +519,51 @@ def _fmt(value: float | None) -> str:
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
               default=DEFAULT_CHECKPOINTS, show_default=True,
               help="A run folder (its latest valid checkpoint) or one step folder.")
+@click.option("--tokens", type=click.Path(path_type=Path, file_okay=False),
+              help="The run's token-shard folder, or the tokens/ folder holding it "
+                   "[data/tokens].")
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False),
-              default=DEFAULT_PROCESSED, show_default=True, help="Any processed folder.")
-@click.option("--max-blocks", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Evaluate at most this many blocks.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"loss", "bpb", "tokens"} as JSON.')
-def evaluate(checkpoint_path: Path, data: Path, max_blocks: int, as_json: bool) -> None:
-    """Report loss and bits per byte of a checkpoint on a processed folder.
+              help="Measure the documents of this processed folder instead, from its start.")
+@click.option("--max-blocks", type=click.IntRange(min=1),
+              help="Evaluate at most this many blocks [the run's final_eval_blocks, 512].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"loss", "bpb", "tokens", "split", "data"} as JSON.')
+def evaluate(checkpoint_path: Path, tokens: Path | None, data: Path | None,
+             max_blocks: int | None, as_json: bool) -> None:
+    """Report loss and bits per byte of a checkpoint.
 
     \b
-    All of the folder's documents are used (not only a validation split), tokenized
-    with the checkpoint's own tokenizer copy. Bits per byte do not depend on the
-    tokenizer, so checkpoints with different vocabularies can be compared.
-    """
-    from fragment_llm.display import summary_table
-    from fragment_llm.evaluate import evaluate_checkpoint
+    By default on the run's own held-out split, read from the token shards it was
+    trained on (data/tokens/) exactly as training's final evaluation reads it: the
+    same blocks, so the same bits per byte as the training summary's "val bits/byte".
+    With --data, on the documents of any processed folder from its start instead,
+    tokenized with the checkpoint's tokenizer copy; for the training corpus that
+    includes text the model learned, so it is not the held-out figure. Bits per byte
+    do not depend on the tokenizer, so checkpoints with different vocabularies can be
+    compared.
 
-    result = evaluate_checkpoint(checkpoint_path, data, max_blocks=max_blocks)
+    \b
+    Examples:
+      fragment eval                                  # checkpoints/, held-out split
+      fragment eval --data other/processed --json    # another folder's documents
+    """
+    from fragment_llm.display import progress_bars, summary_table
+    from fragment_llm.evaluate import evaluate_documents, evaluate_held_out
+
+    if tokens is not None and data is not None:
+        raise click.UsageError("give --tokens (the held-out split) or --data (every "
+                               "document of a processed folder), not both")
+    with progress_bars(not FLAGS.quiet) as progress:
+        result = (evaluate_documents(checkpoint_path, data, max_blocks, progress) if data
+                  else evaluate_held_out(checkpoint_path, tokens or DEFAULT_TOKENS, max_blocks,
+                                         progress))
     if as_json:
-        click.echo(json.dumps({"loss": result.loss, "bpb": result.bpb, "tokens": result.tokens}))
+        click.echo(json.dumps(result.as_json()))
         return
+    text = (f"held-out split of {result.data}" if result.split == "val"
+            else f"documents of {result.data}, from its start")
     _show(summary_table("Evaluation", [("checkpoint", result.checkpoint),
+                                       ("measured on", text),
                                        ("loss (nats/token)", f"{result.loss:.4f}"),
                                        ("bits per byte", f"{result.bpb:.4f}"),
                                        ("tokens", f"{result.tokens:,}")]))

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fragment_llm import __version__
 from fragment_llm.cleaning import CleaningCounts
@@ -107,6 +108,13 @@ class PreprocessReport:
                 rows.append((item.location, "kept", f"{item.malformed} malformed records "
                              f"skipped (first: line {first.line}: {first.reason})"))
         return rows
+
+    def as_json(self) -> dict[str, Any]:
+        """`fragment preprocess --json`: the summary's figures, and every file not used."""
+        return {"out": str(self.out), "counts": self.manifest.counts.model_dump(mode="json"),
+                "shards": len(self.manifest.shards), "seconds": self.seconds,
+                "problems": [{"file": file, "status": status, "reason": reason}
+                             for file, status, reason in self.problem_rows()]}
 
     def summary_rows(self) -> list[tuple[str, str]]:
         counts = self.manifest.counts

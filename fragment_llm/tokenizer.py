@@ -25,6 +25,7 @@ import codecs
 import functools
 import json
 import numbers
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -152,6 +153,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
         """Load a tokenizer file, treating it as hostile (TokenizerError naming the rule)."""
+        if not os.path.lexists(path):  # the usual case on a first run: say what makes one
+            raise TokenizerError(f"tokenizer file not found: {path}",
+                                 hint="train one with `fragment train-tokenizer` (it writes "
+                                      "data/tokenizer.json)")
         raw = read_capped(path, MAX_FILE_BYTES, TokenizerError)
         data = parse_json_guarded(raw, str(path), TokenizerError, max_depth=MAX_JSON_DEPTH)
         where = f", in {path}"

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from fragment_llm.config import TokenizerConfig
 from fragment_llm.errors import OutputError
@@ -39,6 +40,10 @@ class TokenizerReport:
     seconds: float
     sha256: str
     note: str | None = None  # why fewer workers ran than were asked for
+
+    def as_json(self) -> dict[str, Any]:
+        """`fragment train-tokenizer --json`: every field, the path as a string."""
+        return {**asdict(self), "out": str(self.out)}
 
     def summary_rows(self) -> list[tuple[str, object]]:
         vocab = f"{self.vocab_size:,}"
