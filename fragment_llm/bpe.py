@@ -37,11 +37,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, islice, repeat
 from operator import add
-from typing import Final
+from typing import Any, Final
 
 from fragment_llm.chunk_count import worker_context
 from fragment_llm.pretokenize import SplitPattern, Splitter
 from fragment_llm.progress import ProgressFn, no_progress
+from fragment_llm.workers import die_with_parent
 
 BYTES: Final = 256
 Merge = tuple[int, int]
@@ -352,24 +353,31 @@ _WORKER_ENCODER: ChunkEncoder | None = None
 
 def _init_encode_worker(spec: SplitPattern, merges: list[Merge]) -> None:
     global _WORKER_ENCODER
+    die_with_parent()
     _WORKER_ENCODER = ChunkEncoder(Splitter(spec), merges)  # validated by the parent
 
 
-def _encode_in_worker(text: str) -> list[int]:
+def encode_in_worker(text: str) -> list[int]:
+    """What an `encoder_pool` maps over texts."""
     if _WORKER_ENCODER is None:  # an invariant of the pool's initializer, not user input
         raise RuntimeError("encode worker used before its initializer ran")
     return _WORKER_ENCODER.encode(text)
 
 
+def encoder_pool(spec: SplitPattern, merges: list[Merge], workers: int) -> Any:
+    """A `multiprocessing.Pool` of `workers` encoders (map `encode_in_worker` with it).
+
+    Workers rebuild the encoder from the merges and the pattern (nothing else crosses),
+    import neither torch nor pyarrow, and end with this process.
+    """
+    return worker_context().Pool(workers, _init_encode_worker, (spec, merges))
+
+
 def encode_many(encoder: ChunkEncoder, merges: list[Merge], texts: list[str],
                 workers: int) -> list[list[int]]:
-    """Encode `texts` in order, on `workers` processes when the batch is big enough.
-
-    Workers rebuild the encoder from the merges and the pattern (nothing else crosses).
-    """
+    """Encode `texts` in order, on `workers` processes when the batch is big enough."""
     if workers <= 1 or len(texts) < 2 or sum(map(len, texts)) < MIN_PARALLEL_CHARS:
         return list(map(encoder.encode, texts))
     chunksize = max(1, len(texts) // (workers * 8))
-    with worker_context().Pool(workers, _init_encode_worker,
-                               (encoder.splitter.spec, merges)) as pool:
-        return pool.map(_encode_in_worker, texts, chunksize=chunksize)
+    with encoder_pool(encoder.splitter.spec, merges, workers) as pool:
+        return pool.map(encode_in_worker, texts, chunksize=chunksize)

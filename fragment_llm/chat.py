@@ -9,8 +9,10 @@ This module owns everything about text that generate.py does not know:
   oldest turns are dropped when the context window is full (the system prompt stays);
 - output: ids -> `StreamDecoder` (never half a UTF-8 character) -> `OutputSanitizer`
   (no control character or escape sequence) -> stop strings, in `TextStream`;
-- the REPL: `ChatSession` turns one input line into a `Reply` and knows no terminal;
-  `run_repl` drives it through a `ChatIO` (the CLI's terminal, or a test's script).
+- the REPL: `ChatSession` turns one input line into a `Reply` and knows no terminal
+  (it asks questions through a `confirm` callback); `run_repl` drives it through a
+  `ChatIO` (the CLI's terminal, or a test's script), and nothing one message or
+  command causes ends the session.
 
 It does not own the terminal (cli.py renders with rich) or sampling (generate.py).
 """
@@ -31,8 +33,8 @@ from pydantic import ValidationError
 from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ChatConfig, GenerateConfig
 from fragment_llm.errors import FragmentError, OutputError, PromptError
 from fragment_llm.generate import Engine, GenerationStats
-from fragment_llm.safeio import atomic_write_text, read_capped
-from fragment_llm.sanitize import OutputSanitizer, sanitize_output, sanitize_prompt
+from fragment_llm.safeio import atomic_write_bytes, read_capped
+from fragment_llm.sanitize import OutputSanitizer, escape_for_display, sanitize_prompt
 from fragment_llm.tokenizer import Tokenizer
 
 SPECIAL_TOKENS_FORMAT = SPECIAL_TOKENS_CHAT_FORMAT  # the checkpoint config's "chat_format"
@@ -299,18 +301,31 @@ def render(conversation: Conversation, template: ChatTemplate, tok: Tokenizer,
 
 # ------------------------------------------------------------------------------ REPL
 
+PROMPT = "you> "
 HELP = """commands:
   /help                 this list
   /reset                forget the conversation (the system prompt stays)
   /set KEY=VALUE ...    change a sampling setting, e.g. /set temperature=0.7 top_k=none
   /settings             show the settings and the system prompt
   /system TEXT          set the system prompt (/system alone removes it)
-  /save FILE            write the transcript to FILE (asks before replacing a file)
-  /exit                 leave (Ctrl-D too); Ctrl-C stops an answer"""
+  /save FILE            write the transcript to a new FILE (replacing a file, or writing
+                        a hidden one, needs a yes typed on the terminal)
+  /exit                 leave (Ctrl-D too); Ctrl-C stops an answer
+A paste of several lines is one message."""
 
 SETTABLE = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
             "seed", "max_time_s")
 _NONE_WORDS = frozenset({"none", "null", "off"})
+# How /settings and /set show a value that means something in words.
+_NONE_MEANS = {"top_k": "none (all tokens)", "seed": "none (different text each time)"}
+_OFF_AT = {"top_p": 1.0, "repetition_penalty": 1.0}
+
+Confirm = Callable[[str], "bool | None"]
+
+
+def no_terminal(question: str) -> bool | None:
+    """The `Confirm` of a session with nobody to ask: no answer at all."""
+    return None
 
 
 @dataclass
@@ -327,35 +342,38 @@ class Reply:
 
 
 class ChatSession:
-    """The chat's state and commands; no terminal. `handle(line) -> Reply`."""
+    """The chat's state and commands; no terminal. `handle(line) -> Reply`.
+
+    `confirm(question)` asks the person at the terminal (True or False), or says there
+    is nobody to ask (None); it must never read the stream the messages come from, or a
+    piped line could answer for the user.
+    """
 
     def __init__(self, model: Any, tokenizer: Tokenizer, settings: ChatConfig,
-                 checkpoint_config: Mapping[str, Any] | None = None) -> None:
+                 checkpoint_config: Mapping[str, Any] | None = None,
+                 confirm: Confirm = no_terminal) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
         self.template = template_for(checkpoint_config or {})
         self.engine = Engine(model)
         self.conversation = Conversation()
-        self._confirm: Callable[[], Reply] | None = None
+        self.confirm = confirm
         self.last_stats: GenerationStats | None = None
         if settings.system:
             self.conversation.system = self._checked(settings.system)
 
-    @property
-    def prompt(self) -> str:
-        return "replace it? [y/N] " if self._confirm else "you> "
-
     def handle(self, line: str) -> Reply:
-        """One line typed by the user: a confirmation, a /command, or a prompt."""
-        if self._confirm is not None:
-            confirm, self._confirm = self._confirm, None
-            return confirm() if line.strip().lower() in ("y", "yes") else Reply("not saved")
-        if line.startswith("/"):
-            return self._command(line)
+        """One message (a paste of several lines is always a message) or a /command.
+
+        A FragmentError it causes (a refused prompt, a tokenizer that gives up, a file
+        that may not be written) becomes the reply's one-line message: the chat goes on.
+        """
         try:
+            if line.startswith("/") and "\n" not in line.strip():
+                return self._command(line)
             text = self._checked(line).strip()
             return Reply(answer=self._answer(text)) if text else Reply()
-        except PromptError as exc:  # too long: say so, and the REPL carries on
+        except FragmentError as exc:
             return Reply(_explain(exc))
 
     # ---------------------------------------------------------------- answering
@@ -370,10 +388,10 @@ class ChatSession:
         turns.append(Turn("user", text))
         try:
             ids = render(self.conversation, self.template, self.tokenizer, budget)
-        except PromptError:
-            turns.pop()
+            run = self.engine.generate(ids, self.settings, special_ids(self.tokenizer))
+        except BaseException:
+            turns.pop()  # not sent: the conversation stays as it was
             raise
-        run = self.engine.generate(ids, self.settings, special_ids(self.tokenizer))
         self.last_stats = run.stats
         return self._stream(run, turns)
 
@@ -395,7 +413,8 @@ class ChatSession:
         name, _, arg = line.strip().partition(" ")
         handler = _COMMANDS.get(name.lower())
         if handler is None:
-            return Reply(f"unknown command {sanitize_output(name)}; /help lists the commands")
+            return Reply(f"unknown command {escape_for_display(name)}; "
+                         "/help lists the commands")
         return handler(self, arg.strip())
 
     def _help(self, arg: str) -> Reply:
@@ -409,50 +428,52 @@ class ChatSession:
         return Reply("conversation cleared")
 
     def _system(self, arg: str) -> Reply:
-        try:
-            text = self._checked(arg).strip()
-        except PromptError as exc:
-            return Reply(_explain(exc))
+        text = self._checked(arg).strip()
         self.conversation.system = text or None
         return Reply("system prompt set" if text else "system prompt removed")
 
     def _settings(self, arg: str) -> Reply:
-        lines = [f"{key} = {getattr(self.settings, key)}" for key in SETTABLE]
-        lines.append(f"system = {self.conversation.system or '(none)'}")
-        lines.append(f"format = {type(self.template).__name__}, context window = "
-                     f"{self.engine.window} tokens")
-        return Reply(sanitize_output("\n".join(lines)))
+        lines = [f"{key} = {_shown(key, getattr(self.settings, key))}" for key in SETTABLE]
+        system = self.conversation.system
+        lines += [f"system prompt = {escape_for_display(system, 200) if system else 'none'}",
+                  f"format = {format_name(self.template)}",
+                  f"context window = {self.engine.window:,} tokens"]
+        return Reply("\n".join(lines))
 
     def _set(self, arg: str) -> Reply:
-        try:
-            changes = dict(_parse_assignment(word) for word in arg.split())
-            if not changes:
-                raise PromptError("usage: /set KEY=VALUE ...", hint=f"keys: {', '.join(SETTABLE)}")
-            self.settings = _validated(self.settings, changes)
-        except PromptError as exc:
-            return Reply(_explain(exc))
-        return Reply(", ".join(f"{k} = {getattr(self.settings, k)}" for k in changes))
+        changes = dict(_parse_assignment(word) for word in arg.split())
+        if not changes:
+            raise PromptError("usage: /set KEY=VALUE ...", hint=f"keys: {', '.join(SETTABLE)}")
+        self.settings = _validated(self.settings, changes)
+        return Reply(", ".join(f"{k} = {_shown(k, getattr(self.settings, k))}"
+                               for k in changes))
 
     def _save(self, arg: str) -> Reply:
+        """Write the transcript to a new file. Replacing a file, or writing a hidden one
+        (`.bashrc`, `~/.config/...`: where shells and desktops keep what they run), needs
+        a yes from `confirm`: with no terminal to ask, it is refused."""
         if not arg:
             return Reply("usage: /save FILE")
-        path = Path(arg).expanduser()
-        text = self.conversation.transcript()
-        try:
-            if check_save_target(path):
-                self._confirm = lambda: self._write(path, text)
-                return Reply(f"{sanitize_output(str(path))} exists")
+        path = save_target(arg)
+        shown = _name(path)
+        exists = check_save_target(path)
+        if exists or _hidden(arg):
+            question = "exists; replace it?" if exists else "is a hidden file; write it?"
+            answer = self.confirm(f"{shown} {question} [y/N] ")
+            if answer is None:
+                raise OutputError(f"not saved: {shown} {question.partition(';')[0]}, and "
+                                  "there is no terminal to confirm on",
+                                  hint="/save to a new file whose name does not start "
+                                       "with a dot")
+            if not answer:
+                return Reply("not saved")
+            check_save_target(path)  # again: it may have changed while we asked
+        data = self.conversation.transcript().encode("utf-8")
+        try:  # a file that appears after the check is never replaced: the rename refuses
+            atomic_write_bytes(path, data, replace=exists)
         except OutputError as exc:
-            return Reply(_explain(exc))
-        return self._write(path, text)
-
-    def _write(self, path: Path, text: str) -> Reply:
-        try:
-            check_save_target(path)
-            atomic_write_text(path, text)
-        except OutputError as exc:
-            return Reply(_explain(exc))
-        return Reply(f"saved {len(self.conversation.turns)} turns to {sanitize_output(str(path))}")
+            raise OutputError(exc.message, hint="/save to another name") from None
+        return Reply(f"saved {len(self.conversation.turns)} turns to {shown}")
 
 
 _COMMANDS: dict[str, Callable[[ChatSession, str], Reply]] = {
@@ -463,8 +484,26 @@ _COMMANDS: dict[str, Callable[[ChatSession, str], Reply]] = {
 
 
 def _explain(exc: FragmentError) -> str:
-    text = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
-    return sanitize_output(text)
+    """One line: the message, and the hint in brackets."""
+    return escape_for_display(exc.message + (f" ({exc.hint})" if exc.hint else ""))
+
+
+def _shown(key: str, value: object) -> str:
+    """A setting in words: `('top_k', None) -> 'none (all tokens)'`."""
+    if value is None:
+        return _NONE_MEANS.get(key, "none")
+    text = str(value)
+    if key == "temperature" and value == 0:
+        return f"{text} (greedy: always the likeliest token)"
+    if _OFF_AT.get(key) == value:
+        return f"{text} (off)"
+    return f"{text} s" if key == "max_time_s" else text
+
+
+def format_name(template: ChatTemplate) -> str:
+    if isinstance(template, SpecialTokenTemplate):
+        return "chat special tokens"
+    return "plain transcript (base model)"
 
 
 def _parse_assignment(word: str) -> tuple[str, str | None]:
@@ -472,7 +511,7 @@ def _parse_assignment(word: str) -> tuple[str, str | None]:
     key, sep, value = word.partition("=")
     key = key.strip().lower().replace("-", "_")
     if not sep or key not in SETTABLE:
-        raise PromptError(f"cannot set {sanitize_output(word)!r}",
+        raise PromptError(f"cannot set {escape_for_display(word)!r}",
                           hint=f"use KEY=VALUE with KEY one of {', '.join(SETTABLE)}")
     return key, None if value.strip().lower() in _NONE_WORDS else value.strip()
 
@@ -490,17 +529,45 @@ def _validated(settings: ChatConfig, changes: Mapping[str, str | None]) -> ChatC
                           hint="nothing was changed") from None
 
 
+def save_target(arg: str) -> Path:
+    """Where `/save ARG` writes: `~` expanded and the folder resolved, so the reply can
+    say where the file went (`x/../talk.txt` -> `/home/me/talk.txt`); the name itself
+    is not resolved (a symlink there is refused, never followed). OutputError for a
+    name no file can have."""
+    if "\x00" in arg:
+        raise OutputError(f"cannot save to {_name(arg)}: a file name cannot contain a NUL "
+                          "byte")
+    try:
+        path = Path(arg).expanduser()
+        return path.parent.resolve() / path.name
+    except (RuntimeError, OSError) as exc:  # ~nosuchuser; a symlink loop
+        raise OutputError(f"cannot save to {_name(arg)}: {exc}") from None
+
+
+def _name(path: Path | str) -> str:
+    """A file name for a one-line message: escaped, and short enough to leave room for
+    the reason after it."""
+    return escape_for_display(str(path), 200)
+
+
+def _hidden(arg: str) -> bool:
+    """Whether a part of the name as typed is hidden: `~/.bashrc`, `.config/x`."""
+    return any(part.startswith(".") and part not in (".", "..") for part in Path(arg).parts)
+
+
 def check_save_target(path: Path) -> bool:
     """Whether `path` exists (a regular file: ask first); OutputError if it may not be
-    written: a symlink (never written through), anything but a regular file, or a
-    parent folder that does not exist."""
-    shown = sanitize_output(str(path))
+    written: a symlink (never written through), anything but a regular file (a FIFO, a
+    device, a folder), or a parent folder that does not exist."""
+    shown = _name(path)
     if not path.parent.is_dir():
-        raise OutputError(f"folder does not exist: {sanitize_output(str(path.parent))}")
+        raise OutputError(f"folder does not exist: {_name(path.parent)}")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return False
+    except OSError as exc:  # a name too long, a folder we may not search
+        raise OutputError(f"cannot write {shown}: {exc.strerror}") from None
     if stat.S_ISLNK(mode):
         raise OutputError(f"refusing to write through a symlink: {shown}")
     if not stat.S_ISREG(mode):
@@ -515,7 +582,12 @@ class ChatIO(Protocol):
     """The terminal (or a test script) as the REPL sees it."""
 
     def read(self, prompt: str) -> str:
-        """One line; EOFError at the end of input, KeyboardInterrupt on Ctrl-C."""
+        """One message (a paste of several lines is one); EOFError at the end of input,
+        KeyboardInterrupt on Ctrl-C."""
+        ...
+
+    def begin_answer(self) -> None:
+        """The model's turn starts (a label, a colour)."""
         ...
 
     def write(self, text: str) -> None:
@@ -525,20 +597,36 @@ class ChatIO(Protocol):
     def end_answer(self, interrupted: bool) -> None: ...
     def message(self, text: str) -> None: ...
 
+    def failure(self, exc: Exception) -> None:
+        """An error no rule expected (a bug): reported in one line; the chat goes on."""
+        ...
+
 
 def run_repl(session: ChatSession, io: ChatIO) -> int:
-    """Read, answer, repeat, until /exit or end of input (exit code 0)."""
+    """Read, answer, repeat, until /exit or end of input (exit code 0).
+
+    Nothing one message or command causes ends the chat: a FragmentError is the reply's
+    message, and anything else is reported by `io.failure` in one line, with the
+    conversation kept.
+    """
     while True:
         try:
-            line = io.read(session.prompt)
+            line = io.read(PROMPT)
         except EOFError:
             return 0
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, like Python's
             io.message("")
             continue
-        reply = session.handle(line)
-        if reply.answer is not None:
-            _show_answer(reply.answer, io)
+        try:
+            reply = session.handle(line)
+            if reply.answer is not None:
+                _show_answer(reply.answer, io)
+        except KeyboardInterrupt:
+            io.message("[stopped]")
+            continue
+        except Exception as exc:
+            io.failure(exc)
+            continue
         if reply.message:
             io.message(reply.message)
         if reply.exit:
@@ -546,18 +634,26 @@ def run_repl(session: ChatSession, io: ChatIO) -> int:
 
 
 def _show_answer(answer: Iterator[str], io: ChatIO) -> None:
-    interrupted = False
+    """Stream one answer; Ctrl-C stops it. An error is shown after the answer's line is
+    ended (a FragmentError here, anything else raised to `run_repl`)."""
+    interrupted, problem = False, None
+    io.begin_answer()
     try:
         for piece in answer:
             io.write(piece)
     except KeyboardInterrupt:  # Ctrl-C stops this answer only
         interrupted = True
-    except FragmentError as exc:
-        io.message(_explain(exc))
+    except Exception as exc:
+        problem = exc
     finally:
         with contextlib.suppress(Exception):
             answer.close()  # type: ignore[attr-defined]  # records the partial answer
-    io.end_answer(interrupted)
+        io.end_answer(interrupted)
+    if isinstance(problem, FragmentError):
+        io.message(_explain(problem))
+    elif problem is not None:
+        raise problem
+
 
 
 # ------------------------------------------------------------------ line editing
@@ -611,6 +707,4 @@ def banner_rows(trained: Any) -> list[tuple[str, object]]:
             ("val bits/byte", "-" if bpb is None else f"{bpb:.4f}"),
             ("device", str(trained.device)),
             ("context window", f"{model.config.block_size} tokens"),
-            ("format", "chat special tokens"
-             if isinstance(template_for(trained.checkpoint.config), SpecialTokenTemplate)
-             else "plain transcript (base model)")]
+            ("format", format_name(template_for(trained.checkpoint.config)))]

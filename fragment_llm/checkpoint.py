@@ -937,6 +937,10 @@ def find_latest_valid(run_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
     return None, skipped
 
 
+HINT_TRAIN_FIRST = ("train a model first with `fragment train` (it writes checkpoints/), "
+                    "or pass --checkpoint with a run folder or one of its step folders")
+
+
 def resolve_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                        on_skip: Callable[[Path, str], None] | None = None) -> Path:
     """A run folder -> its latest valid checkpoint; a step folder -> itself.
@@ -951,7 +955,10 @@ def resolve_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
         on_skip(skipped_path, reason)
     if found is not None:
         return found
-    detail = "; ".join(f"{p.name}: {r}" for p, r in skipped) or "no step-NNNNNNN folders"
+    if not skipped:  # a run folder with no steps yet, such as a fresh clone's checkpoints/
+        raise CheckpointError(f"no valid checkpoint in {path} (no step-NNNNNNN folders)",
+                              hint=HINT_TRAIN_FIRST)
+    detail = "; ".join(f"{p.name}: {r}" for p, r in skipped)
     raise CheckpointError(f"no valid checkpoint in {path} ({detail})",
                           hint="pass a run folder holding step-NNNNNNN folders, or one "
                                "step folder")
@@ -964,9 +971,7 @@ def _check_folder(path: Path) -> None:
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}",
-                              hint="pass a run folder or one of its step-NNNNNNN folders"
-                              ) from None
+        raise CheckpointError(f"checkpoint not found: {path}", hint=HINT_TRAIN_FIRST) from None
     if stat.S_ISLNK(mode):
         raise CheckpointError(f"refusing to follow a symlink: {path}",
                               hint="pass the real folder path")

@@ -24,6 +24,7 @@ from typing import Any
 from fragment_llm.errors import TokenizerError
 from fragment_llm.pretokenize import SplitPattern, Splitter
 from fragment_llm.progress import ProgressFn, no_progress
+from fragment_llm.workers import die_with_parent
 
 # Documents are counted in blocks of about this many characters, and longer documents are
 # cut (at a newline where possible), so a process never holds more than a block's chunks.
@@ -305,6 +306,7 @@ class _Helpers:
 
 def _helper_main(spec: SplitPattern, max_chunk_chars: int, tasks: Any, results: Any) -> None:
     """A helper process: count blocks until told to stop, then send its Counter once."""
+    die_with_parent()
     try:
         splitter = Splitter(spec)  # the parent validated the pattern
         counts: Counter[str] = Counter()

@@ -11,7 +11,9 @@ Stage modules are imported inside each command so `fragment --help` stays instan
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -34,6 +36,7 @@ DEFAULT_RAW = Path("data/raw")
 DEFAULT_PROCESSED = Path("data/processed")
 DEFAULT_TOKENIZER = Path("data/tokenizer.json")
 DEFAULT_CHECKPOINTS = Path("checkpoints")
+DEFAULT_TOKENS = Path("data/tokens")
 
 
 @dataclass
@@ -70,8 +73,53 @@ def _report_internal_error(exc: BaseException) -> None:
                f"(traceback saved to {path}; rerun with --debug to print it)", err=True)
 
 
+def _echo_click_error(exc: click.ClickException) -> None:
+    """click's own report (usage line, help hint, message), every line escaped like a
+    library error: a message can quote an argument, such as a hostile file name that a
+    shell glob turned into an extra argument."""
+    from fragment_llm.display import safe
+
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        exc.show()  # `fragment` alone: our own help text, not an error message
+        return
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        for line in ctx.get_usage().splitlines():
+            click.echo(safe(line), err=True)
+        if ctx.command.get_help_option(ctx) is not None:
+            option = max(ctx.command.get_help_option_names(ctx), key=len)
+            click.echo(safe(f"Try '{ctx.command_path} {option}' for help."), err=True)
+        click.echo(err=True)
+    click.echo(f"Error: {safe(exc.format_message())}", err=True)
+
+
+DEBUG_HELP = "Print full tracebacks for internal errors."
+QUIET_HELP = "No progress bars or summaries; errors only."
+
+
+def _set_global_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # given after the verb; the group already set what came before it
+        setattr(FLAGS, str(param.name), True)
+
+
+class FragmentCommand(click.Command):
+    """A verb that also takes the global flags after its name: `fragment chat -q` is
+    `fragment -q chat`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_global_flag, help=DEBUG_HELP),
+            click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_global_flag, help=QUIET_HELP),
+        ]
+
+
 class FragmentGroup(click.Group):
     """A click group whose `main` owns the error-to-exit-code mapping."""
+
+    command_class = FragmentCommand
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -89,7 +137,7 @@ class FragmentGroup(click.Group):
         except click.exceptions.Exit as exc:
             return exc.exit_code
         except click.ClickException as exc:
-            exc.show()
+            _echo_click_error(exc)
             return exc.exit_code
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("interrupted", err=True)
@@ -104,8 +152,8 @@ class FragmentGroup(click.Group):
 
 @click.group(cls=FragmentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fragment")
-@click.option("--debug", is_flag=True, help="Print full tracebacks for internal errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries; errors only.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def cli(debug: bool, quiet: bool) -> None:
     """Fragment LLM: train a small GPT on your own text, safely, on a small machine.
 
@@ -128,6 +176,12 @@ def config_option(func: Any) -> Any:
         "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
         help="TOML file with a table per stage ([preprocess], [tokenizer], ...); "
              "command-line flags override it.")(func)
+
+
+def json_option(keys: str) -> Any:
+    """`--json`: the summary as one JSON object on stdout, instead of the table on stderr."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print the summary as one JSON object ({keys}) on stdout.")
 
 
 def _show(*renderables: Any) -> None:
@@ -158,7 +212,8 @@ def _show(*renderables: Any) -> None:
 @click.option("--max-doc-chars", type=click.IntRange(min=1),
               help="Drop documents longer than this [16,000,000].")
 @click.option("--workers", type=click.IntRange(1, 256), help="Reading/cleaning processes [2].")
-def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
+@json_option('"out", "counts", "shards", "seconds", "problems"')
+def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None, as_json: bool,
                **flags: Any) -> None:
     """Validate, clean and shard raw text into data/processed/.
 
@@ -189,6 +244,9 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
     with progress_bars(not FLAGS.quiet) as progress:
         report = run_preprocess(list(inputs) or [DEFAULT_RAW], out, config,
                                 overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+        return
     problems = report.problem_rows()
     if problems:
         _show(listing_table("Files not used", ("file", "status", "reason"), problems))
@@ -214,7 +272,8 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None,
               help="Train on at most this many characters [all].")
 @click.option("--workers", type=click.IntRange(1, 256), help="Counting processes [2].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
+@json_option('"out", "vocab_size", "merges", "bytes_per_token", "seconds", "sha256", ...')
+def train_tokenizer_command(data: Path, out: Path, config_path: Path | None, as_json: bool,
                             **flags: Any) -> None:
     """Train a byte-level BPE tokenizer on data/processed/.
 
@@ -239,6 +298,9 @@ def train_tokenizer_command(data: Path, out: Path, config_path: Path | None,
     config = load_stage_config(TokenizerConfig, "tokenizer", config_path, flags)
     with progress_bars(not FLAGS.quiet) as progress:
         report = train_tokenizer(data, out, config, overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+        return
     _show(summary_table("Tokenizer summary", report.summary_rows()))
 
 
@@ -290,8 +352,8 @@ class Duration(click.ParamType):
             seconds = float(number) * _DURATION_UNITS[unit]
         except ValueError:
             self.fail(f"{value!r} is not a duration like 90s, 10m or 2h", param, ctx)
-        if not 0 < seconds < 1e8:
-            self.fail(f"{value!r} must be positive", param, ctx)
+        if not 0 < seconds <= 1e8:  # NaN fails too
+            self.fail(f"{value!r} must be more than 0 and at most 1e8 s (3 years)", param, ctx)
         return seconds
 
 
@@ -307,7 +369,7 @@ class ByteSize(click.ParamType):
         unit = text[-1] if text and text[-1] in _SIZE_UNITS else ""
         try:
             return int(float(text[:-1] if unit else text) * _SIZE_UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf, 1e400
             self.fail(f"{value!r} is not a size like 512M or 4G", param, ctx)
 
 
@@ -379,8 +441,10 @@ def _flag_name(param: Any, value: Any) -> str:
                    "settings it recorded.")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan, a timing probe and the estimated training time, then exit.")
+@json_option('"steps", "val_bpb", "checkpoint", "plan", ...')
 def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
-          config_path: Path | None, resume: bool, dry_run: bool, **flags: Any) -> int:
+          config_path: Path | None, resume: bool, dry_run: bool, as_json: bool,
+          **flags: Any) -> int:
     """Train a GPT on the processed corpus; checkpoints go to --out.
 
     \b
@@ -413,7 +477,10 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
                            train=train_config, resume=resume, given=given)
     with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
         summary = run_training(request, display, dry_run=dry_run)
-    _show(summary_for_display(summary, display, dry_run))
+    if as_json:
+        click.echo(json.dumps(summary_as_json(summary, display, dry_run)))
+    else:
+        _show(summary_for_display(summary, display, dry_run))
     return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
@@ -430,7 +497,7 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
     ]
     if dry_run:
         rows += [("seconds per step (probe)", f"{display.probe:.3f}"),
-                 ("estimated training time", _planned_time(plan, display.probe))]
+                 ("estimated training time", _planned_time(display))]
         return summary_table("Training plan (dry run)", rows)
     rows += [("steps", summary.steps), ("tokens", f"{summary.tokens:,}"),
              ("time", f"{summary.seconds:,.1f} s"),
@@ -441,14 +508,30 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
     return summary_table(title, rows)
 
 
-def _planned_time(plan: dict[str, Any], seconds_per_step: float) -> str:
+def summary_as_json(summary: Any, display: Any, dry_run: bool) -> dict[str, Any]:
+    """`fragment train --json`: the summary's fields and the plan; no NaN or inf (not JSON)."""
+    from dataclasses import asdict
+
+    def finite(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    plan = {key: finite(value) for key, value in display.plan.items()}
+    if dry_run:  # nothing was trained: the plan and the probe are the result
+        return {"out": str(summary.out), "dry_run": True, "parameters": summary.parameters,
+                "plan": plan, "seconds_per_step_probe": finite(display.probe),
+                "estimated_training_seconds": finite(display.planned().eta_s)}
+    values = {**asdict(summary), "out": str(summary.out), "dry_run": False,
+              "checkpoint": None if summary.checkpoint is None else str(summary.checkpoint),
+              "plan": plan}
+    return {key: finite(value) for key, value in values.items()}
+
+
+def _planned_time(display: Any) -> str:
     """`0:54:10 (3,000 steps)`, or `0:03:00 (~166 steps; --max-time ends it)`: whichever
     bound ends the run first, at the probe's speed (training time only)."""
-    from fragment_llm.display import clock, run_budget
+    from fragment_llm.display import clock
 
-    step = int(plan.get("step", 0))
-    budget = run_budget(int(plan.get("max_steps", 0)), plan.get("max_time_s"), step,
-                        float(plan.get("elapsed_s", 0.0)), seconds_per_step)
+    budget, step = display.planned(), int(display.plan.get("step", 0))
     steps = f"{budget.steps - step:,} steps" + (f" from step {step:,}" if step else "")
     if budget.bound == "time":
         return f"{clock(budget.eta_s)} (~{steps}; --max-time ends it)"
@@ -463,27 +546,51 @@ def _fmt(value: float | None) -> str:
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
               default=DEFAULT_CHECKPOINTS, show_default=True,
               help="A run folder (its latest valid checkpoint) or one step folder.")
+@click.option("--tokens", type=click.Path(path_type=Path, file_okay=False),
+              help="The run's token-shard folder, or the tokens/ folder holding it "
+                   "[data/tokens].")
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False),
-              default=DEFAULT_PROCESSED, show_default=True, help="Any processed folder.")
-@click.option("--max-blocks", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Evaluate at most this many blocks.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"loss", "bpb", "tokens"} as JSON.')
-def evaluate(checkpoint_path: Path, data: Path, max_blocks: int, as_json: bool) -> None:
-    """Report loss and bits per byte of a checkpoint on a processed folder.
+              help="Measure the documents of this processed folder instead, from its start.")
+@click.option("--max-blocks", type=click.IntRange(min=1),
+              help="Evaluate at most this many blocks [the run's final_eval_blocks, 512].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"loss", "bpb", "tokens", "split", "data"} as JSON.')
+def evaluate(checkpoint_path: Path, tokens: Path | None, data: Path | None,
+             max_blocks: int | None, as_json: bool) -> None:
+    """Report loss and bits per byte of a checkpoint.
 
     \b
-    All of the folder's documents are used (not only a validation split), tokenized
-    with the checkpoint's own tokenizer copy. Bits per byte do not depend on the
-    tokenizer, so checkpoints with different vocabularies can be compared.
-    """
-    from fragment_llm.display import summary_table
-    from fragment_llm.evaluate import evaluate_checkpoint
+    By default on the run's own held-out split, read from the token shards it was
+    trained on (data/tokens/) exactly as training's final evaluation reads it: the
+    same blocks, so the same bits per byte as the training summary's "val bits/byte".
+    With --data, on the documents of any processed folder from its start instead,
+    tokenized with the checkpoint's tokenizer copy; for the training corpus that
+    includes text the model learned, so it is not the held-out figure. Bits per byte
+    do not depend on the tokenizer, so checkpoints with different vocabularies can be
+    compared.
 
-    result = evaluate_checkpoint(checkpoint_path, data, max_blocks=max_blocks)
+    \b
+    Examples:
+      fragment eval                                  # checkpoints/, held-out split
+      fragment eval --data other/processed --json    # another folder's documents
+    """
+    from fragment_llm.display import progress_bars, summary_table
+    from fragment_llm.evaluate import evaluate_documents, evaluate_held_out
+
+    if tokens is not None and data is not None:
+        raise click.UsageError("give --tokens (the held-out split) or --data (every "
+                               "document of a processed folder), not both")
+    with progress_bars(not FLAGS.quiet) as progress:
+        result = (evaluate_documents(checkpoint_path, data, max_blocks, progress) if data
+                  else evaluate_held_out(checkpoint_path, tokens or DEFAULT_TOKENS, max_blocks,
+                                         progress))
     if as_json:
-        click.echo(json.dumps({"loss": result.loss, "bpb": result.bpb, "tokens": result.tokens}))
+        click.echo(json.dumps(result.as_json()))
         return
+    text = (f"held-out split of {result.data}" if result.split == "val"
+            else f"documents of {result.data}, from its start")
     _show(summary_table("Evaluation", [("checkpoint", result.checkpoint),
+                                       ("measured on", text),
                                        ("loss (nats/token)", f"{result.loss:.4f}"),
                                        ("bits per byte", f"{result.bpb:.4f}"),
                                        ("tokens", f"{result.tokens:,}")]))
@@ -632,30 +739,74 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
 
 
 class ChatTerminal:
-    """The chat's I/O: a rich console with markup, highlighting and emoji off, so model
-    text is shown literally; readline input on a terminal, plain lines from a pipe."""
+    """The chat's I/O on the real streams.
 
-    def __init__(self, interactive: bool) -> None:
+    On a terminal (stdin a tty): readline input after `you>`, a paste of several lines
+    taken as one message (bracketed paste, switched on for the session), the model's
+    turn labelled `model>` and, when stdout is a terminal too, coloured (never with
+    NO_COLOR set or TERM=dumb); Ctrl-D leaves the cursor on a fresh line. From a pipe:
+    one line per message, each answer plain on stdout ending in a newline, everything
+    else on stderr. Questions (`confirm`) go to /dev/tty, never to stdin. Model text
+    arrives already safe; messages are printed as rich Text, markup off.
+    """
+
+    PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+    PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+    LABEL, MODEL_TEXT, RESET = "\x1b[1;36m", "\x1b[36m", "\x1b[0m"  # bold cyan, cyan
+
+    def __init__(self, interactive: bool, colour: bool = False, paste: bool = False) -> None:
         from rich.console import Console
 
-        self.interactive = interactive
+        self.interactive, self.colour, self.paste = interactive, colour, paste
         self.console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
 
+    @classmethod
+    def for_this_process(cls) -> ChatTerminal:
+        interactive = sys.stdin.isatty()
+        fancy = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
+        return cls(interactive, colour=fancy and not os.environ.get("NO_COLOR"),
+                   paste=interactive and fancy)
+
+    def __enter__(self) -> ChatTerminal:
+        if self.paste:
+            _write_stdout(self.PASTE_ON)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.paste:
+            _write_stdout(self.PASTE_OFF)
+
     def read(self, prompt: str) -> str:
+        if not self.interactive:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        try:
+            line = input(prompt)
+        except EOFError:
+            _write_stdout("\n")  # Ctrl-D: the shell's prompt starts on a fresh line
+            raise
+        if self.PASTE_START in line:  # without readline a paste arrives line by line
+            lines = [line]
+            with contextlib.suppress(EOFError):
+                while self.PASTE_END not in lines[-1]:
+                    lines.append(input())
+            line = "\n".join(lines)
+        return line.replace(self.PASTE_START, "").replace(self.PASTE_END, "")
+
+    def begin_answer(self) -> None:
         if self.interactive:
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\n")
+            _write_stdout(f"{self.LABEL}model>{self.RESET} " if self.colour else "model> ")
+        if self.colour:
+            _write_stdout(self.MODEL_TEXT)
 
     def write(self, text: str) -> None:
-        from rich.text import Text
-
-        self.console.print(Text(text), end="")
+        _write_stdout(text)
 
     def end_answer(self, interrupted: bool) -> None:
-        self.console.print()  # ends the answer's line; in a pipe, one answer per line
+        # Ends the answer's line; in a pipe that makes one answer per line.
+        _write_stdout(f"{self.RESET}\n" if self.colour else "\n")
         if interrupted:
             self.message("[stopped]")
 
@@ -664,7 +815,35 @@ class ChatTerminal:
 
         from fragment_llm.display import err_console
 
-        (self.console if self.interactive else err_console).print(Text(text))
+        # soft_wrap: a long line (a path) is never broken by an inserted newline
+        (self.console if self.interactive else err_console).print(Text(text), soft_wrap=True)
+
+    def failure(self, exc: Exception) -> None:
+        _report_internal_error(exc)
+
+    def confirm(self, question: str) -> bool | None:
+        """y or n typed on the controlling terminal (/dev/tty), whatever stdin is; None
+        without one. Input typed or pasted before the question is discarded first, and
+        a pasted answer arrives wrapped in paste markers, so it is never a yes."""
+        try:
+            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "r+b", buffering=0) as tty:
+            with contextlib.suppress(ImportError, OSError):
+                import termios
+
+                termios.tcflush(fd, termios.TCIFLUSH)
+            tty.write(question.encode("utf-8", "replace"))
+            try:
+                answer = tty.readline(4096)  # a terminal's whole line (its line buffer)
+            except KeyboardInterrupt:
+                tty.write(b"\n")
+                return False
+        return answer.strip().lower() in (b"y", b"yes")
+
+
+CHAT_HINT = "/help lists the commands; Ctrl-D leaves, Ctrl-C stops an answer"
 
 
 @cli.command()
@@ -678,10 +857,12 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
 
     \b
     Commands: /help /reset /set KEY=VALUE /settings /system TEXT /save FILE /exit.
-    Ctrl-C stops an answer; Ctrl-D or /exit leaves. Everything the model writes is
-    sanitised: no control character or terminal escape sequence reaches the screen,
-    and [markup] is shown as typed. With stdin not a terminal, each line is one
-    prompt and each answer is printed plainly, so a chat can be scripted.
+    Ctrl-C stops an answer; Ctrl-D or /exit leaves; a paste of several lines is one
+    message. Everything the model writes is sanitised: no control character or
+    terminal escape sequence reaches the screen, and [markup] is shown as typed.
+    /save replaces a file only after a yes typed on the terminal. With stdin not a
+    terminal, each line is one prompt and each answer is printed plainly, one per
+    line, so a chat can be scripted.
 
     \b
     Examples:
@@ -697,13 +878,18 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
     settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})
     _use_threads(settings.threads)
     trained = load_trained(checkpoint_path)
-    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config)
-    interactive = sys.stdin.isatty()
+    terminal = ChatTerminal.for_this_process()
+    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config,
+                          confirm=terminal.confirm)
     _show(summary_table("fragment chat", banner_rows(trained)))
     # readline only for a terminal: a pipe is read line by line, with no editing
-    save_history = enable_line_editing(settings.history) if interactive else (lambda: None)
+    save_history = (enable_line_editing(settings.history) if terminal.interactive
+                    else (lambda: None))
     try:
-        return run_repl(session, ChatTerminal(interactive))
+        with terminal:
+            if terminal.interactive and not FLAGS.quiet:
+                terminal.message(CHAT_HINT)
+            return run_repl(session, terminal)
     finally:
         save_history()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import multiprocessing
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,17 +27,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fragment_llm import __version__
-from fragment_llm.errors import DatasetError
+from fragment_llm.errors import DatasetError, OutputError
 from fragment_llm.progress import ProgressFn, no_progress
 from fragment_llm.safeio import (
     HASH_CHUNK,
     atomic_write_bytes,
-    atomic_write_json,
     dump_json,
+    make_dirs,
     open_regular,
     parse_json_guarded,
     read_capped,
-    remove_stale_temps,
+    refuse_oversized,
     sha256_bytes,
     staged_dir,
 )
@@ -137,20 +137,7 @@ class _ShardWriter:
                           text_bytes=self.text_bytes, shards=self.shards)
 
 
-_worker_tokenizer = None
 ENCODE_WINDOW_DOCS = 256  # documents in flight at once: bounds memory whatever the corpus
-
-
-def _init_encoder(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    from fragment_llm.tokenizer import Tokenizer
-
-    _worker_tokenizer = Tokenizer.load(Path(tokenizer_path))
-
-
-def _encode_one(text: str) -> list[int]:
-    assert _worker_tokenizer is not None
-    return _worker_tokenizer.encode(text)
 
 
 def _windows(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -164,20 +151,26 @@ def _windows(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple
         yield window
 
 
-def _encode_all(tokenizer, tokenizer_path: Path, docs: Iterable[tuple[str, str]],
-                workers: int) -> Iterator[tuple[str, str, list[int]]]:
-    """Encode (text, split) documents in order, on `workers` processes when more than one.
+def _encode_all(tokenizer, docs: Iterable[tuple[str, str]], workers: int,
+                total_chars: int) -> Iterator[tuple[str, str, list[int]]]:
+    """Encode (text, split) documents in order, on `workers` processes when more than one
+    and the corpus is large enough to repay starting them.
 
-    Works a window at a time (Pool.imap would read its whole input ahead).
+    Works a window at a time (Pool.imap would read its whole input ahead). The workers
+    are `bpe.encoder_pool`'s: they hold the merges, not torch (a process importing
+    torch costs ~150 MiB), and they end with this process.
     """
-    if workers <= 1:
+    from fragment_llm.bpe import MIN_PARALLEL_CHARS, encode_in_worker, encoder_pool
+    from fragment_llm.pretokenize import SplitPattern
+
+    if workers <= 1 or total_chars < MIN_PARALLEL_CHARS:
         for text, split in docs:
             yield text, split, tokenizer.encode(text)
         return
-    context = multiprocessing.get_context("spawn")  # never fork a process holding torch
-    with context.Pool(workers, _init_encoder, (str(tokenizer_path),)) as pool:
+    spec = SplitPattern(tokenizer.pattern_name, tokenizer.pattern)
+    with encoder_pool(spec, tokenizer.merges, workers) as pool:
         for window in _windows(docs, ENCODE_WINDOW_DOCS):
-            encoded = pool.map(_encode_one, [text for text, _ in window],
+            encoded = pool.map(encode_in_worker, [text for text, _ in window],
                                chunksize=ENCODE_CHUNK_DOCS)
             for (text, split), ids in zip(window, encoded, strict=True):
                 yield text, split, ids
@@ -185,7 +178,7 @@ def _encode_all(tokenizer, tokenizer_path: Path, docs: Iterable[tuple[str, str]]
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What `build_token_shards` needs; the tokenizer file path lets workers reload it."""
+    """What `build_token_shards` needs."""
 
     processed: Path
     tokenizer_path: Path
@@ -214,11 +207,21 @@ def build_token_shards(request: BuildRequest, progress: ProgressFn | None = None
             return folder
         except DatasetError:
             pass  # a damaged cache is rebuilt, not trusted
-    request.out_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder)
-    with staged_dir(folder, overwrite=True) as tmp:
-        manifest = _write_shards(tmp, corpus, tokenizer, request, progress)
-        atomic_write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
+    damaged = os.path.lexists(folder)
+    make_dirs(request.out_root, hint=f"the token cache is written beside --data "
+                                     f"({request.out_root}): copy {request.processed} to a "
+                                     "writable place and pass that as --data")
+    try:
+        with staged_dir(folder, overwrite=damaged) as tmp:
+            manifest = _write_shards(tmp, corpus, tokenizer, request, progress)
+            data = dump_manifest(manifest).encode("ascii")
+            refuse_oversized(data, MAX_MANIFEST_BYTES, tmp / MANIFEST, DatasetError)
+            atomic_write_bytes(tmp / MANIFEST, data)
+    except OutputError:
+        if damaged or not (folder / MANIFEST).is_file():
+            raise
+        # Another trainer built the same cache meanwhile: the same inputs, the same
+        # bytes. Keep theirs (the caller verifies it) rather than pull it from under them.
     return folder
 
 
@@ -229,7 +232,7 @@ def _write_shards(tmp: Path, corpus, tokenizer, request: BuildRequest,
                for split in ("train", "val")}
     docs = _document_splits(corpus, request.val_fraction)
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
-    encoded = _encode_all(tokenizer, request.tokenizer_path, docs, request.workers)
+    encoded = _encode_all(tokenizer, docs, request.workers, corpus.total_chars)
     for done, (text, split, ids) in enumerate(encoded, start=1):
         writers[split].add(np.concatenate([np.asarray(ids, dtype=np.int64), eot]),
                            len(text.encode("utf-8")))

@@ -196,6 +196,12 @@ class TrainDisplay:
     def _on_probe(self, event) -> None:
         self.probe = float(event.values["seconds_per_step"])
 
+    def planned(self) -> Budget:
+        """The planned run (or its rest, on resume) at the probe's seconds per step."""
+        step = int(self.plan.get("step", 0))
+        return run_budget(self.max_steps, self.max_time_s, step,
+                          float(self.plan.get("elapsed_s", 0.0)), self.probe)
+
     def _on_note(self, event) -> None:
         self._print(str(event.values.get("message", "")))
 

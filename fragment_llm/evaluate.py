@@ -1,13 +1,20 @@
-"""Load a trained model from a checkpoint for inference, and measure it on any text.
+"""Load a trained model from a checkpoint for inference, and measure it on text.
 
 `load_trained` is the one way later stages (eval, generate, chat) get a model: through
 the hostile-folder checkpoint loader, with the tokenizer copy inside the checkpoint,
 checked against the model's vocabulary before any weight is read.
+
+`fragment eval` measures in one of two ways, and says which: `evaluate_held_out`, the
+run's own held-out split exactly as training's final evaluation reads it (so the two
+report the same bits per byte), or `evaluate_documents`, the documents of any processed
+folder from its start, which for the training corpus includes text the model learned.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ from pydantic import ValidationError
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.model import GPT
+from fragment_llm.progress import ProgressFn, no_progress
 from fragment_llm.sanitize import escape_for_display
 
 
@@ -97,9 +105,96 @@ class EvalResult:
     loss: float
     bpb: float
     tokens: int
+    split: str  # "val": the run's held-out split; "all": `data`'s documents, no split
+    data: Path  # the token-shard folder (split "val") or the processed folder ("all")
+
+    def as_json(self) -> dict[str, Any]:
+        """`fragment eval --json`."""
+        return {"loss": self.loss, "bpb": self.bpb, "tokens": self.tokens,
+                "split": self.split, "data": str(self.data)}
 
 
-def _token_stream(processed: Path, tokenizer: Any, want: int) -> tuple[np.ndarray, int]:
+def _run_number(trained: Trained, key: str, default: int) -> int:
+    """A positive integer from the checkpoint's recorded [train] table, or `default`."""
+    train = trained.checkpoint.config.get("train")
+    value = train.get(key) if isinstance(train, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return default
+
+
+def _final_eval_blocks(trained: Trained) -> int:
+    """How many blocks the run's final evaluation read: `final_eval_blocks`, or the
+    periodic `eval_blocks` when that is larger (train.py, `_final_evaluation`)."""
+    return max(_run_number(trained, "final_eval_blocks", 512),
+               _run_number(trained, "eval_blocks", 64))
+
+
+@torch.no_grad()
+def _mean_loss(model: GPT, batches: Any, total_blocks: int, progress: ProgressFn) -> float:
+    """Mean next-token loss (nats) over `batches` of (inputs, targets), summed in float64."""
+    nll, count, done = 0.0, 0, 0
+    progress("evaluating", 0, total_blocks)
+    for x, y in batches:
+        logits = model(x)
+        nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        count += y.numel()
+        done += len(x)
+        progress("evaluating", done, total_blocks)
+    return nll / count
+
+
+def held_out_shards(trained: Trained, tokens: Path) -> Any:
+    """The token shards the checkpoint was trained on: `tokens` itself when it holds a
+    manifest, else the cache folder `fragment train` names from the hashes the checkpoint
+    records (`tokens/<key>`). Refused unless its manifest is the one recorded."""
+    from fragment_llm.data import TokenShards, cache_key
+
+    checkpoint = trained.checkpoint
+    prov, recorded = checkpoint.provenance, checkpoint.provenance.get("tokens_manifest_sha256")
+    train = checkpoint.config.get("train")
+    fraction = train.get("val_fraction") if isinstance(train, dict) else None
+    folder = tokens
+    if not os.path.lexists(tokens / "manifest.json") and isinstance(fraction, float):
+        folder = tokens / cache_key(str(prov.get("processed_manifest_sha256")),
+                                    str(prov.get("tokenizer_sha256")), fraction)
+    if not os.path.lexists(folder / "manifest.json"):
+        raise DatasetError(f"the token shards {checkpoint.path} was trained on are not in "
+                           f"{tokens}", hint=HINT_OTHER_TEXT)
+    shards = TokenShards.open(folder, trained.model.config.vocab_size)
+    if shards.manifest_sha256 != recorded:
+        raise DatasetError(f"{folder} holds other token shards than the ones "
+                           f"{checkpoint.path} was trained on", hint=HINT_OTHER_TEXT)
+    return shards
+
+
+HINT_OTHER_TEXT = ("pass --tokens with the data/tokens folder of the run, or --data with a "
+                   "processed folder to measure all of its documents instead")
+
+
+def evaluate_held_out(path: Path, tokens: Path, max_blocks: int | None = None,
+                      progress: ProgressFn = no_progress) -> EvalResult:
+    """Loss and bits per byte on the run's own held-out split, measured as training's
+    final evaluation measures it (same blocks, batches and formula): the same figure."""
+    from fragment_llm.data import eval_batches
+    from fragment_llm.train import bits_per_byte
+
+    trained = load_trained(path)
+    shards = held_out_shards(trained, tokens)
+    block = trained.model.config.block_size
+    blocks = min(shards.val.num_blocks(block), max_blocks or _final_eval_blocks(trained))
+    if blocks == 0:
+        raise DatasetError(f"the held-out split in {shards.folder} is shorter than one block "
+                           f"({block + 1} tokens)", hint=HINT_OTHER_TEXT)
+    batches = eval_batches(shards.val, block, _run_number(trained, "batch_size", 8), blocks)
+    loss = _mean_loss(trained.model, batches, blocks, progress)
+    val = shards.manifest.val
+    return EvalResult(trained.checkpoint.path, loss, bits_per_byte(loss, val.tokens,
+                      val.text_bytes), blocks * block, "val", shards.folder)
+
+
+def _token_stream(processed: Path, tokenizer: Any, want: int,
+                  progress: ProgressFn) -> tuple[np.ndarray, int]:
     """Tokens of the folder's documents (eot-separated) until `want`, and their bytes."""
     from fragment_llm.processed import ProcessedCorpus
 
@@ -110,6 +205,7 @@ def _token_stream(processed: Path, tokenizer: Any, want: int) -> tuple[np.ndarra
         pieces.append(np.asarray(ids, dtype=np.int64))
         count += len(ids)
         text_bytes += len(text.encode("utf-8"))
+        progress("tokenizing", min(count, want), want)
         if count >= want:
             break
     if not pieces:
@@ -117,27 +213,31 @@ def _token_stream(processed: Path, tokenizer: Any, want: int) -> tuple[np.ndarra
     return np.concatenate(pieces), text_bytes
 
 
-@torch.no_grad()
-def evaluate_checkpoint(path: Path, processed: Path, max_blocks: int = 256,
-                        batch_size: int = 8) -> EvalResult:
-    """Mean next-token loss over up to `max_blocks` blocks, and bits per byte."""
+def _consecutive_blocks(tokens: np.ndarray, block: int, count: int,
+                        batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `count` blocks of `tokens` as (inputs, targets) batches."""
+    for first in range(0, count, batch):
+        rows = [tokens[k * block:k * block + block + 1]
+                for k in range(first, min(count, first + batch))]
+        data = torch.from_numpy(np.stack(rows))
+        yield data[:, :-1], data[:, 1:]
+
+
+def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = None,
+                       progress: ProgressFn = no_progress) -> EvalResult:
+    """Mean next-token loss over the first `max_blocks` blocks of the documents of
+    `processed`, in order (training text included), and bits per byte."""
     trained = load_trained(path)
     block = trained.model.config.block_size
-    tokens, text_bytes = _token_stream(processed, trained.tokenizer, max_blocks * block + 1)
+    max_blocks = max_blocks or _final_eval_blocks(trained)
+    tokens, text_bytes = _token_stream(processed, trained.tokenizer, max_blocks * block + 1,
+                                       progress)
     usable = min(max_blocks, (len(tokens) - 1) // block)
     if usable == 0:
         raise DatasetError(f"fewer than {block + 1} tokens in {processed}",
                            hint="evaluate on more text")
-    nll, count = 0.0, 0
-    for first in range(0, usable, batch_size):
-        rows = [tokens[k * block:k * block + block + 1]
-                for k in range(first, min(usable, first + batch_size))]
-        data = torch.from_numpy(np.stack(rows))
-        logits = trained.model(data[:, :-1])
-        nll += float(F.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten(),
-                                     reduction="sum"))
-        count += data[:, 1:].numel()
-    loss = nll / count
+    batches = _consecutive_blocks(tokens, block, usable, _run_number(trained, "batch_size", 8))
+    loss = _mean_loss(trained.model, batches, usable, progress)
     bytes_covered = text_bytes * min(1.0, (usable * block + 1) / len(tokens))
-    bpb = loss * count / bytes_covered / math.log(2)
-    return EvalResult(trained.checkpoint.path, loss, bpb, count)
+    bpb = loss * usable * block / bytes_covered / math.log(2)
+    return EvalResult(trained.checkpoint.path, loss, bpb, usable * block, "all", processed)

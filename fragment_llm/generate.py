@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fragment_llm.config import GenerateConfig
-from fragment_llm.errors import PromptError
+from fragment_llm.errors import CheckpointError, PromptError
 from fragment_llm.model import GPT, KVCache
 
 
@@ -76,15 +76,28 @@ class Sampler:
             self.seen[list(context)] = True
 
     def __call__(self, logits: Tensor) -> int:
-        # On the CPU whatever the model's device: sampling needs a host int anyway.
-        logits = self._penalise(logits.float().cpu())  # (V,)
+        # On the CPU whatever the model's device (sampling needs a host int anyway), and
+        # in float64: the penalty and the temperature may scale logits far past float32.
+        logits = logits.detach().to("cpu", torch.float64)  # (V,)
+        if not bool(torch.isfinite(logits).all()):
+            raise CheckpointError("the model's output is not finite (NaN or infinity)",
+                                  hint="its weights are damaged or diverged: run `fragment "
+                                       "verify` on the checkpoint, or use an earlier one")
+        logits = self._penalise(logits)
         if self.settings.temperature == 0.0:
             token = int(logits.argmax())
         else:
-            token = self._draw(logits / self.settings.temperature)
+            token = self._draw(self._scaled(logits))
         if self.seen is not None:
             self.seen[token] = True
         return token
+
+    def _scaled(self, logits: Tensor) -> Tensor:
+        """Logits divided by the temperature, shifted so the largest is 0 first: every
+        temperature in range then works. A tiny one (1e-50) sends the others to -inf
+        (greedy, its limit) instead of the largest to +inf and softmax to NaN; a huge
+        one flattens towards uniform. Softmax is unchanged by the shift."""
+        return (logits - logits.max()) / self.settings.temperature
 
     def _penalise(self, logits: Tensor) -> Tensor:
         """CTRL (Keskar et al. 2019): seen tokens' logits shrink towards "less likely"
@@ -106,6 +119,8 @@ class Sampler:
         if top_p < 1.0:
             # Keep the smallest prefix whose mass reaches top_p: a token stays when the
             # mass before it is below top_p, so the most likely token always stays.
+            # (In float64 the first token's "mass before" is exactly 0 < top_p, however
+            # small top_p is; in float32 a top_p of 1e-50 rounded to 0 and kept nothing.)
             probs = probs * ((probs.cumsum(0) - probs) < top_p)
         choice = torch.multinomial(probs, 1, generator=self.generator)
         return int(choice) if ids is None else int(ids[int(choice)])

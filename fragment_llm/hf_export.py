@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from fragment_llm.bpe import BYTES
 from fragment_llm.errors import OutputError
-from fragment_llm.safeio import atomic_write_text
+from fragment_llm.safeio import atomic_write_text, make_dirs
 from fragment_llm.tokenizer import Tokenizer
 
 FORMATS: Final = ("hf",)
@@ -96,9 +96,9 @@ def export_tokenizer(source: Path, out: Path, *, fmt: str = "hf",
         raise OutputError(f"unknown export format {fmt!r}", hint=f"formats: {', '.join(FORMATS)}")
     check_export_target(source, out, overwrite)
     tok = Tokenizer.load(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     atomic_write_text(out, json.dumps(to_hf_dict(tok), indent=2, ensure_ascii=False,
-                                      allow_nan=False) + "\n")
+                                      allow_nan=False) + "\n", replace=overwrite)
     return ExportReport(source, out, fmt, tok.vocab_size, tok.sha256)
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import json
 import multiprocessing
 import os
 import shutil
@@ -35,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fragment_llm import __version__
 from fragment_llm.cleaning import CleaningCounts
@@ -43,6 +46,7 @@ from fragment_llm.errors import InputDataError, OutputError
 from fragment_llm.processed import (
     FORMAT,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     SKIP_REASONS,
     VERSION,
     CharsRemoved,
@@ -68,6 +72,7 @@ from fragment_llm.readers import (
     read_input_file,
 )
 from fragment_llm.safeio import atomic_write_text, read_capped, staged_dir
+from fragment_llm.workers import WorkerCap, cap_workers, die_with_parent, reader_bytes
 
 MiB = 1 << 20
 # Below this many input bytes, starting worker processes costs more than it saves.
@@ -90,6 +95,7 @@ class PreprocessReport:
     out: Path
     manifest: ProcessedManifest
     seconds: float
+    note: str | None = None  # why fewer workers ran than were asked for
 
     def problem_rows(self) -> list[tuple[str, str, str]]:
         """(file, status, reason) for every file not used, or used with records skipped."""
@@ -102,6 +108,13 @@ class PreprocessReport:
                 rows.append((item.location, "kept", f"{item.malformed} malformed records "
                              f"skipped (first: line {first.line}: {first.reason})"))
         return rows
+
+    def as_json(self) -> dict[str, Any]:
+        """`fragment preprocess --json`: the summary's figures, and every file not used."""
+        return {"out": str(self.out), "counts": self.manifest.counts.model_dump(mode="json"),
+                "shards": len(self.manifest.shards), "seconds": self.seconds,
+                "problems": [{"file": file, "status": status, "reason": reason}
+                             for file, status, reason in self.problem_rows()]}
 
     def summary_rows(self) -> list[tuple[str, str]]:
         counts = self.manifest.counts
@@ -118,6 +131,7 @@ class PreprocessReport:
             ("output shards", f"{len(self.manifest.shards)} in {self.out}"),
             ("speed", f"{megabytes / max(self.seconds, 1e-9):,.1f} MB/s"),
             ("time", f"{self.seconds:,.1f} s"),
+            *([("note", self.note)] if self.note else []),
         ]
 
 
@@ -143,9 +157,21 @@ def run_preprocess(inputs: Sequence[Path], out: Path, config: PreprocessConfig, 
         entries = _apply_caps(discover(inputs, config), config)
         if not entries:
             raise _nothing_usable([], inputs)
+        _check_listing_fits(_listing_floor(entries), out, len(entries), "at least ")
+        workers = _cap_workers(config, entries)
+        config = config.model_copy(update={"workers": workers.count})  # what the manifest records
         manifest = _build(entries, inputs, staging, config, progress or no_progress)
-        atomic_write_text(staging / MANIFEST_NAME, manifest_json(manifest))
-    return PreprocessReport(out, manifest, time.perf_counter() - started)
+        text = manifest_json(manifest)
+        _check_listing_fits(len(text), out, len(entries))
+        atomic_write_text(staging / MANIFEST_NAME, text)
+    return PreprocessReport(out, manifest, time.perf_counter() - started, workers.note)
+
+
+def _cap_workers(config: PreprocessConfig, entries: list[Discovered]) -> WorkerCap:
+    """`workers` lowered to the cores there are and to what memory fits, reading files
+    up to the largest one to read here."""
+    largest = max((entry.size for entry in entries if isinstance(entry, FileTask)), default=0)
+    return cap_workers(config.workers, reader_bytes(largest))
 
 
 def _check_paths(inputs: Sequence[Path], out: Path) -> None:
@@ -192,6 +218,32 @@ def _build(entries: list[Discovered], inputs: Sequence[Path], staging: Path,
         format=FORMAT, version=VERSION, fragment_llm_version=__version__, config=config,
         inputs=[_label(str(path)) for path in inputs], files=collector.files,
         counts=collector.counts(), shards=shards)
+
+
+def _check_listing_fits(size: int, out: Path, files: int, bound: str = "") -> None:
+    """The manifest lists every input file; `ProcessedCorpus.open` refuses one over
+    MAX_MANIFEST_BYTES, so a manifest that large is refused here, never written."""
+    if size > MAX_MANIFEST_BYTES:
+        raise OutputError(
+            f"the manifest listing {files:,} input files would be {bound}{size:,} bytes, "
+            f"over the {MAX_MANIFEST_BYTES:,} that readers accept, in {out / MANIFEST_NAME}",
+            hint="give preprocess only the files or folders holding text, or lower "
+                 "max_files in [preprocess]")
+
+
+@functools.cache
+def _entry_floor() -> int:
+    """Bytes of the shortest manifest line for one file (empty path, root and detail)."""
+    empty = InputFile(path="", root="", size=0, status="kept")
+    return len(json.dumps(empty.model_dump(mode="json"), separators=(", ", ": "))) + 6
+
+
+def _listing_floor(entries: list[Discovered]) -> int:
+    """A lower bound of the manifest's size, from its list of files alone: a listing too
+    large for the reader is refused before any file is read."""
+    return sum(_entry_floor() + len(entry.root) + len(_entry_path(entry))
+               + (len(entry.detail) if isinstance(entry, InputFile) else 0)
+               for entry in entries)
 
 
 def _nothing_usable(files: list[InputFile], inputs: Sequence[Path]) -> InputDataError:
@@ -390,7 +442,7 @@ def _result_stream(tasks: list[FileTask], config: PreprocessConfig, staging: Pat
     context.set_forkserver_preload(["fragment_llm.readers"])
     spool = staging / SPOOL_NAME
     spool.mkdir()
-    with ProcessPoolExecutor(helpers, mp_context=context, initializer=_ignore_sigint) as pool:
+    with ProcessPoolExecutor(helpers, mp_context=context, initializer=_start_helper) as pool:
         try:
             yield _Scheduler(pool, tasks, config, helpers, spool).results()
         finally:  # on an error or Ctrl-C, do not let queued files run to completion
@@ -398,8 +450,10 @@ def _result_stream(tasks: list[FileTask], config: PreprocessConfig, staging: Pat
             shutil.rmtree(spool, ignore_errors=True)
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C is handled once, by the main process, which then stops the pool."""
+def _start_helper() -> None:
+    """A helper ends with this process (even one SIGKILLed), and ignores Ctrl-C: that is
+    handled once, by this process, which then stops the pool."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -13,8 +13,9 @@ and the tokenizer and training stages, which read it:
 as hostile: the manifest is size-capped, parsed with guarded JSON and validated against
 the schema below; every shard it names must be a regular file (no symlink) inside the
 folder, with the recorded size and sha256 and the pinned Parquet schema. Any problem is
-a `ProcessedDataError` naming the file and the rule. Reading streams one row group at a
-time, so memory stays bounded.
+a `ProcessedDataError` naming the file and the rule. Reading streams a few rows at a
+time, and a row group may decode to no more than the reader's cap, so memory stays
+bounded whatever a footer claims (`decoded_batches`, which raw Parquet inputs use too).
 
 It does not read raw inputs or clean text (see `readers.py`, `cleaning.py`).
 """
@@ -26,7 +27,7 @@ import json
 import os
 import stat
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -61,7 +62,14 @@ MAX_ROW_GROUP_BYTES = 512 << 20
 # A shard file is read whole to be hashed and parsed from the same bytes; preprocess
 # writes at most 512 MiB of text (plus one document) per shard, compressed.
 MAX_SHARD_FILE_BYTES = 1 << 30
+MAX_PARQUET_FOOTER_BYTES = 16 << 20
 ROW_GROUP_BYTES = 8 << 20  # text per row group the writer aims for: what a reader holds
+# The longest document a shard may hold: its row group (with up to ROW_GROUP_BYTES of
+# other rows) stays under the reader's MAX_ROW_GROUP_BYTES, and its shard (with up to
+# 512 MiB of other text) under MAX_SHARD_FILE_BYTES. Longer ones are dropped as too long.
+MAX_DOC_BYTES = MAX_ROW_GROUP_BYTES // 2
+# What a row costs beyond its text: the sha256 hex digest and three Arrow offsets.
+ROW_OVERHEAD_BYTES = 64 + 3 * 4
 HINT_RUN_PREPROCESS = "run `fragment preprocess` first"
 HINT_RERUN = "rebuild it with `fragment preprocess --overwrite`"
 
@@ -270,7 +278,7 @@ class ProcessedCorpus:
         return [self.folder / shard.file for shard in self.manifest.shards]
 
     def iter_texts(self) -> Iterator[str]:
-        """Every document's text, in shard order, one row group in memory at a time."""
+        """Every document's text, in shard order, a few rows in memory at a time."""
         for columns in self._iter_row_groups(("text",)):
             yield from columns[0]
 
@@ -281,11 +289,15 @@ class ProcessedCorpus:
                 yield Document(*row)
 
     def _iter_row_groups(self, columns: tuple[str, ...]) -> Iterator[list[list[str]]]:
+        """The columns' values a few hundred rows at a time; a row group may decode to at
+        most MAX_ROW_GROUP_BYTES, whatever its footer declares."""
         for shard in self.manifest.shards:
+            path = self.folder / shard.file
             with self._open_shard(shard) as parquet:
                 for index in range(parquet.num_row_groups):
-                    table = _read_row_group(parquet, index, columns, self.folder / shard.file)
-                    yield [table.column(name).to_pylist() for name in columns]
+                    limit = _row_group_limit(index, path)
+                    for arrays in decoded_batches(parquet, list(columns), limit, [index]):
+                        yield _checked_values(arrays, index, path)
 
     def _open_shard(self, shard: ShardInfo) -> _ShardHandle:
         return _ShardHandle(self.folder / shard.file, shard)
@@ -367,10 +379,9 @@ def _verified_bytes(fh: BinaryIO, path: Path, shard: ShardInfo) -> bytes:
 
 def _open_parquet(source: Any, path: Path, shard: ShardInfo) -> Any:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(source)
+        parquet = open_parquet_bytes(source)
         schema = parquet.schema_arrow
         rows = parquet.metadata.num_rows
         group_sizes = [parquet.metadata.row_group(i).total_byte_size
@@ -384,7 +395,11 @@ def _open_parquet(source: Any, path: Path, shard: ShardInfo) -> Any:
                                  f"in {path}")
     if any(size > MAX_ROW_GROUP_BYTES for size in group_sizes):
         raise ProcessedDataError(f"a row group exceeds {MAX_ROW_GROUP_BYTES} bytes, in {path}")
-    return parquet
+    try:  # again, reading dictionary-encoded columns as dictionaries: see decoded_batches
+        return open_parquet_bytes(source, parquet.metadata)
+    except parquet_errors() as exc:
+        raise ProcessedDataError(f"not a valid Parquet file ({_first_line(exc)}), in {path}") \
+            from None
 
 
 def _check_schema(schema: Any, path: Path) -> None:
@@ -400,23 +415,129 @@ def _check_schema(schema: Any, path: Path) -> None:
                                      f"expected string, in {path}")
 
 
-def _read_row_group(parquet: Any, index: int, columns: tuple[str, ...], path: Path) -> Any:
+def _row_group_limit(index: int, path: Path) -> DecodeLimit:
+    def too_large(message: str) -> ProcessedDataError:
+        return ProcessedDataError(f"row group {index}: {message}, in {path}",
+                                  hint=HINT_RUN_PREPROCESS)
+
+    def unreadable(message: str) -> ProcessedDataError:
+        return ProcessedDataError(f"cannot read row group {index} ({message}), in {path}")
+
+    return DecodeLimit(MAX_ROW_GROUP_BYTES, "the most a row group may hold", too_large,
+                       unreadable)
+
+
+def _checked_values(arrays: list[Any], index: int, path: Path) -> list[list[str]]:
     import pyarrow as pa
 
     try:
-        table = parquet.read_row_group(index, columns=list(columns))
-        table.validate(full=True)  # UTF-8 checked in C++: to_pylist would raise mid-stream
+        for array in arrays:
+            array.validate(full=True)  # UTF-8 checked in C++: to_pylist would raise mid-stream
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ProcessedDataError(f"cannot read row group {index} ({_first_line(exc)}), "
                                  f"in {path}") from None
-    if any(column.null_count for column in table.columns):
+    if any(array.null_count for array in arrays):
         raise ProcessedDataError(f"row group {index} holds null values, in {path}")
-    return table
+    return [array.to_pylist() for array in arrays]
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+# ------------------------------------------------- bounded decoding (readers.py too)
+
+# Rows decoded at once: a batch of plain or delta-encoded values holds at most this many
+# values, each no larger than its page; dictionary-encoded ones are measured first.
+PARQUET_BATCH_ROWS = 64
+
+
+def parquet_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    # Arrow raises its own classes, some of which are also OSError, ValueError, etc.
+    return (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError,
+            NotImplementedError, EOFError)
+
+
+def open_parquet_bytes(data: bytes | Any, metadata: Any = None) -> Any:
+    """A `ParquetFile` over bytes in memory, with thrift caps for a hostile footer. Given
+    the `metadata` of a first open, columns that hold dictionary pages are read as
+    dictionaries (indices into the distinct values), which `decoded_batches` measures
+    before expanding them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = data if isinstance(data, pa.BufferReader) else pa.BufferReader(data)
+    dictionary = None
+    if metadata is not None:
+        dictionary = [metadata.schema.column(leaf).path for leaf in range(metadata.num_columns)
+                      if _has_dictionary(metadata, leaf)]
+    return pq.ParquetFile(source, read_dictionary=dictionary or None,
+                          thrift_string_size_limit=MAX_PARQUET_FOOTER_BYTES,
+                          thrift_container_size_limit=1_000_000)
+
+
+def _has_dictionary(metadata: Any, leaf: int) -> bool:
+    return any(metadata.row_group(group).column(leaf).has_dictionary_page
+               for group in range(metadata.num_row_groups))
+
+
+@dataclass(frozen=True)
+class DecodeLimit:
+    """How much a file's string columns may decode to, and the errors for going past it
+    (`too_large`) or failing to decode (`unreadable`); each takes a one-line message."""
+
+    budget: int
+    cap_name: str
+    too_large: Callable[[str], Exception]
+    unreadable: Callable[[str], Exception]
+
+
+def decoded_batches(parquet: Any, columns: list[str], limit: DecodeLimit,
+                    row_groups: list[int] | None = None) -> Iterator[list[Any]]:
+    """`columns` of a Parquet file as plain string arrays, `PARQUET_BATCH_ROWS` rows at a
+    time, refused once they would decode to more than `limit.budget` bytes.
+
+    The footer's sizes are only claims, and a small file can expand far past them: 15,000
+    rows referring to one 200 KB dictionary value are 3 GB of text. A dictionary-encoded
+    batch (see `open_parquet_bytes`) is measured from its indices and its distinct values
+    before it is expanded; any other batch holds at most a batch of values.
+    """
+    decoded = done = 0  # bytes measured, rows yielded
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns,
+                                   row_groups=row_groups, use_threads=False)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            arrays = [batch.column(i) for i in range(batch.num_columns)]
+            decoded += sum(map(_decoded_bytes, arrays))
+            if decoded > limit.budget:
+                raise limit.too_large(
+                    f"{', '.join(columns)[:60]} would decode to more than {limit.budget:,} "
+                    f"bytes by row {done + batch.num_rows:,} (repeated or expanding "
+                    f"values); {limit.cap_name} is {limit.budget:,}")
+            arrays = [array.dictionary_decode() if hasattr(array, "indices") else array
+                      for array in arrays]
+        except parquet_errors() as exc:
+            raise limit.unreadable(f"rows after {done:,} unreadable: {_first_line(exc)}") \
+                from None
+        yield arrays
+        done += batch.num_rows
+
+
+def _decoded_bytes(array: Any) -> int:
+    """Bytes of string data `array` holds once expanded (a dictionary's without doing so)."""
+    import pyarrow.compute as pc
+
+    if hasattr(array, "indices"):
+        lengths = pc.take(pc.binary_length(array.dictionary), array.indices)
+    else:
+        lengths = pc.binary_length(array)
+    return int(pc.sum(lengths).as_py() or 0)
 
 
 # ---------------------------------------------------------------------------- writer
@@ -449,8 +570,11 @@ class DocumentBatch:
 class ShardWriter:
     """Writes documents to `shard-NNNNN.parquet` files, a row group every few MB.
 
-    A shard is closed before a document would take its text past `max_bytes`, so every
-    shard holds at most `max_bytes` of text unless one document alone is larger.
+    A shard is closed before a document would take it past `max_bytes`, so every shard
+    holds at most `max_bytes` unless one document alone is larger. A document counts its
+    text plus its row's sha256 and source: millions of short documents must not make a
+    shard larger than the reader accepts. Whatever the reader refuses (too many shards,
+    a shard file too large) is refused here first, with `OutputError`.
     """
 
     def __init__(self, folder: Path, max_bytes: int, zstd_level: int) -> None:
@@ -462,7 +586,7 @@ class ShardWriter:
         self._staged: list[tuple[Any, list[str], str]] = []  # (texts, digests, source)
         self._buffered = 0
         self._writer: Any = None
-        self._docs = self._chars = self._text_bytes = 0
+        self._docs = self._chars = self._text_bytes = self._shard_bytes = 0
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fragment-fsync")
         self._synced: list[Future[None]] = []
 
@@ -473,15 +597,18 @@ class ShardWriter:
     def add(self, batch: DocumentBatch, source: str) -> None:
         """Append a batch, cutting it where a shard or a row group is full."""
         start = 0
+        overhead = ROW_OVERHEAD_BYTES + len(source.encode("utf-8", "surrogateescape"))
         for index, size in enumerate(batch.sizes):
-            if self._docs and self._text_bytes + size > self.max_bytes:
+            cost = size + overhead
+            if self._docs and self._shard_bytes + cost > self.max_bytes:
                 self._stage(batch, source, start, index)
                 start = index
                 self._finish_shard()
             self._docs += 1
             self._chars += batch.chars[index]
             self._text_bytes += size
-            self._buffered += size
+            self._shard_bytes += cost
+            self._buffered += cost
             if self._buffered >= self.group_bytes:
                 self._stage(batch, source, start, index + 1)
                 start = index + 1
@@ -508,6 +635,11 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._staged:
             return
+        if len(self.shards) >= MAX_SHARDS:
+            raise OutputError(f"the output would need more than {MAX_SHARDS:,} shards, the "
+                              f"most a processed folder may hold, in {self.folder}",
+                              hint="raise shard_max_bytes in [preprocess], or lower "
+                                   "max_total_bytes")
         table = _table(self._staged)
         with translate_os_errors(self._path):
             if self._writer is None:
@@ -522,6 +654,10 @@ class ShardWriter:
         with translate_os_errors(path):
             self._writer.close()
             size = path.stat().st_size
+        if size > MAX_SHARD_FILE_BYTES:
+            raise OutputError(f"shard {path.name} is {size:,} bytes; readers refuse shards "
+                              f"over {MAX_SHARD_FILE_BYTES:,}",
+                              hint="lower shard_max_bytes in [preprocess]")
         self.shards.append(ShardInfo(
             file=path.name, sha256=sha256_file(path, OutputError), size=size,
             documents=self._docs, chars=self._chars, text_bytes=self._text_bytes))
@@ -529,7 +665,7 @@ class ShardWriter:
         # little left to wait for.
         self._synced.append(self._syncer.submit(_fsync, path))
         self._writer = None
-        self._docs = self._chars = self._text_bytes = 0
+        self._docs = self._chars = self._text_bytes = self._shard_bytes = 0
 
 
 def _fsync(path: Path) -> None:

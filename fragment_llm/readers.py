@@ -6,8 +6,9 @@ read), rejects binary content and invalid UTF-8, splits it into documents by for
 - `.txt`, `.md`   the whole file is one document;
 - `.jsonl`        one JSON object per line, text under `config.text_field`; a line is
                   length-checked before parsing, and a bad line is skipped and counted;
-- `.parquet`      column `config.text_field`, one row group at a time, after the footer's
-                  declared sizes were checked against the caps;
+- `.parquet`      column `config.text_field`, after the footer's declared sizes were
+                  checked against the caps, 64 rows at a time within a decoded-bytes
+                  budget (`processed.decoded_batches`);
 
 then cleans (`cleaning.py`), filters by length and hashes each document. Whatever the
 file holds, it returns a `FileResult` (kept, or rejected with a `Reason`): nothing a
@@ -32,7 +33,17 @@ from typing import Any
 from fragment_llm.cleaning import CleaningCounts, clean_text
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.errors import InputDataError
-from fragment_llm.processed import MAX_MALFORMED_LISTED, Reason, Status
+from fragment_llm.processed import (
+    MAX_DOC_BYTES,
+    MAX_MALFORMED_LISTED,
+    MAX_PARQUET_FOOTER_BYTES,
+    DecodeLimit,
+    Reason,
+    Status,
+    decoded_batches,
+    open_parquet_bytes,
+    parquet_errors,
+)
 from fragment_llm.safeio import (
     _refuse_constant,
     _refuse_duplicates,
@@ -43,9 +54,7 @@ from fragment_llm.safeio import (
 KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SUPPORTED = ", ".join(KINDS)
 MiB = 1 << 20
-MAX_DOC_BYTES = 1 << 30  # an Arrow string column holds < 2 GiB per row group
 BINARY_RATIO = 0.05  # more control bytes (or U+FFFD) than this: not text
-MAX_PARQUET_FOOTER_BYTES = 16 * MiB
 PARQUET_ROW_BYTES = 8  # rows cost at least an offset each, even when null
 MAX_DETAIL_CHARS = 200
 
@@ -311,11 +320,14 @@ def _text_field(record: Any, name: str) -> str | _Problem:
 
 
 def _read_parquet(data: bytes, docs: _Documents, config: PreprocessConfig) -> None:
-    """Column `text_field` of a Parquet file, one row group at a time, sizes checked first."""
+    """Column `text_field` of a Parquet file, a few rows at a time, sizes checked first."""
     parquet = _open_parquet(data, config)
     row = 0
-    for index in range(parquet.num_row_groups):
-        for value in _row_group_texts(parquet, index, row, config):
+    limit = DecodeLimit(config.max_file_bytes, "max_file_bytes",
+                        lambda message: _Rejected(Reason.PARQUET_TOO_LARGE, message),
+                        lambda message: _Rejected(Reason.PARQUET_INVALID, message))
+    for column in decoded_batches(parquet, [config.text_field], limit):
+        for value in _batch_texts(column[0], row, config):
             row += 1
             if value is None:
                 docs.malformed(row, "null text")
@@ -323,29 +335,16 @@ def _read_parquet(data: bytes, docs: _Documents, config: PreprocessConfig) -> No
                 docs.add(value)
 
 
-def _parquet_errors() -> tuple[type[BaseException], ...]:
-    import pyarrow as pa
-
-    # Arrow raises its own classes, some of which are also OSError, ValueError, etc.
-    return (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError,
-            NotImplementedError, EOFError)
-
-
 def _open_parquet(data: bytes, config: PreprocessConfig) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     _check_parquet_footer(data)
     try:
-        parquet = pq.ParquetFile(pa.BufferReader(data),
-                                 thrift_string_size_limit=MAX_PARQUET_FOOTER_BYTES,
-                                 thrift_container_size_limit=1_000_000)
+        parquet = open_parquet_bytes(data)
         leaf = _text_leaf(parquet, config.text_field)
         _check_declared_sizes(parquet.metadata, leaf, config)
-    except _parquet_errors() as exc:
+        return open_parquet_bytes(data, parquet.metadata)
+    except parquet_errors() as exc:
         raise _Rejected(Reason.PARQUET_INVALID, f"unreadable Parquet: {_first_line(exc)}") \
             from None
-    return parquet
 
 
 def _check_parquet_footer(data: bytes) -> None:
@@ -394,19 +393,17 @@ def _check_declared_sizes(metadata: Any, leaf: int, config: PreprocessConfig) ->
                             f"uncompressed bytes by row group {index}; max_file_bytes is {cap}")
 
 
-def _row_group_texts(parquet: Any, index: int, first_row: int, config: PreprocessConfig
-                     ) -> list[str | None]:
+def _batch_texts(column: Any, first_row: int, config: PreprocessConfig) -> list[str | None]:
     import pyarrow as pa
 
     try:
-        column = parquet.read_row_group(index, columns=[config.text_field]).column(0)
         try:
             column.validate(full=True)  # checks the UTF-8 in C++, much faster than Python
             return column.to_pylist()
         except pa.ArrowInvalid:  # find the bad row, or apply --invalid-utf8 replace
             raw = column.cast(pa.large_binary()).to_pylist()
-    except _parquet_errors() as exc:
-        raise _Rejected(Reason.PARQUET_INVALID, f"row group {index} unreadable: "
+    except parquet_errors() as exc:
+        raise _Rejected(Reason.PARQUET_INVALID, f"rows after {first_row} unreadable: "
                         f"{_first_line(exc)}") from None
     return [None if value is None else
             _decode(value, config.invalid_utf8, where=f" in row {first_row + row}")

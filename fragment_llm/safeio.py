@@ -3,12 +3,15 @@
 Reads never follow a symlink at the last path component, never open anything but a
 regular file (a FIFO must not block a run), and never read more than a cap. Writes go
 to a temporary name beside the target, are fsynced, then renamed into place, so a crash
-or a full disk leaves either the old file or the new one, never half of either.
+or a full disk leaves either the old file or the new one, never half of either. Without
+`overwrite`, the rename itself refuses an existing target (`rename_noreplace`), so two
+runs started together cannot both write one output: the second is told it exists.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +30,7 @@ from fragment_llm.errors import FragmentError, OutputError
 TEMP_MARKER = ".fragment-tmp-"
 OLD_MARKER = ".fragment-old-"
 HASH_CHUNK = 1 << 20
+HINT_OVERWRITE = "pass --overwrite to replace it, or choose another --out"
 
 ErrorFactory = Callable[[str], FragmentError]
 
@@ -164,23 +169,116 @@ def temp_name_for(target: Path, marker: str = TEMP_MARKER) -> Path:
     return target.with_name(f".{target.name}{marker}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.ELOOP: "a symlink is in the way (not followed)"}
+
+
+def os_error_reason(exc: OSError) -> str:
+    """A short, lower-case reason for a failed file operation: `"read-only file system"`."""
+    return _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+
+
 @contextlib.contextmanager
 def translate_os_errors(target: Path) -> Iterator[None]:
-    """Turn disk-full and permission failures into one-line `OutputError`s."""
+    """Turn disk-full, read-only and permission failures into one-line `OutputError`s."""
     try:
         yield
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and exc.filename is None:
             raise
-        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise OutputError(f"cannot write {target}: {reason}") from None
+        raise OutputError(f"cannot write {target}: {os_error_reason(exc)}") from None
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
+def output_exists(target: Path) -> OutputError:
+    return OutputError(f"output already exists: {target}", hint=HINT_OVERWRITE)
+
+
+def make_dirs(folder: Path, hint: str | None = None) -> None:
+    """`mkdir -p folder`, where a failure the user can act on (a file in the way, a
+    read-only file system, no permission) is one `OutputError` line naming the path."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = _file_in_the_way(folder)
+        if blocker == folder:
+            raise OutputError(f"{folder} is a file, not a folder", hint=hint) from None
+        reason = (f"{blocker} is a file, not a folder" if blocker is not None
+                  else os_error_reason(exc))
+        raise OutputError(f"cannot create folder {folder}: {reason}", hint=hint) from None
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first part of `folder` that exists and is not a folder, if any."""
+    for part in reversed([folder, *folder.parents]):
+        if os.path.lexists(part) and not part.is_dir():
+            return part
+    return None
+
+
+_RENAME_NOREPLACE = 1  # <linux/fs.h>
+_AT_FDCWD = -100
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` unless `dst` exists (FileExistsError), in one atomic step.
+
+    Linux `renameat2(RENAME_NOREPLACE)` where the file system supports it; elsewhere a
+    hard link for a file (`link` fails on an existing name) and, for a folder, creating
+    `dst` empty (`mkdir` fails on an existing name) then renaming over it.
+    """
+    if _renameat2_noreplace(src, dst):
+        return
+    if src.is_dir() and not src.is_symlink():
+        os.mkdir(dst)
+        try:
+            os.rename(src, dst)  # over the empty folder just created: allowed by POSIX
+        except OSError:
+            os.rmdir(dst)
+            raise
+        return
+    os.link(src, dst, follow_symlinks=False)
+    os.unlink(src)
+
+
+def _renameat2_noreplace(src: Path, dst: Path) -> bool:
+    """True once renamed; False where renameat2 or its flag is unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, musl before 1.2.4
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                 _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def refuse_oversized(data: bytes, max_bytes: int, what: Path,
+                     error: type[FragmentError], hint: str | None = None) -> None:
+    """A writer's half of a reader's cap: refuse to write what the reader would refuse.
+
+    `max_bytes` is the reader's constant, imported, never a copy of its value.
+    """
+    if len(data) > max_bytes:
+        raise error(f"refusing to write {what}: it would be {len(data):,} bytes, and "
+                    f"readers refuse more than {max_bytes:,}", hint=hint)
+
+
+def atomic_write_bytes(target: Path, data: bytes, *, replace: bool = True) -> None:
     """Write `data` to `target` so that readers see the old file or the new one, never a mix.
 
-    Temporaries that killed runs left beside `target` are removed first: nothing else
-    would ever clean up after a writer killed between its write and its rename.
+    With `replace=False` an existing `target` is refused at the rename itself
+    (`output already exists`), not only by a check before: nothing written meanwhile by
+    another run is replaced. Temporaries that killed runs left beside `target` are
+    removed first: nothing else would ever clean up after a writer killed between its
+    write and its rename.
     """
     tmp = temp_name_for(target)
     with translate_os_errors(target):
@@ -191,15 +289,25 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            _rename_into_place(tmp, target, replace)
             fsync_dir(target.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
 
-def atomic_write_text(target: Path, text: str) -> None:
-    atomic_write_bytes(target, text.encode("utf-8"))
+def _rename_into_place(tmp: Path, target: Path, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, target)
+        return
+    try:
+        rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise output_exists(target) from None
+
+
+def atomic_write_text(target: Path, text: str, *, replace: bool = True) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"), replace=replace)
 
 
 def dump_json(obj: Any) -> str:
@@ -248,7 +356,12 @@ def glob_escape(name: str) -> str:
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
-    """Delete temporaries left beside `target` by killed runs (their pid is gone)."""
+    """Delete temporaries left beside `target` by killed runs (their pid is gone).
+
+    A temporary's name carries the pid of the run that made it, so a live run's staging
+    folder is never touched, and a dead run's goes with all it holds: the spool files its
+    helper processes wrote, whenever they wrote them (helpers end with their run).
+    """
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
@@ -276,20 +389,25 @@ def staged_dir(target: Path, overwrite: bool) -> Iterator[Path]:
 
     If the body raises (or the process dies), `target` is untouched: the previous
     result survives and the temporary is removed (now, or by `remove_stale_temps`).
+    Without `overwrite`, `target` must not exist when the work starts (checked first,
+    to fail fast) nor when it is renamed into place (checked by the rename itself).
     """
-    if target.exists() and not overwrite:
-        raise OutputError(f"output already exists: {target}",
-                          hint="pass --overwrite to replace it, or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise output_exists(target)
+    make_dirs(target.parent)
     tmp = temp_name_for(target)
     with translate_os_errors(target):
+        remove_stale_temps(target)
         tmp.mkdir()
     try:
         yield tmp
         with translate_os_errors(target):
             fsync_tree(tmp)
-            _swap_into_place(tmp, target)
+            if overwrite:
+                _swap_into_place(tmp, target)
+            else:
+                _rename_into_place(tmp, target, replace=False)
+                fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

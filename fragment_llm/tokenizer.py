@@ -25,6 +25,7 @@ import codecs
 import functools
 import json
 import numbers
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -45,10 +46,11 @@ from fragment_llm.errors import TokenizerError
 from fragment_llm.pretokenize import CUSTOM, NAMED_PATTERNS, SplitPattern, Splitter
 from fragment_llm.progress import ProgressFn, no_progress
 from fragment_llm.safeio import (
-    atomic_write_text,
+    atomic_write_bytes,
     dump_json,
     parse_json_guarded,
     read_capped,
+    refuse_oversized,
     sha256_bytes,
 )
 from fragment_llm.sanitize import escape_for_display
@@ -151,6 +153,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
         """Load a tokenizer file, treating it as hostile (TokenizerError naming the rule)."""
+        if not os.path.lexists(path):  # the usual case on a first run: say what makes one
+            raise TokenizerError(f"tokenizer file not found: {path}",
+                                 hint="train one with `fragment train-tokenizer` (it writes "
+                                      "data/tokenizer.json)")
         raw = read_capped(path, MAX_FILE_BYTES, TokenizerError)
         data = parse_json_guarded(raw, str(path), TokenizerError, max_depth=MAX_JSON_DEPTH)
         where = f", in {path}"
@@ -263,9 +269,14 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------ saving
 
-    def save(self, path: Path) -> None:
-        """Write the file atomically (the old file or the new one, never half)."""
-        atomic_write_text(path, self._canonical_json())
+    def save(self, path: Path, *, replace: bool = True) -> None:
+        """Write the file atomically (the old file or the new one, never half); with
+        `replace=False`, an existing file is refused at the rename. A file `load` would
+        refuse as too large is not written."""
+        data = self._canonical_json().encode("utf-8")
+        refuse_oversized(data, MAX_FILE_BYTES, path, TokenizerError,
+                         hint="lower --vocab-size, or shorten the custom pattern")
+        atomic_write_bytes(path, data, replace=replace)
 
     def to_file_model(self) -> TokenizerFile:
         return TokenizerFile(format=FORMAT, version=VERSION, pattern_name=self.pattern_name,

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from fragment_llm.config import TokenizerConfig
 from fragment_llm.errors import OutputError
 from fragment_llm.progress import ProgressFn, no_progress
+from fragment_llm.safeio import make_dirs
 from fragment_llm.tokenizer import Tokenizer
+from fragment_llm.workers import cap_workers, tokenizer_bytes
 
 # Held-back documents are kept (to measure bytes per token) up to this many characters.
 HOLDOUT_SAMPLE_CHARS = 8 << 20
@@ -36,6 +39,11 @@ class TokenizerReport:
     bytes_per_token: float | None
     seconds: float
     sha256: str
+    note: str | None = None  # why fewer workers ran than were asked for
+
+    def as_json(self) -> dict[str, Any]:
+        """`fragment train-tokenizer --json`: every field, the path as a string."""
+        return {**asdict(self), "out": str(self.out)}
 
     def summary_rows(self) -> list[tuple[str, object]]:
         vocab = f"{self.vocab_size:,}"
@@ -48,7 +56,8 @@ class TokenizerReport:
                 ("bytes per token", bpt),
                 ("trained on", f"{self.chars_trained:,} chars in "
                                f"{_count(self.documents_trained, 'document')}"),
-                ("time", f"{self.seconds:.1f} s"), ("sha256", self.sha256[:16] + "…")]
+                ("time", f"{self.seconds:.1f} s"), ("sha256", self.sha256[:16] + "…"),
+                *([("note", self.note)] if self.note else [])]
 
 
 def _count(n: int, noun: str) -> str:
@@ -124,6 +133,8 @@ def train_tokenizer(data: Path, out: Path, config: TokenizerConfig, *, overwrite
 
     check_output(out, overwrite, data)
     started = time.perf_counter()
+    workers = cap_workers(config.workers, tokenizer_bytes(config.vocab_size))
+    config = config.model_copy(update={"workers": workers.count})  # what the file records
     corpus = ProcessedCorpus.open(data)
     holdout = Holdout(corpus.documents, config.holdout_fraction)
     tok = Tokenizer.train(holdout.training_texts(corpus.iter_texts()), config,
@@ -132,8 +143,8 @@ def train_tokenizer(data: Path, out: Path, config: TokenizerConfig, *, overwrite
     holdout.finish_sample(corpus.iter_texts())
     bytes_per_token = holdout.bytes_per_token(tok)
     check_output(out, overwrite, data)  # again: it may have appeared while we trained
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(out)
+    make_dirs(out.parent)
+    tok.save(out, replace=overwrite)  # and at the rename itself, without --overwrite
     info = tok.training
     assert info is not None  # set by Tokenizer.train
     return TokenizerReport(
@@ -141,4 +152,4 @@ def train_tokenizer(data: Path, out: Path, config: TokenizerConfig, *, overwrite
         merges=len(tok.merges), stop_reason=info.stop_reason, documents_trained=info.documents,
         chars_trained=info.chars, documents_held_out=holdout.count,
         bytes_per_token=bytes_per_token, seconds=time.perf_counter() - started,
-        sha256=tok.sha256)
+        sha256=tok.sha256, note=workers.note)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import math
@@ -21,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from fragment_llm.errors import (
 from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
 from fragment_llm.resume import ResumedSettings, resumed_settings
-from fragment_llm.safeio import atomic_write_text, translate_os_errors
+from fragment_llm.safeio import atomic_write_text, make_dirs, translate_os_errors
 from fragment_llm.verify import (
     HINT_RESUME,
     checked_tokenizer,
@@ -55,6 +56,7 @@ from fragment_llm.verify import (
     resume_links,
     tokens_links,
 )
+from fragment_llm.workers import cap_workers, tokenizer_bytes
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
@@ -293,15 +295,18 @@ class RunLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with translate_os_errors(self.path):  # read-only, no permission, a symlink: one line
+            self.fd = os.open(self.path, flags, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise OutputError(f"another trainer is using {self.path.parent}",
                               hint="wait for it to finish, or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        with translate_os_errors(self.path):
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -530,7 +535,9 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
     resume_from = _find_resume_point(request, env, on_event) if request.resume else None
     if resume_from is not None:  # the run's own settings, before anything uses them
         resumed = resumed_settings(resume_from, request.model, request.train, request.given)
-        request = replace(request, model=resumed.model, train=resumed.train, resumed=resumed)
+        request = dataclasses.replace(request, model=resumed.model, train=resumed.train,
+                                      resumed=resumed)
+    request = _with_capped_workers(request, on_event)
     device = select_device(request.train.device)
     precision = select_precision(request.train.precision, device)
     init_distributed(env, device)
@@ -561,11 +568,22 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
                             {"message": f"resumed from {resume_from.path}"}))
     with contextlib.ExitStack() as stack:
         if env.is_main:
-            request.out.mkdir(parents=True, exist_ok=True)
+            make_dirs(request.out, hint="choose another --out")
             stack.enter_context(RunLock(request.out))
             _remove_killed_runs_temporaries(request.out)
         loop = TrainLoop(request, trainer, tokenizer, model_config, on_event)
         return loop.run(stack.enter_context(InterruptFlag()))
+
+
+def _with_capped_workers(request: TrainRequest, on_event: EventFn) -> TrainRequest:
+    """`[train] workers` lowered to the cores and memory there are, with a note; the
+    lowered value is what the run's config records."""
+    cap = cap_workers(request.train.workers, tokenizer_bytes(request.model.vocab_size))
+    if cap.note is None:
+        return request
+    on_event(TrainEvent("note", 0, {"message": cap.note}))
+    return dataclasses.replace(request, train=request.train.model_copy(
+        update={"workers": cap.count}))
 
 
 def _check_shard_chain(request: TrainRequest, tokenizer: Any, shards: TokenShards,

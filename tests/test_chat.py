@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_config import extremes, numeric_fields  # the same walk over every range
 
 from fragment_llm.chat import (
     ChatSession,
@@ -30,6 +31,7 @@ from fragment_llm.chat import (
 from fragment_llm.checkpoint import save_checkpoint
 from fragment_llm.cli import ChatTerminal, cli
 from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
+from fragment_llm.errors import TokenizerError
 from fragment_llm.evaluate import load_trained
 from fragment_llm.model import GPT
 from fragment_llm.sanitize import (
@@ -275,13 +277,40 @@ def test_set_refuses_invalid_values_and_changes_nothing(trained, assignment):
     assert ask(chat, "still here?") is not None  # the REPL carries on
 
 
+@pytest.mark.parametrize("assignment", [
+    "temperature=1e-50", "temperature=5e-324", "temperature=100 top_k=none",
+    "top_p=5e-324", "top_p=1e-50 top_k=none", "repetition_penalty=10 temperature=1e-300",
+    "max_time_s=5e-324", "seed=9223372036854775807"])
+def test_set_accepts_extremes_that_then_work(trained, assignment):
+    """Every value /set accepts must work: `temperature=1e-50` used to be accepted and
+    then end the chat at the next message (softmax of an overflowed logit)."""
+    chat = session(trained)
+    assert "invalid" not in chat.handle(f"/set {assignment}").message
+    answer = chat.handle("hello")
+    assert answer.answer is not None and isinstance("".join(answer.answer), str)
+    assert [t.role for t in chat.conversation.turns] == ["user", "assistant"]
+
+
 def test_set_and_settings(trained):
     chat = session(trained)
     assert chat.handle("/set temperature=0 top_k=none seed=3").message
     assert (chat.settings.temperature, chat.settings.top_k, chat.settings.seed) == (0.0, None, 3)
     shown = chat.handle("/settings").message
-    assert "temperature = 0.0" in shown and "top_k = None" in shown
+    assert "temperature = 0.0 (greedy" in shown and "top_k = none (all tokens)" in shown
     assert "usage" in chat.handle("/set").message
+
+
+def test_settings_are_shown_in_words(trained):
+    """Not `None` or a class name: what each value means."""
+    chat = session(trained, seed=None, top_p=1.0)
+    shown = chat.handle("/settings").message
+    for words in ("seed = none (different text each time)", "top_p = 1.0 (off)",
+                  "repetition_penalty = 1.0 (off)", "max_time_s = 120.0 s",
+                  "system prompt = none", "format = plain transcript (base model)",
+                  "context window = 64 tokens"):
+        assert words in shown, shown
+    assert "None" not in shown and "Template" not in shown
+    assert chat.handle("/set seed=none").message == "seed = none (different text each time)"
 
 
 def test_system_command(trained):
@@ -318,15 +347,36 @@ def test_save_writes_the_transcript(trained, tmp_path):
     assert "system: sys" in text and not list(tmp_path.glob(".*fragment-tmp*"))
 
 
-def test_save_asks_before_replacing(trained, tmp_path):
+def test_save_asks_the_terminal_before_replacing(trained, tmp_path):
+    questions, answers = [], [False, True]
+
+    def confirm(question: str) -> bool:
+        questions.append(question)
+        return answers.pop(0)
+
     chat = session(trained)
+    chat.confirm = confirm
     target = tmp_path / "chat.txt"
     target.write_text("precious")
-    assert "exists" in chat.handle(f"/save {target}").message
-    assert chat.prompt.startswith("replace")
-    assert chat.handle("n").message == "not saved" and target.read_text() == "precious"
-    chat.handle(f"/save {target}")
-    assert "saved" in chat.handle("y").message and "transcript" in target.read_text()
+    assert chat.handle(f"/save {target}").message == "not saved"
+    assert target.read_text() == "precious" and "exists; replace it?" in questions[0]
+    assert chat.handle(f"/save {target}").message == f"saved 0 turns to {target}"
+    assert "transcript" in target.read_text()
+
+
+def test_save_never_replaces_a_file_without_a_terminal(trained, tmp_path):
+    """No terminal to ask (the default `confirm`): an existing file, or a new hidden
+    one, is refused; the next line of input is a message, never an answer."""
+    chat = session(trained)
+    target = tmp_path / "x" / ".bashrc"
+    target.parent.mkdir()
+    target.write_text("precious")
+    message = chat.handle(f"/save {tmp_path}/x/../x/.bashrc").message
+    assert message.startswith("not saved:") and "no terminal" in message
+    assert target.read_text() == "precious"
+    assert chat.handle("y").answer is not None  # a message for the model, not a yes
+    assert "hidden" in chat.handle(f"/save {tmp_path / '.profile'}").message
+    assert not (tmp_path / ".profile").exists()
 
 
 def test_save_refuses_a_symlink_target(trained, tmp_path):
@@ -424,11 +474,17 @@ class ScriptedIO:
             raise KeyboardInterrupt
         self.shown.append(text)
 
+    def begin_answer(self) -> None:
+        self.shown.append("model> ")
+
     def end_answer(self, interrupted: bool) -> None:
         self.shown.append("[stopped]\n" if interrupted else "\n")
 
     def message(self, text: str) -> None:
         self.shown.append(f"<{text}>")
+
+    def failure(self, exc: Exception) -> None:
+        self.shown.append(f"<internal error: {type(exc).__name__}: {exc}>")
 
 
 def test_repl_runs_until_end_of_input(trained):
@@ -449,27 +505,102 @@ def test_ctrl_c_stops_the_answer_and_keeps_what_was_shown(trained):
     assert run_repl(chat, io) == 0
     assert "[stopped]\n" in io.shown and any("temperature" in s for s in io.shown)
     assert [t.role for t in chat.conversation.turns] == ["user", "assistant"]
-    assert chat.conversation.turns[1].text == io.shown[0].strip()
+    assert chat.conversation.turns[1].text == io.shown[1].strip()
+
+
+def test_one_bad_message_never_ends_the_chat(trained, monkeypatch):
+    """A tokenizer that gives up on one message (the pre-split's time guard on a custom
+    pattern), a model whose output turns non-finite mid-answer, and a bug in the engine:
+    each is one line, the conversation so far is kept, and the next message works."""
+    chat = session(trained)
+    encode = chat.tokenizer.encode
+
+    def fussy_encode(text: str) -> list[int]:
+        if "catastrophic" in text:
+            raise TokenizerError("the custom split pattern timed out on a 12-character text")
+        return encode(text)
+
+    monkeypatch.setattr(chat.tokenizer, "encode", fussy_encode)
+    decode, generate = chat.engine.decode, chat.engine.generate
+
+    def last_message() -> str:
+        return chat.conversation.turns[-1].text
+
+    def nan_decode(token: int) -> torch.Tensor:
+        return decode(token) * (float("nan") if last_message() == "nan please" else 1.0)
+
+    def buggy_generate(*args, **kwargs):
+        if last_message() == "boom":
+            raise RuntimeError("a bug")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(chat.engine, "decode", nan_decode)
+    monkeypatch.setattr(chat.engine, "generate", buggy_generate)
+    io = ScriptedIO(["hello", "catastrophic", "nan please", "boom", "still here?"])
+    assert run_repl(chat, io) == 0
+    shown = "".join(io.shown)
+    assert "<the custom split pattern timed out on a 12-character text>" in shown
+    assert "<the model's output is not finite (NaN or infinity)" in shown
+    assert "<internal error: RuntimeError: a bug>" in shown
+    roles = [t.role for t in chat.conversation.turns]
+    assert roles == ["user", "assistant"] * 3  # hello, nan please (cut short), still here?
+    assert chat.conversation.turns[-2].text == "still here?"
 
 
 # ------------------------------------------------------- through a pipe and a pty
 
 
 def fragment(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`fragment ARGS` in a subprocess; an `env` value of None removes that variable."""
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1",
            **kwargs.pop("env", {})}
+    env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run([sys.executable, "-m", "fragment_llm", *args], capture_output=True,
                           env=env, cwd=ROOT, timeout=120, **kwargs)
 
 
 def test_chat_through_a_pipe(hostile_checkpoint, tmp_path):
+    """stdout a pipe, with a colour terminal type and no NO_COLOR: each answer plain (no
+    label, no colour, no paste mode) and ending its line, so answers never run together."""
     lines = b"hello\n\n/set temperature=abc\nhow are you?\n"
     result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
-                      "--max-new-tokens", "32", input=lines, env={"HOME": str(tmp_path)})
+                      "--max-new-tokens", "32", input=lines,
+                      env={"HOME": str(tmp_path), "TERM": "xterm-256color", "NO_COLOR": None})
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"okok\nokok\n"  # HOSTILE twice per answer, made safe
     assert b"invalid temperature" in result.stderr and b"parameters" in result.stderr
     assert b"Traceback" not in result.stderr and b"pwned" not in result.stderr
+
+
+def test_piped_save_never_replaces_a_file(hostile_checkpoint, tmp_path):
+    """`/save <existing file>` then `y` from the same pipe: the file is kept (the `y`
+    is only a message), as are a FIFO and a new hidden file; a new visible file is
+    written, and the reply says where. No controlling terminal (a new session)."""
+    victim = tmp_path / "x" / ".bashrc"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    os.mkfifo(tmp_path / "fifo")
+    lines = (f"hello\n/save {tmp_path}/x/../x/.bashrc\ny\n/save {tmp_path}/fifo\n"
+             f"/save {tmp_path}/.profile\n/save {tmp_path}/x/../talk.txt\n").encode()
+    result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
+                      "--max-new-tokens", "32", input=lines, env={"HOME": str(tmp_path)},
+                      start_new_session=True)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "precious" and result.stdout == b"okok\nokok\n"
+    assert b"exists, and there is no terminal to confirm on" in result.stderr
+    assert b"not a regular file" in result.stderr and not (tmp_path / ".profile").exists()
+    assert f"saved 4 turns to {(tmp_path / 'talk.txt').resolve()}\n".encode() in result.stderr
+    assert "user: y" in (tmp_path / "talk.txt").read_text()
+
+
+def test_a_file_name_with_a_nul_byte_does_not_end_the_chat(hostile_checkpoint, tmp_path):
+    lines = b"/save bad\x00name.txt\n/save ~nosuchuser/x\n/save " + b"n" * 5000 + b"\nhello\n"
+    result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
+                      "--max-new-tokens", "32", input=lines, env={"HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert b"cannot contain a NUL byte" in result.stderr and result.stdout == b"okok\n"
+    assert result.stderr.count(b"cannot save to") == 2 and b"File name too long" in result.stderr
+    assert b"Traceback" not in result.stderr and b"internal error" not in result.stderr
 
 
 def read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
@@ -486,16 +617,16 @@ def read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
     return screen
 
 
-def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkpoint, tmp_path):
-    """Keys typed into a real terminal (the chat's controlling tty, so Ctrl-C is a
-    signal); the screen must hold none of the model's escape sequences. Colours are
-    off, so any ESC at all would be suspect."""
+def chat_in_a_pty(checkpoint: Path, home: Path, *args: str, **env: str) -> tuple[int, int]:
+    """`fragment chat` in a new pseudo-terminal, as its controlling tty (so Ctrl-C is a
+    signal and /dev/tty is this terminal): (pid, the terminal's fd)."""
     import pty
 
-    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "HOME": str(tmp_path),
-           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    argv = [sys.executable, "-m", "fragment_llm", "chat", "--checkpoint",
-            str(hostile_checkpoint), "--temperature", "0", "--max-new-tokens", "4000"]
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "HOME": str(home),
+           "OMP_NUM_THREADS": "1", "COLUMNS": "200", **env}
+    env = {key: value for key, value in env.items() if value is not None}
+    argv = [sys.executable, "-m", "fragment_llm", "chat", "--checkpoint", str(checkpoint),
+            "--temperature", "0", *args]
     pid, terminal = pty.fork()
     if pid == 0:  # the child: become the chat
         try:
@@ -506,6 +637,13 @@ def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkp
             os.execve(sys.executable, argv, env)
         finally:
             os._exit(127)
+    return pid, terminal
+
+
+def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkpoint, tmp_path):
+    """Keys typed into a real terminal; the screen must hold none of the model's escape
+    sequences. Colours are off and TERM=dumb, so any ESC at all would be suspect."""
+    pid, terminal = chat_in_a_pty(hostile_checkpoint, tmp_path, "--max-new-tokens", "4000")
     try:
         screen = read_until(terminal, b"you> ")
         for _ in range(5):  # a busy machine may finish the answer before Ctrl-C lands
@@ -521,10 +659,52 @@ def test_chat_in_a_pseudo_terminal_never_shows_the_models_escapes(hostile_checkp
         assert exit_code(pid, timeout=30) == 0
     finally:
         os.close(terminal)
-    assert b"okokok" in screen and b"[stopped]" in screen
+    assert b"model> okokok" in screen and b"[stopped]" in screen
     for leaked in (b"[2J", b"pwned", b"\xc2\x9d", b"\x07", b"\x1b"):
         assert leaked not in screen, (leaked, screen[-300:])
     assert (tmp_path / ".cache" / "fragment-llm" / "chat_history").is_file()
+
+
+# Every escape sequence the chat itself may send to a terminal: rich's bold banner, the
+# model's label and colour, bracketed paste on and off. Anything else is a leak.
+OURS = (b"\x1b[1m", b"\x1b[0m", b"\x1b[1;36m", b"\x1b[36m", b"\x1b[?2004h", b"\x1b[?2004l")
+COLOUR = b"\x1b[36m"
+
+
+@pytest.mark.parametrize("no_colour", [None, "1"], ids=["colour", "NO_COLOR"])
+def test_chat_looks_like_a_chat_in_a_terminal(hostile_checkpoint, tmp_path, no_colour):
+    """A real terminal (TERM=xterm-256color): turns labelled `you>` and `model>`, the
+    model's text coloured unless NO_COLOR is set, a bracketed paste of several lines
+    sent as one message, a replacement confirmed on the terminal itself, and Ctrl-D
+    leaving the cursor on a fresh line with paste mode switched off again."""
+    transcript = tmp_path / "chat.txt"
+    transcript.write_text("old")
+    pid, terminal = chat_in_a_pty(hostile_checkpoint, tmp_path, "--max-new-tokens", "24",
+                                  TERM="xterm-256color", NO_COLOR=no_colour)
+    try:
+        screen = read_until(terminal, b"you> ")
+        os.write(terminal, b"\x1b[200~one\ntwo\x1b[201~")
+        os.write(terminal, b"\r")
+        screen += read_until(terminal, b"you> ")
+        os.write(terminal, f"/save {transcript}\r".encode())
+        screen += read_until(terminal, b"[y/N] ")
+        os.write(terminal, b"y\r")
+        screen += read_until(terminal, b"you> ")
+        os.write(terminal, b"\x04")
+        screen += read_until(terminal, b"\xff", timeout=20)
+        assert exit_code(pid, timeout=30) == 0
+    finally:
+        os.close(terminal)
+    assert screen.count(b"model>") == 1, screen[-600:]  # the paste: one message, one answer
+    assert (COLOUR + b"okok") in screen if no_colour is None else COLOUR not in screen
+    assert b"replace it? [y/N] y" in screen and f"saved 2 turns to {transcript}".encode() in screen
+    assert "user: one\ntwo\n" in transcript.read_text()
+    assert screen.index(b"\x1b[?2004h") < screen.index(b"you> ")
+    assert screen.endswith(b"you> \r\n\x1b[?2004l"), screen[-40:]  # Ctrl-D: a fresh line
+    rest = screen
+    for sequence in OURS:
+        rest = rest.replace(sequence, b"")
+    assert b"\x1b" not in rest and b"pwned" not in rest and b"[2J" not in rest
 
 
 def exit_code(pid: int, timeout: float) -> int | None:
@@ -604,6 +784,42 @@ def test_generate_refusals(runner, checkpoint, tmp_path, args, code, text):
     result = runner.invoke(cli, ["generate", "--checkpoint", str(checkpoint), *args])
     assert result.exit_code == code and text in result.output
     assert result.stdout == "" and "Traceback" not in result.output
+
+
+def test_generate_temperature_1e_50_is_greedy(runner, checkpoint):
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick",
+            "--max-new-tokens", "12", "--json"]
+    tiny = runner.invoke(cli, [*base, "--temperature", "1e-50", "--seed", "1"])
+    assert tiny.exit_code == 0, tiny.output
+    greedy = runner.invoke(cli, [*base, "--temperature", "0"])
+    assert json.loads(tiny.stdout)["text"] == json.loads(greedy.stdout)["text"]
+
+
+SAMPLING_CASES = [pytest.param(name, value, accepted, id=f"{name}={label}")
+                  for table, name, kind, bounds in numeric_fields() if table == "generate"
+                  for label, value, accepted in extremes(kind, bounds)]
+
+
+@pytest.mark.parametrize("name, value, accepted", SAMPLING_CASES)
+def test_every_sampling_setting_works_at_its_extremes_or_is_refused(runner, checkpoint,
+                                                                     tmp_path, name, value,
+                                                                     accepted):
+    """Each number of [generate] at its min and max, just outside, inf and NaN, end to
+    end: in range it generates (exit 0), outside it is one error naming the field."""
+    values = {"max_new_tokens": 8, name: value}
+    config = tmp_path / "gen.toml"
+    config.write_text("[generate]\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
+    try:
+        result = runner.invoke(cli, ["generate", "--checkpoint", str(checkpoint), "--prompt",
+                                     "a", "--config", str(config), "--json"])
+    finally:
+        torch.set_num_threads(1)  # threads = 256 is in range: undo it for the next tests
+    if accepted:
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["new_tokens"] <= values["max_new_tokens"]
+    else:
+        assert result.exit_code == 1 and f"invalid generate.{name} = " in result.stderr
+        assert result.stdout == "" and "Traceback" not in result.output
 
 
 # -------------------------------------------------------------- hostile checkpoints

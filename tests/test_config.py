@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import typing
+
+import click
 import pytest
 from pydantic import ValidationError
 
 from fragment_llm.config import (
+    ChatConfig,
+    GenerateConfig,
+    ModelConfig,
     PreprocessConfig,
     TokenizerConfig,
+    TrainConfig,
     load_stage_config,
     read_config_file,
 )
@@ -72,3 +80,97 @@ def test_oversized_config_is_refused_unread(tmp_path):
 def test_wrong_type_is_refused():
     with pytest.raises(ConfigError, match="preprocess.workers"):
         load_stage_config(PreprocessConfig, "preprocess", None, {"workers": "many"})
+
+
+# ------------------------------------------- every number: its whole range, or refused
+
+STAGES = {"preprocess": PreprocessConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
+          "train": TrainConfig, "generate": GenerateConfig, "chat": ChatConfig}
+# Other fields an extreme needs to pass the cross-field rules (n_embd divisible by
+# n_head, an even head dim for RoPE, n_head divisible by n_kv_head).
+COMPANIONS = {("model", "n_head", 256): {"n_embd": 512},
+              ("model", "n_kv_head", 256): {"n_head": 256, "n_embd": 512}}
+
+
+def numeric_fields() -> list[tuple[str, str, type, dict[str, float]]]:
+    """(table, field, int or float, its bounds {"ge": 1, "le": 256, ...}) for every
+    int or float field of every stage config."""
+    fields = []
+    for table, model in STAGES.items():
+        for name, info in model.model_fields.items():
+            kinds = {int, float} & set(typing.get_args(info.annotation) or (info.annotation,))
+            if not kinds or info.annotation is bool:
+                continue
+            bounds = {attr: getattr(rule, attr) for rule in info.metadata
+                      for attr in ("ge", "gt", "le", "lt") if hasattr(rule, attr)}
+            fields.append((table, name, float if float in kinds else int, bounds))
+    return fields
+
+
+def extremes(kind: type, bounds: dict[str, float]) -> list[tuple[str, object, bool]]:
+    """(label, value, must be accepted): each end of the range, just outside it, the
+    infinities and NaN, and for a float the smallest value above its minimum."""
+    step_down = (lambda x: x - 1) if kind is int else (lambda x: math.nextafter(x, -math.inf))
+    step_up = (lambda x: x + 1) if kind is int else (lambda x: math.nextafter(x, math.inf))
+    low = bounds["ge"] if "ge" in bounds else step_up(bounds["gt"])
+    high = bounds["le"] if "le" in bounds else step_down(bounds["lt"])
+    cases = [("min", low, True), ("max", high, True),
+             ("below min", step_down(low), False), ("above max", step_up(high), False),
+             ("inf", math.inf, False), ("-inf", -math.inf, False), ("nan", math.nan, False)]
+    if kind is float:  # temperature 0 is greedy, but 5e-324 divides by almost nothing
+        cases.append(("just above min", step_up(low), True))
+    return cases
+
+
+CASES = [pytest.param(table, name, value, accepted, id=f"{table}.{name}={label}")
+         for table, name, kind, bounds in numeric_fields()
+         for label, value, accepted in extremes(kind, bounds)]
+
+
+def test_every_number_has_a_range():
+    unbounded = [f"{table}.{name}" for table, name, _, bounds in numeric_fields()
+                 if not ({"ge", "gt"} & set(bounds) and {"le", "lt"} & set(bounds))]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("table, name, value, accepted", CASES)
+def test_every_number_is_accepted_in_range_and_refused_outside(tmp_path, table, name, value,
+                                                               accepted):
+    """Through a TOML file, as a user would write it (TOML has inf and nan). Values in
+    range must validate; anything else is one ConfigError naming the field. Whether an
+    accepted extreme also *works* is tested where it is used (the sampling settings end
+    to end in tests/test_chat.py)."""
+    values = {name: value, **COMPANIONS.get((table, name, value), {})}
+    path = write(tmp_path, f"[{table}]\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
+    if accepted:
+        config = load_stage_config(STAGES[table], table, path, {})
+        assert getattr(config, name) == value
+    else:
+        with pytest.raises(ConfigError, match=rf"invalid {table}\.{name} = "):
+            load_stage_config(STAGES[table], table, path, {})
+
+
+def numeric_flags() -> list[tuple[str, str]]:
+    """(verb, --flag) for every option of every verb that takes a number."""
+    from fragment_llm.cli import ByteSize, Duration, cli
+
+    numeric = (click.types.IntParamType, click.types.FloatParamType, ByteSize, Duration)
+    return [(name, option.opts[0]) for name, command in sorted(cli.commands.items())
+            for option in command.params
+            if isinstance(option, click.Option) and isinstance(option.type, numeric)]
+
+
+@pytest.mark.parametrize("verb, flag", numeric_flags())
+def test_every_numeric_flag_refuses_overflow_inf_and_nan(runner, tmp_path, monkeypatch,
+                                                         verb, flag):
+    """`--max-memory inf` was an OverflowError (exit 70). Every number a flag takes is
+    refused in one line (exit 2 from click, 1 from the config), or is in range and the
+    verb goes on to stop at the missing inputs of an empty folder (exit 1)."""
+    from fragment_llm.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    extra = ["--prompt", "a"] if verb == "generate" else []
+    for value in ("inf", "-inf", "nan", "1e400", "9" * 40, "-" + "9" * 40):
+        result = runner.invoke(cli, [verb, flag, value, *extra], input="")
+        assert result.exit_code in (1, 2), (value, result.output)
+        assert "internal error" not in result.output and "Traceback" not in result.output

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fragment_llm.config import MAX_NEW_TOKENS, GenerateConfig, ModelConfig
-from fragment_llm.errors import PromptError
+from fragment_llm.errors import CheckpointError, PromptError
 from fragment_llm.generate import Engine, Sampler, generate_ids
 from fragment_llm.model import GPT
 
@@ -199,3 +199,30 @@ INVALID = [
 def test_invalid_settings_refused(values):
     with pytest.raises(ValidationError):
         GenerateConfig(**values)
+
+
+@pytest.mark.parametrize("extreme", [
+    {"temperature": 5e-324}, {"temperature": 1e-50, "top_k": None},
+    {"temperature": 1.0, "top_k": None, "top_p": 5e-324},
+    {"temperature": 1e-300, "repetition_penalty": 10.0}])
+def test_a_vanishing_temperature_or_top_p_is_greedy(model, extreme):
+    """Every value in range works: a temperature of 1e-50 used to overflow the largest
+    logit to inf and softmax to NaN, and a top_p below float32's smallest number kept
+    no token at all. Their limit is greedy decoding, and that is what they give."""
+    sampled = GenerateConfig(max_new_tokens=12, seed=1, **extreme)
+    greedy = GREEDY.model_copy(update={"repetition_penalty": sampled.repetition_penalty})
+    assert generate_ids(model, [5, 5], sampled) == generate_ids(model, [5, 5], greedy)
+
+
+def test_the_largest_temperature_still_samples(model):
+    settings = GenerateConfig(temperature=100.0, top_k=None, max_new_tokens=12, seed=1)
+    assert len(generate_ids(model, [5, 5], settings)) == 12
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_are_refused_not_sampled(bad):
+    logits = torch.zeros(VOCAB)
+    logits[3] = bad
+    for temperature in (0.0, 0.8):
+        with pytest.raises(CheckpointError, match="not finite"):
+            Sampler(GenerateConfig(temperature=temperature), VOCAB)(logits)

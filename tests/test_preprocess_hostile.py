@@ -500,3 +500,52 @@ def test_everything_at_once(runner, raw, tmp_path, no_hang):
         "nocolumn.parquet": "parquet-missing-column", "notes.csv": "unsupported-extension",
         "nul.txt": "nul-bytes", "secret": "symlink-escapes-root", "table.parquet": "kept"}
     assert manifest["counts"]["documents"] == 5 and manifest["counts"]["malformed_records"] == 1
+
+
+# ------------------------------------------------- Parquet that expands while decoded
+
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of the (large)
+# pytest process would report the parent's peak.
+PEAK_RSS = """
+import re, sys
+from fragment_llm.cli import cli
+code = cli.main(sys.argv[1:], prog_name="fragment", standalone_mode=False)
+status = open("/proc/self/status", encoding="ascii").read()
+print("peak_kib", re.search(r"VmHWM:\\s+(\\d+)", status).group(1), "exit", code)
+"""
+
+
+def expanding_parquet(path: Path, encoding: str, rows: int = 600) -> None:
+    """~107 KB on disk, 120 MB of text once decoded: one 200 KB value, repeated. The
+    footer honestly declares ~200 KB uncompressed, so its check passes."""
+    import random
+
+    rnd = random.Random(0)
+    value = "".join(rnd.choice("abcdefghij klmnop\n") for _ in range(200_000))
+    if encoding == "dictionary":  # 600 indices into a one-entry dictionary
+        column = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()),
+                                                pa.array([value]))
+        pq.write_table(pa.table({"text": column}), path, store_schema=False)
+    else:  # each value is "all of the previous one" plus an empty suffix
+        pq.write_table(pa.table({"text": [value] * rows}), path, use_dictionary=False,
+                       column_encoding={"text": "DELTA_BYTE_ARRAY"}, store_schema=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
+@pytest.mark.parametrize("encoding", ["dictionary", "delta"])
+def test_parquet_that_expands_while_decoded(raw, encoding):
+    import subprocess
+    import sys
+
+    expanding_parquet(raw / "bomb.parquet", encoding)
+    out = raw.parent / "out"
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, "-q", "preprocess", str(raw),
+                           "--out", str(out), "--max-file-bytes", str(8 << 20)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    words = done.stdout.split()
+    assert words[-1] == "0", done.stdout + done.stderr  # the good file made it
+    found = assert_rejected(json.loads((out / MANIFEST_NAME).read_text()), "bomb.parquet",
+                            "parquet-too-large", "would decode to more than 8,388,608 bytes")
+    assert "max_file_bytes" in found["detail"]
+    peak_mib = int(words[words.index("peak_kib") + 1]) / 1024
+    assert peak_mib < 300, f"peak RSS {peak_mib:.0f} MiB: the column was decoded"

@@ -235,3 +235,33 @@ def test_shard_swapped_after_open_is_caught_while_reading(processed):
     shard.write_bytes(bytes(data))
     with pytest.raises(ProcessedDataError, match="sha256 differs"):
         next(corpus.iter_texts())
+
+
+def test_shard_that_expands_while_decoded_is_refused(processed, monkeypatch):
+    """A re-sealed shard whose text column is 600 references to one 200 KB dictionary
+    value: 120 MB decoded from ~100 KB, with an honest footer. Decoding is bounded per
+    row group (here lowered to 8 MiB), measured before the dictionary is expanded."""
+    import fragment_llm.processed as processed_module
+
+    value = "".join(chr(97 + (i * 7919) % 26) for i in range(200_000))
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    rows = 600
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array([value]))
+    shard = processed / "shard-00000.parquet"
+    pq.write_table(pa.table({"text": text, "source": ["doc.txt"] * rows,
+                             "sha256": [digest] * rows}), shard, store_schema=False)
+
+    def reseal(data):
+        data["shards"] = [{"file": shard.name, "size": shard.stat().st_size,
+                           "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
+                           "documents": rows, "chars": rows * len(value),
+                           "text_bytes": rows * len(value)}]
+        data["counts"].update(documents=rows, chars=rows * len(value))
+
+    rewrite_manifest(processed, reseal)
+    monkeypatch.setattr(processed_module, "MAX_ROW_GROUP_BYTES", 8 << 20)
+    corpus = ProcessedCorpus.open(processed)  # the footer's claims are all within the caps
+    with pytest.raises(ProcessedDataError, match="row group 0: text would decode to more "
+                                                 "than 8,388,608 bytes by row 64") as info:
+        sum(map(len, corpus.iter_texts()))
+    assert str(shard) in info.value.message

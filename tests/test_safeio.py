@@ -154,3 +154,16 @@ def test_interrupted_swap_restores_previous_result(tmp_path):
     (old / "keep").write_text("old")
     remove_stale_temps(target)
     assert (target / "keep").read_text() == "old"
+
+
+def test_atomic_write_without_replace_never_replaces(tmp_path):
+    target = tmp_path / "new.txt"
+    atomic_write_bytes(target, b"first", replace=False)
+    assert target.read_bytes() == b"first"
+    with pytest.raises(OutputError, match="already exists"):
+        atomic_write_bytes(target, b"second", replace=False)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="already exists"):  # a dangling symlink too
+        atomic_write_bytes(tmp_path / "link", b"third", replace=False)
+    assert target.read_bytes() == b"first" and not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "new.txt"]

@@ -310,7 +310,8 @@ def test_cli_train_and_eval_json(corpus, tmp_path):
                                  str(processed), "--json", "--max-blocks", "8"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report.keys() == {"loss", "bpb", "tokens"} and report["tokens"] == 8 * 32
+    assert report.keys() == {"loss", "bpb", "tokens", "split", "data"}
+    assert report["tokens"] == 8 * 32 and report["split"] == "all"
 
 
 @pytest.mark.parametrize("args,rule", [
