@@ -19,8 +19,11 @@ from pydantic import ValidationError
 
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
+from fragment_llm.memplan import MemoryPlan
 from fragment_llm.model import GPT
 from fragment_llm.sanitize import escape_for_display
+
+MiB = 1 << 20
 
 
 @dataclass
@@ -42,8 +45,10 @@ class Trained:
         return float(value) if isinstance(value, (int, float)) else None
 
 
-def load_trained(path: Path, device: torch.device | None = None) -> Trained:
-    """Resolve a run or step folder, verify it, and build the model on `device`."""
+def load_trained(path: Path, device: torch.device | None = None,
+                 eval_batch: int | None = None) -> Trained:
+    """Resolve a run or step folder, verify it, and build the model on `device`; for
+    `generate`/`chat`, or for `eval` at `eval_batch` blocks (what its memory is planned for)."""
     from fragment_llm.checkpoint import load_checkpoint, resolve_checkpoint
     from fragment_llm.verify import checked_tokenizer
 
@@ -55,6 +60,7 @@ def load_trained(path: Path, device: torch.device | None = None) -> Trained:
         raise CheckpointError(f"tokenizer vocab size {tokenizer.vocab_size} differs from the "
                               f"model's {config.vocab_size}, in {checkpoint.path}")
     _refuse_size_mismatch(config, checkpoint)
+    check_inference_memory(config, checkpoint.path, device, eval_batch)
     # Built for real (not on the meta device): non-persistent buffers such as RoPE's
     # cos/sin tables are computed in __init__ and are not in the checkpoint.
     model = GPT(config).to(device)
@@ -91,6 +97,27 @@ def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
                                    "checkpoint")
 
 
+def check_inference_memory(config: ModelConfig, folder: Path, device: torch.device,
+                           eval_batch: int | None = None) -> MemoryPlan:
+    """Refuse a config whose planned peak memory (`memplan.plan_inference`) is past the
+    limit `train` uses by default (80% of the memory available now), before any of it is
+    allocated: the parameter count does not bound the KV cache or the attention."""
+    from fragment_llm.memplan import SAFE_FRACTION, default_memory_limit, plan_inference
+
+    plan = plan_inference(config, device.type, eval_batch)
+    limit = default_memory_limit(device)
+    if plan.total > limit:
+        use = "generate" if eval_batch is None else f"evaluate {eval_batch} blocks at once"
+        raise CheckpointError(
+            f"config.json plans {plan.total / MiB:,.0f} MiB to {use} ({config.n_layer} "
+            f"layers, a {config.block_size:,}-token context), over the limit of "
+            f"{limit / MiB:,.0f} MiB ({SAFE_FRACTION:.0%} of the memory available), in "
+            f"{folder / 'config.json'}",
+            hint="run it where more memory is free; a config.json that asks for a huge "
+                 "context or depth with few weights is a sign that it was edited")
+    return plan
+
+
 @dataclass(frozen=True)
 class EvalResult:
     checkpoint: Path
@@ -121,7 +148,7 @@ def _token_stream(processed: Path, tokenizer: Any, want: int) -> tuple[np.ndarra
 def evaluate_checkpoint(path: Path, processed: Path, max_blocks: int = 256,
                         batch_size: int = 8) -> EvalResult:
     """Mean next-token loss over up to `max_blocks` blocks, and bits per byte."""
-    trained = load_trained(path)
+    trained = load_trained(path, eval_batch=batch_size)
     block = trained.model.config.block_size
     tokens, text_bytes = _token_stream(processed, trained.tokenizer, max_blocks * block + 1)
     usable = min(max_blocks, (len(tokens) - 1) // block)
