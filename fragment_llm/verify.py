@@ -47,6 +47,7 @@ from fragment_llm.safeio import sha256_bytes, sha256_file
 
 T = TypeVar("T")
 MAX_LISTED_INPUTS = 20  # failing input files listed one per row; the count is always exact
+RUN_LISTINGS = 5  # times a run folder is listed while a trainer prunes steps under verify
 HINT_RESUME = ("resume with the tokenizer and processed folder this run was trained with "
                "(`fragment verify OUT` shows the chain), or train into a new --out")
 
@@ -569,22 +570,39 @@ class _Verifier:
         """Verify every step folder; return the newest whose own checks all hold."""
         from fragment_llm.checkpoint import STEP_NAME
 
-        steps = sorted(name for name in os.listdir(folder) if STEP_NAME.fullmatch(name))
-        if not steps:
+        seen: set[str] = set()
+        valid = []
+        # A running trainer prunes steps while they are checked and saves newer ones
+        # after the listing: list again while steps keep disappearing (a few times).
+        for _ in range(RUN_LISTINGS):
+            steps = sorted(name for name in os.listdir(folder)
+                           if STEP_NAME.fullmatch(name) and name not in seen)
+            removed = sum(check.status is Status.REMOVED for check in self.checks)
+            for name in steps:
+                seen.add(name)
+                if self._step(folder / name):
+                    valid.append(folder / name)
+            if sum(check.status is Status.REMOVED for check in self.checks) == removed:
+                break
+        if not seen:
             self.add(Kind.RUN, str(folder), "step folders", Status.FAILED,
                      f"no step-NNNNNNN folders in {folder}")
-        valid = []
-        for name in steps:
-            if self._step(folder / name):
-                valid.append(folder / name)
-        latest = valid[-1] if valid else None
+        latest = max(valid, default=None)
+        gone = seen and all(not os.path.lexists(folder / name) for name in seen)
         self.add(Kind.RUN, str(folder), "latest valid", Status.OK if latest else Status.FAILED,
                  f"{latest.name}: the newest step whose own checks all hold" if latest
+                 else f"no step stayed long enough to be verified: each one listed was "
+                      f"pruned while being checked (the trainer saves faster than verify "
+                      f"checks); run verify again, in {folder}" if gone
                  else f"no loadable checkpoint in {folder}")
         return latest
 
     def _step(self, path: Path) -> bool:
-        if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)):
+        try:
+            mode = os.lstat(path).st_mode  # one lstat: no race between two questions
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISDIR(mode):  # lstat: a symlink is no folder
             self.add(Kind.RUN, str(path), "step folder", Status.FAILED,
                      f"{path} is a symlink or not a folder; never followed")
             return False

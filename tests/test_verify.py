@@ -423,6 +423,72 @@ def test_a_step_pruned_while_being_verified_is_removed_not_damaged(copy, runner,
     assert "removed while being verified" in mine[0]["detail"]
 
 
+def test_a_step_saved_while_every_listed_one_is_pruned_is_verified(copy, runner,
+                                                                  monkeypatch):
+    """Verify listed only step 2; meanwhile the trainer saved step 4 and pruned step 2.
+    The run folder is listed again, and step 4 is its latest valid step."""
+    import fragment_llm.verify as verify_module
+
+    run, saved = copy / "checkpoints", copy / "step-0000004"
+    (run / "step-0000004").rename(saved)  # not there yet when verify lists the run
+    real = verify_module._load_tokenizer
+
+    def save_and_prune(path):
+        if saved.exists():
+            saved.rename(run / "step-0000004")
+            prune_to_newest(run)
+        return real(path)
+
+    monkeypatch.setattr(verify_module, "_load_tokenizer", save_and_prune)
+    result = run_verify(runner, run, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["latest_valid"] == str(copy / STEP)
+    statuses = {c["artifact"]: c["status"] for c in report["checks"]
+                if c["check"] in ("step folder", "files and manifest")}
+    assert statuses == {str(run / "step-0000002"): "removed", str(copy / STEP): "ok"}
+
+
+@pytest.mark.slow
+def test_verify_while_a_real_trainer_prunes_every_step(built, tmp_path):
+    """The issue's race for real: a trainer saving every step and keeping 2 while verify
+    checks the run folder over and over. No run may fail (on the old code most did:
+    "tokenizer copy: file not found", or an internal FileNotFoundError)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    (tmp_path / "cfg.toml").write_text(
+        "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 32\n"
+        "[train]\nbatch_size = 2\nwarmup_steps = 1\ncheckpoint_every = 1\n"
+        "keep_checkpoints = 2\neval_every = 0\neval_blocks = 2\ndevice = 'cpu'\n"
+        "precision = 'fp32'\nworkers = 1\n")
+    trainer = subprocess.Popen(  # noqa: S603 (our own CLI, fixed arguments)
+        [sys.executable, "-m", "fragment_llm", "-q", "train", "--config",
+         str(tmp_path / "cfg.toml"), "--data", str(built / "data/processed"),
+         "--tokenizer", str(built / "data/tokenizer.json"), "--out", str(out),
+         "--max-steps", "150"])
+    runs, passed = 0, 0
+    try:
+        while trainer.poll() is None:
+            if not any(out.glob("step-*")):
+                time.sleep(0.05)
+                continue
+            report = verify(out, Upstream(tokens=built / "data/tokens"))
+            runs += 1
+            passed += report.ok
+            # No step is ever called damaged; at this rate (a save every ~50 ms) a run
+            # may rarely find that no step stayed long enough, and says so.
+            for failure in report.failures:
+                assert failure.check == "latest valid", failure
+                assert "no step stayed long enough" in failure.detail
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert runs >= 10 and passed >= runs * 0.8, (passed, runs)
+
+
 def test_a_step_folder_removed_while_verified_alone_is_not_verified(copy, runner,
                                                                     monkeypatch):
     import fragment_llm.verify as verify_module
