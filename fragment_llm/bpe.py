@@ -25,7 +25,9 @@ the first entry popped whose count is current is the true maximum.
 
 Tie-break: the highest count wins; among equal counts, the smallest pair (a, b) by ids,
 compared as (a, then b). A merge whose bytes equal an existing token's bytes is skipped
-and never considered again, so every token's byte string is unique.
+and never considered again, so every token's byte string is unique; so is one that would
+make a token longer than `max_token_bytes`, and training stops before the table of all
+tokens' bytes passes `max_table_bytes` (the loader's caps, in tokenizer.py).
 """
 
 from __future__ import annotations
@@ -79,22 +81,29 @@ class TrainedMerges:
     merges: list[Merge]
     skipped_duplicates: int
     stop_reason: str
+    skipped_long: int = 0  # merges that would have made a token past max_token_bytes
 
 
 def train_merges(chunks: Counter[str], n_merges: int, min_frequency: int,
-                 progress: ProgressFn = no_progress) -> TrainedMerges:
+                 progress: ProgressFn = no_progress, *, max_token_bytes: int | None = None,
+                 max_table_bytes: int | None = None) -> TrainedMerges:
     """Learn up to `n_merges` merges from chunk frequencies.
 
     `Counter({"aaab": 2})`, 2 merges -> `[(97, 97), (97, 98)]`: "aa" sits at two
     positions (count 4); then "ab" and "Āa" both have count 2 and the smaller pair wins.
     """
-    return _MergeTrainer(chunks, min_frequency).run(n_merges, progress)
+    trainer = _MergeTrainer(chunks, min_frequency, max_token_bytes, max_table_bytes)
+    return trainer.run(n_merges, progress)
 
 
 class _MergeTrainer:
     """The incremental state of one training run (see the module docstring)."""
 
-    def __init__(self, chunks: Counter[str], min_frequency: int) -> None:
+    def __init__(self, chunks: Counter[str], min_frequency: int,
+                 max_token_bytes: int | None = None,
+                 max_table_bytes: int | None = None) -> None:
+        self.max_token_bytes = max_token_bytes
+        self.max_table_bytes = max_table_bytes
         self.words = [to_symbols(chunk) for chunk in chunks]
         self.freqs = list(chunks.values())
         self.min_frequency = max(1, min_frequency)
@@ -112,7 +121,8 @@ class _MergeTrainer:
 
     def run(self, n_merges: int, progress: ProgressFn) -> TrainedMerges:
         merges: list[Merge] = []
-        skipped = 0
+        skipped = too_long = 0
+        table_bytes = BYTES
         reason = "vocab_size reached"
         while len(merges) < n_merges:
             pair = self._pop_best()
@@ -120,10 +130,17 @@ class _MergeTrainer:
                 reason = "no pair occurs min_frequency times"
                 break
             merged = self.vocab[ord(pair[0])] + self.vocab[ord(pair[1])]
-            if merged in self.known:
-                self.banned.add(pair)  # would duplicate a token's bytes: never merge it
-                skipped += 1
+            long = self.max_token_bytes is not None and len(merged) > self.max_token_bytes
+            if long or merged in self.known:
+                self.banned.add(pair)  # a duplicate or over-long token: never merge it
+                too_long += long
+                skipped += not long
                 continue
+            if self.max_table_bytes is not None \
+                    and table_bytes + len(merged) > self.max_table_bytes:
+                reason = "token table size cap reached"
+                break
+            table_bytes += len(merged)
             merges.append((ord(pair[0]), ord(pair[1])))
             self.vocab.append(merged)
             self.known.add(merged)
@@ -131,7 +148,7 @@ class _MergeTrainer:
             if len(merges) % PROGRESS_EVERY == 0:
                 progress("merging", len(merges), n_merges)
         progress("merging", len(merges), n_merges)
-        return TrainedMerges(merges, skipped, reason)
+        return TrainedMerges(merges, skipped, reason, too_long)
 
     def _pop_best(self) -> str | None:
         """The pair with the highest current count (ties: smallest pair), or None."""

@@ -931,6 +931,8 @@ def find_latest_valid(run_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
         try:
             load_checkpoint(path, max_bytes=max_bytes)
         except CheckpointError as exc:
+            if isinstance(exc, CheckpointRemovedError) or not os.path.lexists(path):
+                continue  # pruned by a running trainer since the listing: gone, not damaged
             skipped.append((path, exc.message))
             continue
         return path, skipped
@@ -1131,14 +1133,44 @@ def _views_of(data: bytes, header: SafetensorsHeader, where: Path) -> dict[str, 
     return views
 
 
+class CheckpointRemovedError(CheckpointError):
+    """The step folder was removed (or replaced) while it was being read: not damage,
+    but a running trainer pruning old checkpoints (`keep_checkpoints`) or re-saving one."""
+
+
 def load_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Checkpoint:
-    """Verify a step folder as hostile input and return it, tensors not yet read.
+    """Verify a step folder as hostile input and return it, tensors not yet loaded.
 
     Order: the folder itself, its entries, the manifest, the file set, each file's size
-    and sha256, the JSON files, then both safetensors headers. docs/checkpoints.md.
+    and sha256, the JSON files, both safetensors headers, then every floating-point
+    value (streamed: NaN or inf is refused). docs/checkpoints.md. A folder that is gone
+    or another one by the end raises `CheckpointRemovedError`, whatever failed on the way.
     """
     _check_folder(path)
-    identity = _folder_identity(path)
+    identity = folder_identity(path)
+    try:
+        checkpoint = _load_verified(path, max_bytes)
+    except (CheckpointError, OSError) as exc:
+        if folder_identity(path) != identity:
+            raise _removed(path) from None
+        if isinstance(exc, OSError):  # the folder is still there: a real read error
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise
+    if folder_identity(path) != identity:
+        raise _removed(path)
+    _check_model_config_hash(checkpoint)
+    return checkpoint
+
+
+def _removed(path: Path) -> CheckpointRemovedError:
+    what = ("removed while being verified (a running trainer prunes old checkpoints)"
+            if folder_identity(path) == ABSENT else
+            "replaced while being verified (by a symlink or another folder)")
+    return CheckpointRemovedError(f"{path} was {what}",
+                                  hint="load it again once nothing writes there")
+
+
+def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
     present = _check_entries(path)
     manifest = _read_manifest(path)
     _check_file_set(path, present, manifest)
@@ -1160,10 +1192,9 @@ def load_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Checkp
         optimizer_layout=(_parse_optimizer_layout(opt_header, path / OPTIMIZER_FILE)
                           if opt_header is not None else None),
         max_bytes=max_bytes)
-    if _folder_identity(path) != identity:
-        raise CheckpointError(f"{path} was replaced while being verified (by a symlink or "
-                              f"another folder)", hint="load it again once nothing writes there")
-    _check_model_config_hash(checkpoint)
+    _refuse_non_finite_file(path / MODEL_FILE, model_header)
+    if opt_header is not None:  # `train --resume` would step from NaN moments
+        _refuse_non_finite_file(path / OPTIMIZER_FILE, opt_header)
     return checkpoint
 
 
@@ -1185,11 +1216,55 @@ def _check_model_config_hash(checkpoint: Checkpoint) -> None:
                               "was saved; use another checkpoint")
 
 
-def _folder_identity(path: Path) -> tuple[int, int, int]:
+ABSENT = (0, 0, 0)  # the identity of a path that names nothing
+
+
+def folder_identity(path: Path) -> tuple[int, int, int]:
     """Which folder `path` names right now: swapped for a symlink or another folder
-    mid-load, it names something else, and what was verified is not what was asked for."""
+    mid-load, it names something else, and what was verified is not what was asked for;
+    removed (renamed away by pruning), it names nothing: `ABSENT`."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return (0, 0, 0)
+        return ABSENT
     return (info.st_mode, info.st_dev, info.st_ino)
+
+
+# ------------------------------------------------------------------ finite values
+
+FINITE_CHUNK_BYTES = 4 * MiB  # a multiple of every dtype's size: no value is split
+# Where each float dtype keeps its exponent: all ones there is inf or NaN (IEEE 754;
+# BF16 is the top half of F32). Integer and bool tensors hold no such value.
+_EXPONENT_BITS: dict[str, tuple[str, int]] = {
+    "F64": ("<u8", 0x7FF0_0000_0000_0000), "F32": ("<u4", 0x7F80_0000),
+    "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+def _refuse_non_finite_file(path: Path, header: SafetensorsHeader) -> None:
+    """Every floating-point value in the file must be finite. Read a chunk at a time
+    (bounded memory, about as fast as hashing), never as tensors."""
+    fd = open_regular(path, CheckpointError)
+    try:
+        size = os.fstat(fd).st_size
+        start = 8 + _header_length(os.pread(fd, 8, 0), size, path)
+        for name, spec in header.tensors.items():
+            if spec.dtype in _EXPONENT_BITS and _holds_non_finite(fd, start, spec, path):
+                raise CheckpointError(
+                    f"tensor {name!r} holds NaN or inf, in {path}",
+                    hint="the weights are unusable (`fragment train` never saves them: the "
+                         "file was edited); use an earlier checkpoint")
+    finally:
+        os.close(fd)
+
+
+def _holds_non_finite(fd: int, start: int, spec: TensorSpec, path: Path) -> bool:
+    unsigned, exponent = _EXPONENT_BITS[spec.dtype]
+    for begin in range(spec.begin, spec.end, FINITE_CHUNK_BYTES):
+        size = min(FINITE_CHUNK_BYTES, spec.end - begin)
+        chunk = os.pread(fd, size, start + begin)
+        if len(chunk) != size:
+            raise CheckpointError(f"{path.name} got shorter while being read, in {path.parent}")
+        bits = np.frombuffer(chunk, dtype=unsigned)
+        if np.any(np.bitwise_and(bits, exponent) == exponent):
+            return True
+    return False

@@ -47,8 +47,11 @@ def summary_table(title: str, rows: Sequence[tuple[str, object]]) -> Table:
     return table
 
 
-def listing_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
-    table = Table(title=Text(safe(title)), title_justify="left")
+def listing_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]],
+                  caption: str | None = None) -> Table:
+    table = Table(title=Text(safe(title)), title_justify="left",
+                  caption=None if caption is None else Text(safe(caption)),
+                  caption_justify="left")
     for header in headers:
         table.add_column(header)
     for row in rows:

@@ -26,9 +26,12 @@ from pydantic import ValidationError
 
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
+from fragment_llm.memplan import MemoryPlan
 from fragment_llm.model import GPT
 from fragment_llm.progress import ProgressFn, no_progress
 from fragment_llm.sanitize import escape_for_display
+
+MiB = 1 << 20
 
 
 @dataclass
@@ -50,8 +53,10 @@ class Trained:
         return float(value) if isinstance(value, (int, float)) else None
 
 
-def load_trained(path: Path, device: torch.device | None = None) -> Trained:
-    """Resolve a run or step folder, verify it, and build the model on `device`."""
+def load_trained(path: Path, device: torch.device | None = None,
+                 evaluating: bool = False) -> Trained:
+    """Resolve a run or step folder, verify it, and build the model on `device`; for
+    `generate`/`chat`, or for `eval` (its memory is planned for the run's batch size)."""
     from fragment_llm.checkpoint import load_checkpoint, resolve_checkpoint
     from fragment_llm.verify import checked_tokenizer
 
@@ -63,6 +68,8 @@ def load_trained(path: Path, device: torch.device | None = None) -> Trained:
         raise CheckpointError(f"tokenizer vocab size {tokenizer.vocab_size} differs from the "
                               f"model's {config.vocab_size}, in {checkpoint.path}")
     _refuse_size_mismatch(config, checkpoint)
+    eval_batch = _run_number(checkpoint.config, "batch_size", 8) if evaluating else None
+    check_inference_memory(config, checkpoint.path, device, eval_batch)
     # Built for real (not on the meta device): non-persistent buffers such as RoPE's
     # cos/sin tables are computed in __init__ and are not in the checkpoint.
     model = GPT(config).to(device)
@@ -99,6 +106,27 @@ def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
                                    "checkpoint")
 
 
+def check_inference_memory(config: ModelConfig, folder: Path, device: torch.device,
+                           eval_batch: int | None = None) -> MemoryPlan:
+    """Refuse a config whose planned peak memory (`memplan.plan_inference`) is past the
+    limit `train` uses by default (80% of the memory available now), before any of it is
+    allocated: the parameter count does not bound the KV cache or the attention."""
+    from fragment_llm.memplan import SAFE_FRACTION, default_memory_limit, plan_inference
+
+    plan = plan_inference(config, device.type, eval_batch)
+    limit = default_memory_limit(device)
+    if plan.total > limit:
+        use = "generate" if eval_batch is None else f"evaluate {eval_batch} blocks at once"
+        raise CheckpointError(
+            f"config.json plans {plan.total / MiB:,.0f} MiB to {use} ({config.n_layer} "
+            f"layers, a {config.block_size:,}-token context), over the limit of "
+            f"{limit / MiB:,.0f} MiB ({SAFE_FRACTION:.0%} of the memory available), in "
+            f"{folder / 'config.json'}",
+            hint="run it where more memory is free; a config.json that asks for a huge "
+                 "context or depth with few weights is a sign that it was edited")
+    return plan
+
+
 @dataclass(frozen=True)
 class EvalResult:
     checkpoint: Path
@@ -114,9 +142,9 @@ class EvalResult:
                 "split": self.split, "data": str(self.data)}
 
 
-def _run_number(trained: Trained, key: str, default: int) -> int:
-    """A positive integer from the checkpoint's recorded [train] table, or `default`."""
-    train = trained.checkpoint.config.get("train")
+def _run_number(config: dict[str, Any], key: str, default: int) -> int:
+    """A positive integer from a checkpoint config's recorded [train] table, or `default`."""
+    train = config.get("train")
     value = train.get(key) if isinstance(train, dict) else None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
@@ -126,8 +154,8 @@ def _run_number(trained: Trained, key: str, default: int) -> int:
 def _final_eval_blocks(trained: Trained) -> int:
     """How many blocks the run's final evaluation read: `final_eval_blocks`, or the
     periodic `eval_blocks` when that is larger (train.py, `_final_evaluation`)."""
-    return max(_run_number(trained, "final_eval_blocks", 512),
-               _run_number(trained, "eval_blocks", 64))
+    return max(_run_number(trained.checkpoint.config, "final_eval_blocks", 512),
+               _run_number(trained.checkpoint.config, "eval_blocks", 64))
 
 
 @torch.no_grad()
@@ -179,14 +207,15 @@ def evaluate_held_out(path: Path, tokens: Path, max_blocks: int | None = None,
     from fragment_llm.data import eval_batches
     from fragment_llm.train import bits_per_byte
 
-    trained = load_trained(path)
+    trained = load_trained(path, evaluating=True)
     shards = held_out_shards(trained, tokens)
     block = trained.model.config.block_size
     blocks = min(shards.val.num_blocks(block), max_blocks or _final_eval_blocks(trained))
     if blocks == 0:
         raise DatasetError(f"the held-out split in {shards.folder} is shorter than one block "
                            f"({block + 1} tokens)", hint=HINT_OTHER_TEXT)
-    batches = eval_batches(shards.val, block, _run_number(trained, "batch_size", 8), blocks)
+    batch = _run_number(trained.checkpoint.config, "batch_size", 8)
+    batches = eval_batches(shards.val, block, batch, blocks)
     loss = _mean_loss(trained.model, batches, blocks, progress)
     val = shards.manifest.val
     return EvalResult(trained.checkpoint.path, loss, bits_per_byte(loss, val.tokens,
@@ -227,7 +256,7 @@ def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = Non
                        progress: ProgressFn = no_progress) -> EvalResult:
     """Mean next-token loss over the first `max_blocks` blocks of the documents of
     `processed`, in order (training text included), and bits per byte."""
-    trained = load_trained(path)
+    trained = load_trained(path, evaluating=True)
     block = trained.model.config.block_size
     max_blocks = max_blocks or _final_eval_blocks(trained)
     tokens, text_bytes = _token_stream(processed, trained.tokenizer, max_blocks * block + 1,
@@ -236,7 +265,8 @@ def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = Non
     if usable == 0:
         raise DatasetError(f"fewer than {block + 1} tokens in {processed}",
                            hint="evaluate on more text")
-    batches = _consecutive_blocks(tokens, block, usable, _run_number(trained, "batch_size", 8))
+    batch = _run_number(trained.checkpoint.config, "batch_size", 8)
+    batches = _consecutive_blocks(tokens, block, usable, batch)
     loss = _mean_loss(trained.model, batches, usable, progress)
     bytes_covered = text_bytes * min(1.0, (usable * block + 1) / len(tokens))
     bpb = loss * usable * block / bytes_covered / math.log(2)

@@ -1,4 +1,4 @@
-"""Estimate a training run's peak memory before allocating anything.
+"""Estimate a training run's (or a loaded checkpoint's) peak memory before allocating.
 
 The estimate is deliberately simple and a little pessimistic: fp32 weights, gradients
 and two AdamW moments, plus activations per layer as in Korthikanti et al. 2022
@@ -8,6 +8,11 @@ itself counts too: the interpreter and libraries, and the freed blocks the alloc
 keeps for reuse (`train.keep_freed_memory`). Planned against peak RSS measured on 2
 cores at vocab 16384 (docs/training.md): tiny 1,209 MiB planned for 1,139 measured,
 small 1,518 for 1,235-1,500 (a short run, the 10-minute run), base 5,357 for 4,179.
+
+`plan_inference` is the same estimate for `generate`, `chat` and `eval`: what the
+`config.json` of a checkpoint implies before any of it is built (a hostile one can ask
+for a 131,072-token context, whose KV cache and attention need gigabytes while the
+weights are a few MB).
 """
 
 from __future__ import annotations
@@ -36,21 +41,28 @@ class MemoryPlan:
     activations: int
     logits: int
     runtime: int = 0  # the process and the allocator's kept blocks (host RAM only)
+    cache: int = 0  # inference: the KV cache and the position tables
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer + self.activations
-                + self.logits + self.runtime)
+                + self.logits + self.runtime + self.cache)
+
+
+def layer_activation_bytes(model: ModelConfig, batch: int, bytes_per_value: int) -> int:
+    """Activations of one block over `batch` full blocks of tokens (Korthikanti eq. 2)."""
+    tokens = batch * model.block_size
+    per_layer = tokens * model.n_embd * 17 + 2.5 * batch * model.n_head * model.block_size ** 2
+    return int(per_layer * bytes_per_value)
 
 
 def activation_bytes(model: ModelConfig, batch: int, bytes_per_value: int,
                      checkpointing: bool) -> int:
     """Saved activations for one micro-batch; with checkpointing only block inputs
     plus one block's worth are alive at once."""
-    tokens = batch * model.block_size
-    per_layer = tokens * model.n_embd * 17 + 2.5 * batch * model.n_head * model.block_size ** 2
-    per_layer = int(per_layer * bytes_per_value)
+    per_layer = layer_activation_bytes(model, batch, bytes_per_value)
     if checkpointing:
+        tokens = batch * model.block_size
         return model.n_layer * tokens * model.n_embd * bytes_per_value + per_layer
     return model.n_layer * per_layer
 
@@ -70,6 +82,32 @@ def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
         activations=activation_bytes(model, train.batch_size, act_bytes,
                                      train.activation_checkpointing),
         logits=logits, runtime=runtime)
+
+
+def plan_inference(model: ModelConfig, device_type: str = "cpu",
+                   eval_batch: int | None = None) -> MemoryPlan:
+    """Peak memory to load a checkpoint of `model` and run it in fp32, without gradients.
+
+    `generate`/`chat` (no `eval_batch`): a KV cache over the whole context (batch 1),
+    one block's activations and the causal mask of a full-window prefill, the last
+    position's logits. `eval`: `eval_batch` full blocks at once, no cache, every
+    position's logits and their log-softmax. Either way the weights count twice: the
+    verified file's bytes are held while they are copied into the model.
+    """
+    T, C = model.block_size, model.n_embd
+    params = count_parameters(model)
+    tables = {"rope": T * model.head_dim * 8,  # cos, sin (fp32) and their complex table
+              "sinusoidal": T * C * 4}.get(model.positions, 0)
+    if eval_batch is None:
+        kv = 2 * model.n_layer * model.kv_heads * T * model.head_dim * 4
+        activations = layer_activation_bytes(model, 1, 4) + T * T  # + the bool mask
+        cache, logits = tables + kv, 2 * model.vocab_size * 4
+    else:
+        activations = layer_activation_bytes(model, eval_batch, 4)
+        cache, logits = tables, 2 * eval_batch * T * model.vocab_size * 4
+    return MemoryPlan(parameters=params, weights=8 * params, gradients=0, optimizer=0,
+                      activations=activations, logits=logits,
+                      runtime=CPU_RUNTIME if device_type != "cuda" else 0, cache=cache)
 
 
 def available_memory(device: torch.device) -> int:

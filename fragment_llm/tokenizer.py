@@ -62,6 +62,14 @@ SPECIAL_TOKENS: Final = (EOT, "<|system|>", "<|user|>", "<|assistant|>", "<|end|
 MAX_VOCAB: Final = 1 << 20  # ids must stay below 0x110000 to be held as chr(id)
 MAX_FILE_BYTES: Final = 64 << 20  # ~1M merges at ~40 bytes each, with room to spare
 MAX_JSON_DEPTH: Final = 8
+# Caps on the token table, checked from the merge list by arithmetic before the table is
+# built: a 719-byte file whose merges each join the last token with itself asks for a
+# 2^30-byte token. Real vocabularies stay far below both (the longest tokens of GPT-4's
+# and Llama 3's are a few hundred bytes; a 1M-token table averaging 64 bytes is 64 MiB),
+# and `train` never makes a token past them (`bpe.train_merges` skips such merges). 1024
+# is also the longest chunk the default `max_chunk_chars` (256 characters) can hold.
+MAX_TOKEN_BYTES: Final = 1024
+MAX_TABLE_BYTES: Final = 64 << 20  # the 256 byte tokens and every merge's bytes
 SHA256_HEX: Final = r"^[0-9a-f]{64}$"
 _MERGES_SLOT: Final = "\x00merges\x00"
 
@@ -135,7 +143,8 @@ class Tokenizer:
                                max_chars=config.max_chars, workers=config.workers,
                                total=total_chars, progress=progress)
         n_merges = config.vocab_size - BYTES - len(SPECIAL_TOKENS)
-        trained = train_merges(counted.counts, n_merges, config.min_frequency, progress)
+        trained = train_merges(counted.counts, n_merges, config.min_frequency, progress,
+                               max_token_bytes=MAX_TOKEN_BYTES, max_table_bytes=MAX_TABLE_BYTES)
         info = TrainingInfo(config=config, corpus_sha256=corpus_sha256,
                             documents=counted.documents, chars=counted.chars,
                             stop_reason=trained.stop_reason)
@@ -363,14 +372,27 @@ def _validate_schema(data: Any, where: str) -> TokenizerFile:
 
 
 def _check_merges(merges: list[Merge], where: str) -> None:
-    """Every merge joins earlier ids, and no two tokens have the same bytes."""
+    """Every merge joins earlier ids, the token table stays within its caps (measured
+    before it is built), and no two tokens have the same bytes."""
     if len(merges) + BYTES + len(SPECIAL_TOKENS) > MAX_VOCAB:
         raise TokenizerError(f"too many merges ({len(merges)}): vocab_size is capped at "
                              f"{MAX_VOCAB}{where}")
+    lengths = [1] * BYTES  # bytes of each token so far; each stays <= MAX_TOKEN_BYTES
+    total = BYTES
     for rank, (a, b) in enumerate(merges):
         if not (0 <= a < BYTES + rank and 0 <= b < BYTES + rank):
             raise TokenizerError(f"merge {rank} ({a}, {b}) uses an id not defined before it "
                                  f"(ids must be in [0, {BYTES + rank})){where}")
+        length = lengths[a] + lengths[b]
+        total += length
+        if length > MAX_TOKEN_BYTES or total > MAX_TABLE_BYTES:
+            cap = (f"{length} bytes, over the {MAX_TOKEN_BYTES}-byte cap on one token"
+                   if length > MAX_TOKEN_BYTES else
+                   f"a token table of {total:,} bytes, over the {MAX_TABLE_BYTES:,}-byte cap")
+            raise TokenizerError(f"merge {rank} ({a}, {b}) makes {cap}{where}",
+                                 hint="`fragment train-tokenizer` never writes such a file; "
+                                      "use one it wrote")
+        lengths.append(length)
     table = token_bytes_table(merges)
     if len(set(table)) != len(table):
         seen: dict[bytes, int] = {}

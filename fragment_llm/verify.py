@@ -13,8 +13,11 @@ loader (format, every hash, internal consistency), then follows each recorded ha
 the upstream artifact where it is present: in the standard layout (`processed/`,
 `tokenizer.json` and `tokens/<key>/` side by side in one data folder, a run folder next
 to that data folder) or where `Upstream` hints say. An upstream that is absent is
-reported as "not present"; one that is present but different is a failure. Weights are
-never read: checkpoint headers are compared with a model built on the `meta` device.
+reported as "not present"; one that is present but different is a failure. The report
+says in words whether every link was followed (`VerifyReport.note`; `--strict` fails
+otherwise). Weights are never built into a model: checkpoint headers are compared with
+a model built on the `meta` device, and the values are streamed once to refuse NaN/inf.
+A step folder that a running trainer prunes while it is being checked is "removed".
 
 The `*_links` functions are the same link checks the loaders run (`load_trained`,
 `train --resume`); `require` turns their first failure into the stage's error.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +47,7 @@ from fragment_llm.safeio import sha256_bytes, sha256_file
 
 T = TypeVar("T")
 MAX_LISTED_INPUTS = 20  # failing input files listed one per row; the count is always exact
+RUN_LISTINGS = 5  # times a run folder is listed while a trainer prunes steps under verify
 HINT_RESUME = ("resume with the tokenizer and processed folder this run was trained with "
                "(`fragment verify OUT` shows the chain), or train into a new --out")
 
@@ -61,6 +65,7 @@ class Status(StrEnum):
     OK = "ok"
     FAILED = "FAILED"
     ABSENT = "not present"  # an upstream artifact that is not here: not a failure
+    REMOVED = "removed"  # a step folder pruned while being checked: gone, not damaged
 
 
 ERRORS: dict[Kind, type[FragmentError]] = {
@@ -72,13 +77,15 @@ ERRORS: dict[Kind, type[FragmentError]] = {
 
 @dataclass(frozen=True)
 class Check:
-    """One thing checked: `artifact` is the path it was checked on."""
+    """One thing checked: `artifact` is the path it was checked on; `upstream` is the
+    kind of artifact a link leads to (for a link that could not be followed)."""
 
     kind: Kind
     artifact: str
     check: str
     status: Status
     detail: str
+    upstream: Kind | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,6 +101,11 @@ class Upstream:
     tokens: Path | None = None  # a shard folder, or the `tokens/` folder holding them
 
 
+# How to point verify at each kind of upstream artifact it did not find.
+_POINT_AT = {Kind.PROCESSED: "--processed DIR", Kind.TOKENIZER: "--tokenizer FILE",
+             Kind.TOKENS: "--tokens DIR"}
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     path: Path
@@ -104,6 +116,60 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return all(check.ok for check in self.checks)
+
+    @property
+    def unfollowed(self) -> list[Check]:
+        """Links of the chain that were not checked: "not present" upstream artifacts."""
+        return [check for check in self.checks if check.status is Status.ABSENT]
+
+    @property
+    def complete(self) -> bool:
+        """Every link was followed and checked (what `--strict` requires)."""
+        return not self.unfollowed
+
+    @property
+    def gap(self) -> str | None:
+        """In words, what was not verified (None when the whole chain was)."""
+        skipped = self.unfollowed
+        if not skipped:
+            return None
+        names = ", ".join(dict.fromkeys(check.check for check in skipped))
+        return (f"chain NOT verified: {len(skipped)} link(s) not followed ({names}: not "
+                f"present)")
+
+    @property
+    def gap_hint(self) -> str:
+        """How to point verify at what it did not find."""
+        upstream = {check.upstream for check in self.unfollowed}
+        options = [option for kind, option in _POINT_AT.items() if kind in upstream]
+        hints = []
+        if options:
+            layout = ("data/ beside the run folder" if self.kind in (Kind.RUN, Kind.CHECKPOINT)
+                      else "processed/, tokenizer.json and tokens/ in one data folder")
+            hints.append(f"point at the inputs with {', '.join(options)} (or keep {layout})")
+        if Kind.INPUTS in upstream:
+            hints.append("input files are looked for where the processed manifest records "
+                         "them (a relative root is relative to where verify runs)")
+        if None in upstream:
+            hints.append("an artifact written by an older version records no hash to follow")
+        return "; ".join(hints)
+
+    @property
+    def note(self) -> str:
+        """The summary line: how far the chain was verified, and steps pruned meanwhile."""
+        parts = []
+        if self.failures:
+            parts.append(f"{len(self.failures)} check(s) FAILED: the chain is broken there "
+                         f"(nothing past a failed artifact is followed)")
+        if self.gap is not None:
+            parts.append(f"{self.gap}; {self.gap_hint}")
+        removed = sum(check.status is Status.REMOVED for check in self.checks)
+        if removed:
+            parts.append(f"{removed} step folder(s) removed while being verified (a running "
+                         f"trainer pruning old checkpoints), not checked")
+        if not self.failures and self.gap is None:
+            parts.insert(0, "every link of the chain was followed and checked")
+        return "; ".join(parts)
 
     @property
     def failures(self) -> list[Check]:
@@ -118,8 +184,15 @@ class VerifyReport:
             f"{first.check}: {first.detail}",
             hint=f"{count} of {len(self.checks)} checks failed on {self.path}")
 
+    def raise_if_incomplete(self) -> None:
+        """`--strict`: a link that was not followed is a failure too."""
+        if self.gap is not None:
+            raise ERRORS[self.kind](f"{self.gap}, for {self.path} (--strict)",
+                                    hint=self.gap_hint)
+
     def as_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "kind": self.kind.value, "ok": self.ok,
+                "complete": self.complete, "note": self.note,
                 "latest_valid": None if self.latest_valid is None else str(self.latest_valid),
                 "checks": [{"kind": c.kind.value, "artifact": c.artifact, "check": c.check,
                             "status": c.status.value, "detail": c.detail}
@@ -143,7 +216,7 @@ def short(digest: str | None) -> str:
 def link(kind: Kind, artifact: str, check: str, recorded: str | None, actual: str,
          where: str) -> Check:
     """Compare a recorded hash with the hash of what is here."""
-    if recorded is None:
+    if recorded is None:  # upstream None: nothing anyone can point verify at
         return Check(kind, artifact, check, Status.ABSENT, "no hash recorded")
     if recorded == actual:
         return Check(kind, artifact, check, Status.OK, f"sha256 {short(actual)} matches")
@@ -271,7 +344,11 @@ def verify(path: Path, hints: Upstream | None = None) -> VerifyReport:
     else:
         {Kind.PROCESSED: verifier.processed, Kind.TOKENIZER: verifier.tokenizer,
          Kind.TOKENS: verifier.tokens, Kind.CHECKPOINT: verifier.checkpoint}[kind](path)
-    return VerifyReport(path, kind, tuple(verifier.checks), latest)
+    checks = verifier.checks
+    if kind is Kind.CHECKPOINT:  # the one step asked about is gone: nothing was verified
+        checks = [replace(c, status=Status.FAILED) if c.status is Status.REMOVED else c
+                  for c in checks]
+    return VerifyReport(path, kind, tuple(checks), latest)
 
 
 # ------------------------------------------------------------------------ verifier
@@ -308,15 +385,16 @@ class _Verifier:
         return self._done[key]
 
     def chain(self, kind: Kind, artifact: str, check: str, recorded: str | None,
-              upstream: Path | None, open_upstream: Callable[[Path], Any],
-              sha_of: Callable[[Any], str]) -> Any:
+              upstream: Path | None, upstream_kind: Kind,
+              open_upstream: Callable[[Path], Any], sha_of: Callable[[Any], str]) -> Any:
         """Follow one recorded hash to an upstream artifact, verifying that one too."""
         if recorded is None:
             self.add(kind, artifact, check, Status.ABSENT, "no hash recorded")
             return None
         if upstream is None or not os.path.lexists(upstream):
-            self.add(kind, artifact, check, Status.ABSENT,
-                     f"{upstream or 'upstream'} not present; recorded {short(recorded)}")
+            self.checks.append(Check(kind, artifact, check, Status.ABSENT,
+                                     f"{upstream or 'upstream'} not present; recorded "
+                                     f"{short(recorded)}", upstream_kind))
             return None
         loaded = open_upstream(upstream)
         if loaded is None:
@@ -351,8 +429,9 @@ class _Verifier:
         for entry, detail in failed[:MAX_LISTED_INPUTS]:
             self.add(Kind.INPUTS, entry.location, "input file", Status.FAILED, detail)
         summary = f"{present} match, {absent} not present, {len(failed)} differ"
-        status = Status.FAILED if failed else Status.OK if present else Status.ABSENT
-        self.add(Kind.INPUTS, art, "input files", status, summary)
+        status = Status.FAILED if failed else Status.ABSENT if absent else Status.OK
+        self.checks.append(Check(Kind.INPUTS, art, "input files", status, summary,
+                                 Kind.INPUTS))
 
     # ----------------------------------------------------------------- tokenizer
 
@@ -365,8 +444,8 @@ class _Verifier:
         if tok is not None:
             recorded = tok.training.corpus_sha256 if tok.training else None
             self.chain(Kind.TOKENIZER, art, "trained on processed", recorded,
-                       self.hints.processed or path.parent / "processed", self.processed,
-                       lambda corpus: corpus.manifest_sha256)
+                       self.hints.processed or path.parent / "processed", Kind.PROCESSED,
+                       self.processed, lambda corpus: corpus.manifest_sha256)
         return tok
 
     # -------------------------------------------------------------------- tokens
@@ -385,16 +464,16 @@ class _Verifier:
         data = folder.parent.parent
         manifest = shards.manifest
         tok = self.chain(Kind.TOKENS, art, "tokenizer", manifest.tokenizer_sha256,
-                         self.hints.tokenizer or data / "tokenizer.json", self.tokenizer,
-                         lambda t: t.sha256)
+                         self.hints.tokenizer or data / "tokenizer.json", Kind.TOKENIZER,
+                         self.tokenizer, lambda t: t.sha256)
         if tok is not None and (tok.vocab_size, tok.eot_id) != (manifest.vocab_size,
                                                                  manifest.eot_id):
             self.add(Kind.TOKENS, art, "vocabulary", Status.FAILED,
                      f"shards were built for vocab {manifest.vocab_size} / eot "
                      f"{manifest.eot_id}, the tokenizer has {tok.vocab_size} / {tok.eot_id}")
         corpus = self.chain(Kind.TOKENS, art, "processed", manifest.processed_manifest_sha256,
-                            self.hints.processed or data / "processed", self.processed,
-                            lambda c: c.manifest_sha256)
+                            self.hints.processed or data / "processed", Kind.PROCESSED,
+                            self.processed, lambda c: c.manifest_sha256)
         if corpus is not None:
             self._document_total(art, shards, corpus)
         return shards
@@ -412,7 +491,29 @@ class _Verifier:
         return self.once(Kind.CHECKPOINT, folder, self._checkpoint)
 
     def _checkpoint(self, folder: Path) -> Any:
+        from fragment_llm.checkpoint import ABSENT, folder_identity
+
         art, before = str(folder), len(self.checks)
+        identity = folder_identity(folder)
+        ckpt = self._own_checks(folder)
+        # A trainer pruning old steps renames the folder away, and whatever was being
+        # read then fails ("file not found"): that is a step gone, not a damaged one.
+        if ABSENT in (identity, folder_identity(folder)):
+            del self.checks[before:]
+            self.add(Kind.CHECKPOINT, art, "step folder", Status.REMOVED,
+                     f"{folder} was removed while being verified (a running trainer "
+                     f"prunes old checkpoints); nothing left to check")
+            self.loadable[art] = False
+            return None
+        # Loadable means its own checks hold; a changed upstream does not stop chat.
+        self.loadable[art] = ckpt is not None and all(c.ok for c in self.checks[before:])
+        if ckpt is not None:
+            self._checkpoint_upstream(art, ckpt)
+        return ckpt
+
+    def _own_checks(self, folder: Path) -> Any:
+        """The step folder itself: files, config, weights, state, tokenizer copy."""
+        art = str(folder)
         ckpt = self.attempt(Kind.CHECKPOINT, art, "files and manifest",
                             lambda: _load_checkpoint(folder))
         if ckpt is None:
@@ -422,6 +523,8 @@ class _Verifier:
         if config is not None:
             self.attempt(Kind.CHECKPOINT, art, "weights layout",
                          lambda: (None, _check_layout(ckpt, config)))
+            self.attempt(Kind.CHECKPOINT, art, "memory plan",
+                         lambda: (None, _check_memory(ckpt, config)))
         self.attempt(Kind.CHECKPOINT, art, "trainer state", lambda: (None, _check_state(ckpt)))
         tok = self.attempt(Kind.CHECKPOINT, art, "tokenizer copy",
                            lambda: _load_tokenizer(ckpt.tokenizer_path))
@@ -431,22 +534,19 @@ class _Verifier:
                 self.add(Kind.CHECKPOINT, art, "vocabulary", Status.FAILED,
                          f"tokenizer copy has {tok.vocab_size} tokens, config.json "
                          f"{config.vocab_size}, in {folder}")
-        # Loadable means its own checks hold; a changed upstream does not stop chat.
-        self.loadable[art] = all(check.ok for check in self.checks[before:])
-        self._checkpoint_upstream(art, ckpt)
         return ckpt
 
     def _checkpoint_upstream(self, art: str, ckpt: Any) -> None:
         prov, data = ckpt.provenance, ckpt.path.parent.parent / "data"
         self.chain(Kind.CHECKPOINT, art, "tokenizer", prov.get("tokenizer_sha256"),
-                   self.hints.tokenizer or data / "tokenizer.json", self.tokenizer,
-                   lambda t: t.sha256)
+                   self.hints.tokenizer or data / "tokenizer.json", Kind.TOKENIZER,
+                   self.tokenizer, lambda t: t.sha256)
         self.chain(Kind.CHECKPOINT, art, "token shards", prov.get("tokens_manifest_sha256"),
-                   self._tokens_folder(ckpt, data), self.tokens,
+                   self._tokens_folder(ckpt, data), Kind.TOKENS, self.tokens,
                    lambda s: s.manifest_sha256)
         self.chain(Kind.CHECKPOINT, art, "processed", prov.get("processed_manifest_sha256"),
-                   self.hints.processed or data / "processed", self.processed,
-                   lambda c: c.manifest_sha256)
+                   self.hints.processed or data / "processed", Kind.PROCESSED,
+                   self.processed, lambda c: c.manifest_sha256)
 
     def _tokens_folder(self, ckpt: Any, data: Path) -> Path | None:
         """The shard folder the run trained on: its name is the cache key of the hashes
@@ -470,26 +570,43 @@ class _Verifier:
         """Verify every step folder; return the newest whose own checks all hold."""
         from fragment_llm.checkpoint import STEP_NAME
 
-        steps = sorted(name for name in os.listdir(folder) if STEP_NAME.fullmatch(name))
-        if not steps:
+        seen: set[str] = set()
+        valid = []
+        # A running trainer prunes steps while they are checked and saves newer ones
+        # after the listing: list again while steps keep disappearing (a few times).
+        for _ in range(RUN_LISTINGS):
+            steps = sorted(name for name in os.listdir(folder)
+                           if STEP_NAME.fullmatch(name) and name not in seen)
+            removed = sum(check.status is Status.REMOVED for check in self.checks)
+            for name in steps:
+                seen.add(name)
+                if self._step(folder / name):
+                    valid.append(folder / name)
+            if sum(check.status is Status.REMOVED for check in self.checks) == removed:
+                break
+        if not seen:
             self.add(Kind.RUN, str(folder), "step folders", Status.FAILED,
                      f"no step-NNNNNNN folders in {folder}")
-        valid = []
-        for name in steps:
-            if self._step(folder / name):
-                valid.append(folder / name)
-        latest = valid[-1] if valid else None
+        latest = max(valid, default=None)
+        gone = seen and all(not os.path.lexists(folder / name) for name in seen)
         self.add(Kind.RUN, str(folder), "latest valid", Status.OK if latest else Status.FAILED,
                  f"{latest.name}: the newest step whose own checks all hold" if latest
+                 else f"no step stayed long enough to be verified: each one listed was "
+                      f"pruned while being checked (the trainer saves faster than verify "
+                      f"checks); run verify again, in {folder}" if gone
                  else f"no loadable checkpoint in {folder}")
         return latest
 
     def _step(self, path: Path) -> bool:
-        if os.path.islink(path) or not os.path.isdir(path):
+        try:
+            mode = os.lstat(path).st_mode  # one lstat: no race between two questions
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISDIR(mode):  # lstat: a symlink is no folder
             self.add(Kind.RUN, str(path), "step folder", Status.FAILED,
                      f"{path} is a symlink or not a folder; never followed")
             return False
-        self.checkpoint(path)
+        self.checkpoint(path)  # one removed since the listing is reported as removed
         return self.loadable.get(str(path), False)
 
 
@@ -570,7 +687,7 @@ def _load_checkpoint(folder: Path) -> tuple[Any, str]:
     from fragment_llm.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(folder)
-    return ckpt, f"step {ckpt.step}, {len(ckpt.files)} files hashed"
+    return ckpt, f"step {ckpt.step}, {len(ckpt.files)} files hashed, every weight finite"
 
 
 def _model_config(ckpt: Any) -> tuple[Any, str]:
@@ -625,6 +742,20 @@ def _check_layout(ckpt: Any, config: Any) -> str:
             raise CheckpointError(f"optimizer holds {listed} parameters, the model {params}, "
                                   f"in {ckpt.path / 'optimizer.safetensors'}")
     return f"{len(header)} tensors match config.json (read from headers only)"
+
+
+def _check_memory(ckpt: Any, config: Any) -> str:
+    """What `generate`/`chat` would plan before building this model (`load_trained`)."""
+    import torch
+
+    from fragment_llm.evaluate import check_inference_memory
+    from fragment_llm.memplan import default_memory_limit
+
+    device = torch.device("cpu")
+    plan = check_inference_memory(config, ckpt.path, device)
+    return (f"{plan.total / 2**20:,.0f} MiB to generate ({config.block_size:,}-token "
+            f"context), within the {default_memory_limit(device) / 2**20:,.0f} MiB limit "
+            f"on this machine")
 
 
 def _check_state(ckpt: Any) -> str:

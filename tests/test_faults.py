@@ -640,6 +640,25 @@ def test_step_folder_swapped_for_a_symlink_during_verification(run_copy, monkeyp
         ck.load_checkpoint(run / NEWEST)
 
 
+def test_step_pruned_while_being_loaded_is_gone_not_damaged(run_copy, monkeypatch):
+    """A trainer pruning old checkpoints renames a step away (then deletes it) while a
+    loader reads it: whatever read failed, the step is reported removed, and resolving
+    a run folder passes over it without calling it damaged."""
+    run, elsewhere = run_copy
+    real_check_entries = ck._check_entries
+
+    def prune_then_list(folder):
+        if folder.name == NEWEST:
+            os.replace(folder, ck.temp_name_for(folder))  # as `_prune` does
+        return real_check_entries(folder)
+
+    monkeypatch.setattr(ck, "_check_entries", prune_then_list)
+    with pytest.raises(ck.CheckpointRemovedError, match="removed while being verified"):
+        ck.load_checkpoint(run / NEWEST)
+    shutil.copytree(elsewhere / NEWEST, run / NEWEST)
+    assert ck.find_latest_valid(run) == (run / FALLBACK, [])
+
+
 def test_checkpoint_file_swapped_for_a_symlink_after_listing(run_copy, monkeypatch):
     run, elsewhere = run_copy
     real_check_entries = ck._check_entries

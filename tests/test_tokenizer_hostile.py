@@ -204,3 +204,64 @@ def test_from_merges_applies_the_same_rules():
         Tokenizer.from_merges([(97, 98), (97, 98)])
     with pytest.raises(TokenizerError, match="unknown split pattern"):
         Tokenizer.from_merges([], pattern="nope")
+
+
+# ------------------------------------------------------------- token-length bombs
+
+
+def doubling_bomb(merges: int = 30) -> dict[str, Any]:
+    """Merge k joins the previous token with itself: token 256 + k is 2^(k+1) bytes, so
+    30 merges (a file of under 1 KB) ask for a 2^30-byte token and a 2 GiB table."""
+    pairs = [[97, 97]] + [[256 + k, 256 + k] for k in range(merges - 1)]
+    doc = json.loads(Tokenizer.from_merges([])._canonical_json())
+    n = 256 + len(pairs)
+    doc.update(merges=pairs, vocab_size=n + len(tokenizer_module.SPECIAL_TOKENS),
+               special_tokens={name: n + i
+                               for i, name in enumerate(tokenizer_module.SPECIAL_TOKENS)})
+    return doc
+
+
+def test_a_token_length_bomb_is_refused_before_the_table_is_built(tmp_path, runner,
+                                                                   monkeypatch):
+    path = write(tmp_path, json.dumps(doubling_bomb(), separators=(",", ":")))
+    assert path.stat().st_size < 1024
+    # Measured from the merge list: the table is never built (building it would fail here).
+    monkeypatch.setattr(tokenizer_module, "token_bytes_table", None)
+    refuse(path, "merge 10 (265, 265) makes 2048 bytes, over the 1024-byte cap on one token")
+    monkeypatch.undo()
+    from fragment_llm.cli import cli
+
+    result = runner.invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 1
+    assert "1024-byte cap on one token" in result.stderr and "FAILED" in result.stderr
+
+
+def test_the_token_table_total_is_capped(valid_doc, tmp_path, monkeypatch):
+    # "ab", "abc", "dd": 256 + 2 + 3 + 2 bytes in all.
+    monkeypatch.setattr(tokenizer_module, "MAX_TABLE_BYTES", 256 + 2 + 3 + 1)
+    refuse(write(tmp_path, json.dumps(valid_doc)), "over the 262-byte cap")
+    monkeypatch.setattr(tokenizer_module, "MAX_TABLE_BYTES", 256 + 2 + 3 + 2)
+    assert Tokenizer.load(write(tmp_path, json.dumps(valid_doc))).vocab_size == 264
+
+
+def test_train_tokenizer_never_writes_a_token_past_the_cap(tmp_path, runner):
+    """BPE on a run of one letter doubles its longest token every merge: 5,000 "a"s in
+    8,192-character chunks make tokens of 2,048 and 4,096 bytes unless training skips
+    them, and the file written would then be one the loader refuses."""
+    from fragment_llm.cli import cli
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.txt").write_text("a" * 5000 + "\n")
+    (tmp_path / "raw" / "b.txt").write_text("a" * 5000 + "\nthe end\n")
+    (tmp_path / "cfg.toml").write_text(
+        "[tokenizer]\nmax_chunk_chars = 8192\nmin_frequency = 1\nholdout_fraction = 0.0\n")
+    assert runner.invoke(cli, ["-q", "preprocess", str(tmp_path / "raw"), "--out",
+                               str(tmp_path / "processed")]).exit_code == 0
+    result = runner.invoke(cli, ["-q", "train-tokenizer", "--data", str(tmp_path / "processed"),
+                                 "--out", str(tmp_path / "tok.json"), "--vocab-size", "300",
+                                 "--workers", "1", "--config", str(tmp_path / "cfg.toml")])
+    assert result.exit_code == 0, result.output
+    tok = Tokenizer.load(tmp_path / "tok.json")
+    longest = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+    assert longest == tokenizer_module.MAX_TOKEN_BYTES  # merged up to the cap, never past
+    assert tok.decode(tok.encode("a" * 5000)) == "a" * 5000

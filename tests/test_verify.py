@@ -338,3 +338,255 @@ def test_train_refuses_an_edited_token_manifest(copy):
     edit_tokens_manifest(copy)
     with pytest.raises(DatasetError, match="cache key"):
         run_training(_request(copy, resume=True), lambda event: None)
+
+
+# ------------------------------------------------- how much of the chain was checked
+
+
+def test_verify_says_when_the_chain_was_not_followed(built, tmp_path, runner):
+    """A run folder copied without its data/: every own check holds, but the links to
+    the tokenizer, token shards and processed folder could not be followed."""
+    run = tmp_path / "alone" / "r"
+    shutil.copytree(built / "checkpoints", run)
+    result = run_verify(runner, run)
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.stderr.split())  # the table wraps the footer
+    assert "6 not present; chain NOT verified" in words
+    assert "6 link(s) not followed" in words
+    assert "--processed DIR, --tokenizer FILE, --tokens DIR" in words
+    report = json.loads(run_verify(runner, run, "--json").stdout)
+    assert report["ok"] and not report["complete"]
+    assert report["note"].startswith("chain NOT verified") and "--tokens DIR" in report["note"]
+
+    strict = run_verify(runner, run, "--strict")
+    assert strict.exit_code == 1
+    assert "chain NOT verified" in error_line(strict) and "--processed DIR" in strict.stderr
+    data = built / "data"
+    pointed = run_verify(runner, run, "--strict", "--json", "--processed", str(data / "processed"),
+                         "--tokenizer", str(data / "tokenizer.json"),
+                         "--tokens", str(data / "tokens"))
+    assert pointed.exit_code == 0, pointed.output
+    assert json.loads(pointed.stdout)["complete"]
+
+
+def test_input_files_not_present_make_the_chain_incomplete(tmp_path, runner):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (raw / name).write_text(f"{name}: To be, or not to be, that is the question.\n" * 20)
+    run_preprocess([raw], tmp_path / "processed", PreprocessConfig(workers=1))
+    assert run_verify(runner, tmp_path / "processed", "--strict").exit_code == 0
+    (raw / "a.txt").unlink()  # one of two gone: half the inputs unchecked
+    result = run_verify(runner, tmp_path / "processed", "--strict")
+    assert result.exit_code == 1 and "input files" in error_line(result)
+    assert "where the processed manifest records them" in result.stderr
+
+
+def prune_to_newest(run: Path) -> None:
+    """What a trainer with keep_checkpoints = 1 does after saving step 4."""
+    ck._prune(run, 1, 4)
+
+
+@pytest.mark.parametrize("when", ["after the listing", "while reading its tokenizer copy"])
+def test_a_step_pruned_while_being_verified_is_removed_not_damaged(copy, runner,
+                                                                   monkeypatch, when):
+    """A trainer pruning old checkpoints renames a step away while verify reads it:
+    a step gone is reported as removed, and the run still verifies."""
+    import fragment_llm.verify as verify_module
+
+    run, old = copy / "checkpoints", copy / "checkpoints/step-0000002"
+    if when == "after the listing":
+        real = ck.load_checkpoint
+
+        def prune_first(path, **kwargs):
+            if path == old:
+                prune_to_newest(run)
+            return real(path, **kwargs)
+
+        monkeypatch.setattr(ck, "load_checkpoint", prune_first)
+    else:
+        real = verify_module._load_tokenizer
+
+        def prune_then_load(path):
+            if path.parent == old:
+                prune_to_newest(run)
+            return real(path)
+
+        monkeypatch.setattr(verify_module, "_load_tokenizer", prune_then_load)
+    result = run_verify(runner, run, "--json", "--strict")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert not old.exists() and report["ok"] and report["complete"]
+    assert report["latest_valid"] == str(copy / STEP)
+    mine = [c for c in report["checks"] if c["artifact"] == str(old)]
+    assert [(c["check"], c["status"]) for c in mine] == [("step folder", "removed")]
+    assert "removed while being verified" in mine[0]["detail"]
+
+
+def test_a_step_saved_while_every_listed_one_is_pruned_is_verified(copy, runner,
+                                                                  monkeypatch):
+    """Verify listed only step 2; meanwhile the trainer saved step 4 and pruned step 2.
+    The run folder is listed again, and step 4 is its latest valid step."""
+    import fragment_llm.verify as verify_module
+
+    run, saved = copy / "checkpoints", copy / "step-0000004"
+    (run / "step-0000004").rename(saved)  # not there yet when verify lists the run
+    real = verify_module._load_tokenizer
+
+    def save_and_prune(path):
+        if saved.exists():
+            saved.rename(run / "step-0000004")
+            prune_to_newest(run)
+        return real(path)
+
+    monkeypatch.setattr(verify_module, "_load_tokenizer", save_and_prune)
+    result = run_verify(runner, run, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["latest_valid"] == str(copy / STEP)
+    statuses = {c["artifact"]: c["status"] for c in report["checks"]
+                if c["check"] in ("step folder", "files and manifest")}
+    assert statuses == {str(run / "step-0000002"): "removed", str(copy / STEP): "ok"}
+
+
+@pytest.mark.slow
+def test_verify_while_a_real_trainer_prunes_every_step(built, tmp_path):
+    """The issue's race for real: a trainer saving every step and keeping 2 while verify
+    checks the run folder over and over. No run may fail (on the old code most did:
+    "tokenizer copy: file not found", or an internal FileNotFoundError)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    (tmp_path / "cfg.toml").write_text(
+        "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 32\n"
+        "[train]\nbatch_size = 2\nwarmup_steps = 1\ncheckpoint_every = 1\n"
+        "keep_checkpoints = 2\neval_every = 0\neval_blocks = 2\ndevice = 'cpu'\n"
+        "precision = 'fp32'\nworkers = 1\n")
+    trainer = subprocess.Popen(  # noqa: S603 (our own CLI, fixed arguments)
+        [sys.executable, "-m", "fragment_llm", "-q", "train", "--config",
+         str(tmp_path / "cfg.toml"), "--data", str(built / "data/processed"),
+         "--tokenizer", str(built / "data/tokenizer.json"), "--out", str(out),
+         "--max-steps", "150"])
+    runs, passed = 0, 0
+    try:
+        while trainer.poll() is None:
+            if not any(out.glob("step-*")):
+                time.sleep(0.05)
+                continue
+            report = verify(out, Upstream(tokens=built / "data/tokens"))
+            runs += 1
+            passed += report.ok
+            # No step is ever called damaged; at this rate (a save every ~50 ms) a run
+            # may rarely find that no step stayed long enough, and says so.
+            for failure in report.failures:
+                assert failure.check == "latest valid", failure
+                assert "no step stayed long enough" in failure.detail
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert runs >= 10 and passed >= runs * 0.8, (passed, runs)
+
+
+def test_a_step_folder_removed_while_verified_alone_is_not_verified(copy, runner,
+                                                                    monkeypatch):
+    import fragment_llm.verify as verify_module
+
+    real = verify_module._load_tokenizer
+
+    def prune_then_load(path):
+        prune_to_newest(copy / "checkpoints")
+        return real(path)
+
+    monkeypatch.setattr(verify_module, "_load_tokenizer", prune_then_load)
+    result = run_verify(runner, copy / "checkpoints/step-0000002")
+    assert result.exit_code == 1
+    assert "removed while being verified" in error_line(result)
+
+
+# -------------------------------------------------------- what a config.json implies
+
+
+def forge_deep_long_model(step: Path) -> None:
+    """The issue's recipe: a real 256-layer, 32-wide model (its weights a few MB) with a
+    131,072-token context (RoPE adds no parameters), provenance forged, manifest
+    re-sealed. The parameter count and every tensor shape agree with config.json."""
+    import safetensors.torch
+
+    from fragment_llm.model import GPT
+
+    model = json.loads((step / "config.json").read_text())["model"]
+    model.update(n_layer=256, n_embd=32, n_head=2, mlp_hidden=8, block_size=131072)
+    tensors, aliases = ck.model_tensors(GPT(ModelConfig(**model)))
+    safetensors.torch.save_file(tensors, step / "model.safetensors", metadata={
+        "format": ck.MODEL_FORMAT, "aliases": json.dumps(aliases)})
+    (step / "optimizer.safetensors").unlink()
+    forge_model_config(step, **model)
+
+
+def test_a_config_that_plans_too_much_memory_is_refused(copy, runner):
+    step = copy / STEP
+    forge_deep_long_model(step)
+    assert (step / "model.safetensors").stat().st_size < 6 << 20
+    result = runner.invoke(cli, ["generate", "--checkpoint", str(step), "--prompt", "ROMEO:",
+                                 "--max-new-tokens", "2"])
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    assert "config.json plans" in line and "MiB to generate" in line
+    assert "over the limit of" in line and str(step / "config.json") in line
+    assert "hint:" in result.stderr
+    verified = run_verify(runner, step)
+    assert verified.exit_code == 1
+    assert "memory plan" in error_line(verified) and "config.json plans" in error_line(verified)
+
+
+def test_the_memory_plan_row_of_a_clean_checkpoint(built):
+    report = verify(built / STEP)
+    (row,) = [c for c in report.checks if c.check == "memory plan"]
+    assert row.status is Status.OK and "within the" in row.detail
+
+
+# ------------------------------------------------------------------ NaN and inf
+
+
+def poison(path: Path, value: float) -> str:
+    """Set one value of the first floating tensor with a shape to `value`, keeping the
+    file's metadata; returns the tensor's name."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    tensors = safetensors.torch.load_file(path)
+    name = sorted(n for n, t in tensors.items() if t.is_floating_point() and t.dim())[0]
+    tensors[name].view(-1)[-1] = value
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(copy, runner, value):
+    step = copy / STEP
+    name = poison(step / "model.safetensors", value)
+    reseal(step)
+    result = runner.invoke(cli, ["generate", "--checkpoint", str(step), "--prompt", "ROMEO:",
+                                 "--max-new-tokens", "2"])
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    assert f"tensor {name!r} holds NaN or inf" in line and "model.safetensors" in line
+    verified = run_verify(runner, step)
+    assert verified.exit_code == 1 and "holds NaN or inf" in error_line(verified)
+    # As with any damaged step, a run folder falls back to the previous one.
+    assert verify(copy / "checkpoints").latest_valid == copy / "checkpoints/step-0000002"
+    assert ck.resolve_checkpoint(copy / "checkpoints") == copy / "checkpoints/step-0000002"
+
+
+def test_non_finite_optimizer_state_is_refused_for_resume(copy, runner):
+    step = copy / STEP
+    poison(step / "optimizer.safetensors", float("nan"))
+    reseal(step)
+    with pytest.raises(CheckpointError, match="holds NaN or inf.*optimizer.safetensors"):
+        ck.load_checkpoint(step)
+    verified = run_verify(runner, step)
+    assert verified.exit_code == 1 and "optimizer.safetensors" in error_line(verified)
