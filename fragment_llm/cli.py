@@ -636,7 +636,7 @@ def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
     Examples:
       fragment verify checkpoints
       fragment verify data/tokenizer.json --processed other/processed
-      fragment verify runs/r --processed data/processed --strict
+      fragment verify checkpoints --strict         # exit 1 unless every link was followed
       fragment verify checkpoints/step-0000200 --json
     """
     from fragment_llm.display import listing_table

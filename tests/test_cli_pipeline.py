@@ -172,7 +172,7 @@ def run_example(line: str, folder: Path) -> tuple[int, str]:
 
 
 def test_the_examples_were_found():
-    verbs = {shlex.split(line)[1] for line in EXAMPLES}
+    verbs = {shlex.split(line, comments=True)[1] for line in EXAMPLES}
     assert {"preprocess", "train-tokenizer", "train", "eval", "generate", "chat",
             "verify", "export-tokenizer"} <= verbs
     assert set(LONG) <= {without_comment(line) for line in EXAMPLES}, "LONG is out of date"
