@@ -338,6 +338,7 @@ class GivenSettings:
             tables[table] = given
         return cls(**tables)
 
+
 # A checkpoint's config.json "chat_format": how `fragment chat` renders turns for it.
 # Plain-text corpora give "transcript" ("User: ...\nAssistant:"); "special_tokens"
 # (<|user|> ... <|end|>) is for models trained on data rendered with those tokens.

@@ -660,3 +660,6 @@ def test_dry_run_prints_the_estimated_training_time(corpus, tiny_flags, tiny_cut
         "0:00:10 (~20 steps; --max-time ends it)")
     assert planned(copy_run(tiny_cut, tmp_path), "--resume", "--max-steps", "12") == (
         "0:00:05 (10 steps from step 2)")
+    result = runner.invoke(cli, cli_args(corpus, tmp_path / "c", *tiny_flags, "--max-steps",
+                                         "100", "--dry-run", "--json"))
+    assert json.loads(result.stdout)["estimated_training_seconds"] == 50.0
