@@ -109,7 +109,12 @@ def test_sigkill_of_preprocess_ends_its_helpers_and_the_next_run_cleans_up(tmp_p
         seen.update(descendants(proc.pid))  # the fork server's children are the helpers
         time.sleep(0.01)
     assert max(seen.values(), default=0) >= 2, "no helper process started"
-    time.sleep(0.5)  # the helper is now reading, with more files queued for it
+    # Kill once the staging folder exists (on a busy machine the helpers can start well
+    # before it does), while the helpers are reading with more files queued for them.
+    while time.monotonic() < deadline and not any(TEMP_MARKER in p.name
+                                                  for p in tmp_path.iterdir()):
+        time.sleep(0.01)
+    time.sleep(0.2)
     seen.update(descendants(proc.pid))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
