@@ -393,6 +393,10 @@ def _result_stream(tasks: list[FileTask], config: PreprocessConfig, staging: Pat
     with ProcessPoolExecutor(helpers, mp_context=context, initializer=_ignore_sigint) as pool:
         try:
             yield _Scheduler(pool, tasks, config, helpers, spool).results()
+        except BaseException:  # an error, Ctrl-C or SIGTERM: stop the helpers' batches too
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()  # ProcessPoolExecutor has no public way before 3.14
+            raise
         finally:  # on an error or Ctrl-C, do not let queued files run to completion
             pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(spool, ignore_errors=True)
