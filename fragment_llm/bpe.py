@@ -42,6 +42,7 @@ from typing import Final
 from fragment_llm.chunk_count import worker_context
 from fragment_llm.pretokenize import SplitPattern, Splitter
 from fragment_llm.progress import ProgressFn, no_progress
+from fragment_llm.signals import uninterrupted
 
 BYTES: Final = 256
 Merge = tuple[int, int]
@@ -370,6 +371,8 @@ def encode_many(encoder: ChunkEncoder, merges: list[Merge], texts: list[str],
     if workers <= 1 or len(texts) < 2 or sum(map(len, texts)) < MIN_PARALLEL_CHARS:
         return list(map(encoder.encode, texts))
     chunksize = max(1, len(texts) // (workers * 8))
-    with worker_context().Pool(workers, _init_encode_worker,
-                               (encoder.splitter.spec, merges)) as pool:
+    with uninterrupted():  # multiprocessing's constructors must not be split by a signal
+        pool = worker_context().Pool(workers, _init_encode_worker,
+                                     (encoder.splitter.spec, merges))
+    with pool:
         return pool.map(_encode_in_worker, texts, chunksize=chunksize)

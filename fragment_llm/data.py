@@ -42,6 +42,7 @@ from fragment_llm.safeio import (
     staged_dir,
 )
 from fragment_llm.sanitize import escape_for_display
+from fragment_llm.signals import uninterrupted
 
 TOKENS_FORMAT = "fragment-tokens"
 TOKENS_VERSION = 1
@@ -175,7 +176,9 @@ def _encode_all(tokenizer, tokenizer_path: Path, docs: Iterable[tuple[str, str]]
             yield text, split, tokenizer.encode(text)
         return
     context = multiprocessing.get_context("spawn")  # never fork a process holding torch
-    with context.Pool(workers, _init_encoder, (str(tokenizer_path),)) as pool:
+    with uninterrupted():  # multiprocessing's constructors must not be split by a signal
+        pool = context.Pool(workers, _init_encoder, (str(tokenizer_path),))
+    with pool:
         for window in _windows(docs, ENCODE_WINDOW_DOCS):
             encoded = pool.map(_encode_one, [text for text, _ in window],
                                chunksize=ENCODE_CHUNK_DOCS)
