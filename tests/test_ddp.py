@@ -154,15 +154,27 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp
     assert ck.find_latest_valid(run)[0].name == "step-0000040"
 
 
+SLOW_FINAL_EVALUATION = """
+import fragment_llm.train as train
+final_evaluation = train.TrainLoop._final_evaluation
+def slow_final_evaluation(self, interrupted):
+    time.sleep(1.5)  # the window in which rank 1's own Ctrl-C arrives
+    return final_evaluation(self, interrupted)
+train.TrainLoop._final_evaluation = slow_final_evaluation
+"""
+
+
 @pytest.mark.slow
 def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):  # noqa: F811
-    """Rank 0 is interrupted first; rank 1's own Ctrl-C comes later (after the ranks
-    agreed to stop): it is its first, so it must not abort rank 1 half-way."""
+    """Rank 0 is interrupted first; rank 1's own Ctrl-C comes later, once the ranks have
+    agreed to stop: it is rank 1's first, so it must not abort it half-way (rank 0 would
+    then wait alone in the final evaluation's all-reduce)."""
     run, config = tmp_path / "run", ddp_config(tmp_path, max_steps=400, checkpoint_every=4)
-    ranks = launch(train_args(corpus, run, config), tmp_path / "logs")
+    ranks = launch(train_args(corpus, run, config), tmp_path / "logs",
+                   {1: SLOW_FINAL_EVALUATION})
     wait_for_path(run / "step-0000004", ranks)
     ranks[0].proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(0.5)
     ranks[1].proc.send_signal(signal.SIGINT)
     assert wait_all(ranks) == [130, 130], [r.lines for r in ranks]
     assert_clean_lines(ranks)
