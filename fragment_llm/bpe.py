@@ -44,6 +44,7 @@ from typing import Any, Final
 from fragment_llm.chunk_count import worker_context
 from fragment_llm.pretokenize import SplitPattern, Splitter
 from fragment_llm.progress import ProgressFn, no_progress
+from fragment_llm.signals import uninterrupted
 from fragment_llm.workers import die_with_parent
 
 BYTES: Final = 256
@@ -387,7 +388,8 @@ def encoder_pool(spec: SplitPattern, merges: list[Merge], workers: int) -> Any:
     Workers rebuild the encoder from the merges and the pattern (nothing else crosses),
     import neither torch nor pyarrow, and end with this process.
     """
-    return worker_context().Pool(workers, _init_encode_worker, (spec, merges))
+    with uninterrupted():  # multiprocessing's constructors must not be split by a signal
+        return worker_context().Pool(workers, _init_encode_worker, (spec, merges))
 
 
 def encode_many(encoder: ChunkEncoder, merges: list[Merge], texts: list[str],

@@ -24,6 +24,7 @@ from typing import Any
 from fragment_llm.errors import TokenizerError
 from fragment_llm.pretokenize import SplitPattern, Splitter
 from fragment_llm.progress import ProgressFn, no_progress
+from fragment_llm.signals import uninterrupted
 from fragment_llm.workers import die_with_parent
 
 # Documents are counted in blocks of about this many characters, and longer documents are
@@ -227,16 +228,18 @@ class _Helpers:
     def __init__(self, tally: _Tally, helpers: int,
                  context: multiprocessing.context.BaseContext) -> None:
         self.tally = tally
-        self.tasks: Any = context.Queue(maxsize=2 * helpers)  # never read the corpus ahead
-        self.results: Any = context.Queue()
+        with uninterrupted():  # multiprocessing's constructors must not be split by a signal
+            self.tasks: Any = context.Queue(maxsize=2 * helpers)  # never read the corpus ahead
+            self.results: Any = context.Queue()
         args = (tally.splitter.spec, tally.max_chunk_chars, self.tasks, self.results)
         self.procs = [context.Process(target=_helper_main, args=args, daemon=True)
                       for _ in range(helpers)]
         self.finished = 0
 
     def __enter__(self) -> _Helpers:
-        for proc in self.procs:
-            proc.start()
+        with uninterrupted():  # a helper started but not yet tracked would outlive us
+            for proc in self.procs:
+                proc.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -4,6 +4,8 @@ This is the only place that maps errors to exit codes:
 - `FragmentError`      -> `error: <what>, <where>` (+ `hint: ...`) on stderr, exit 1
 - click usage errors   -> exit 2
 - Ctrl-C               -> exit 130
+- SIGTERM              -> `terminated` (+ what was saved) on stderr, exit 143: it raises
+                          `signals.Terminated`, so staged outputs and pools clean up first
 - anything else        -> one "internal error" line and the path of a saved traceback
                           (the traceback itself with `--debug`), exit 70
 Stage modules are imported inside each command so `fragment --help` stays instant.
@@ -26,11 +28,13 @@ import click
 
 from fragment_llm import __version__
 from fragment_llm.errors import FragmentError
+from fragment_llm.signals import Terminated, signals_as_exceptions
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a SIGTERM'd job
 
 DEFAULT_RAW = Path("data/raw")
 DEFAULT_PROCESSED = Path("data/processed")
@@ -132,7 +136,9 @@ class FragmentGroup(click.Group):
     def _run(self, args: Any, prog_name: str | None, complete_var: str | None,
              **extra: Any) -> int:
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with signals_as_exceptions():
+                result = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                      **extra)
             return result if isinstance(result, int) else 0
         except click.exceptions.Exit as exc:
             return exc.exit_code
@@ -142,6 +148,11 @@ class FragmentGroup(click.Group):
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("interrupted", err=True)
             return EXIT_INTERRUPTED
+        except Terminated as exc:
+            from fragment_llm.display import safe
+
+            click.echo(f"terminated: {safe(exc)}" if str(exc) else "terminated", err=True)
+            return EXIT_TERMINATED
         except FragmentError as exc:
             _echo_error(exc.message, exc.hint)
             return EXIT_ERROR
@@ -452,10 +463,11 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
     both are unchanged), then trains with AdamW, warmup + cosine schedule,
     gradient accumulation and clipping. Every --checkpoint-every steps a
     checkpoint folder OUT/step-NNNNNNN/ is written atomically (safetensors +
-    JSON, sha256 manifest). Ctrl-C finishes the step, checkpoints and exits 130;
-    --resume continues exactly where the newest valid checkpoint left off, with the
-    run's recorded settings: a flag given with it must agree, except a larger
-    --max-steps or --max-time and the cadence flags (docs/training.md has the list).
+    JSON, sha256 manifest). Ctrl-C finishes the step, checkpoints and exits 130
+    (SIGTERM: the same, exit 143); --resume continues exactly where the newest valid
+    checkpoint left off, with the run's recorded settings: a flag given with it must
+    agree, except a larger --max-steps or --max-time and the cadence flags
+    (docs/training.md has the list).
 
     \b
     Layering: --preset values < the [model]/[train] tables of --config < flags.
@@ -477,6 +489,8 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
                            train=train_config, resume=resume, given=given)
     with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
         summary = run_training(request, display, dry_run=dry_run)
+    if summary.terminated:  # one line and exit 143, like any verb stopped by SIGTERM
+        raise Terminated(f"checkpoint saved at {summary.checkpoint}; --resume continues")
     if as_json:
         click.echo(json.dumps(summary_as_json(summary, display, dry_run)))
     else:

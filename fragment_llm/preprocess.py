@@ -72,6 +72,7 @@ from fragment_llm.readers import (
     read_input_file,
 )
 from fragment_llm.safeio import atomic_write_text, read_capped, staged_dir
+from fragment_llm.signals import uninterrupted
 from fragment_llm.workers import WorkerCap, cap_workers, die_with_parent, reader_bytes
 
 MiB = 1 << 20
@@ -442,9 +443,15 @@ def _result_stream(tasks: list[FileTask], config: PreprocessConfig, staging: Pat
     context.set_forkserver_preload(["fragment_llm.readers"])
     spool = staging / SPOOL_NAME
     spool.mkdir()
-    with ProcessPoolExecutor(helpers, mp_context=context, initializer=_start_helper) as pool:
+    with uninterrupted():  # multiprocessing's constructors must not be split by a signal
+        pool = ProcessPoolExecutor(helpers, mp_context=context, initializer=_start_helper)
+    with pool:
         try:
             yield _Scheduler(pool, tasks, config, helpers, spool).results()
+        except BaseException:  # an error, Ctrl-C or SIGTERM: stop the helpers' batches too
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()  # ProcessPoolExecutor has no public way before 3.14
+            raise
         finally:  # on an error or Ctrl-C, do not let queued files run to completion
             pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(spool, ignore_errors=True)
@@ -490,7 +497,10 @@ class _Scheduler:
 
     def _submit(self, batch: list[FileTask]) -> Future[list[FileResult]]:
         spools = [str(self.spool / f"{self.next:08d}-{i:04d}.bin") for i in range(len(batch))]
-        return self.pool.submit(read_batch_in_helper, batch, self.config, spools)
+        # The first submit starts the pool's processes and thread; split by a signal,
+        # the pool cannot shut down ("cannot join thread before it is started").
+        with uninterrupted():
+            return self.pool.submit(read_batch_in_helper, batch, self.config, spools)
 
     def _room(self) -> bool:
         return not self.pending or self.held + _size(self.batches[self.next]) <= BYTES_IN_FLIGHT

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fragment_llm.errors import FragmentError, OutputError
+from fragment_llm.signals import uninterrupted
 
 TEMP_MARKER = ".fragment-tmp-"
 OLD_MARKER = ".fragment-old-"
@@ -415,13 +416,16 @@ def staged_dir(target: Path, overwrite: bool) -> Iterator[Path]:
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
     old = None
-    if target.exists() or target.is_symlink():
-        old = temp_name_for(target, OLD_MARKER)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    try:
+        with uninterrupted():  # a Ctrl-C or SIGTERM between the renames would leave no target
+            if target.exists() or target.is_symlink():
+                old = temp_name_for(target, OLD_MARKER)
+                os.replace(target, old)
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:  # the new result is in place (or the swap failed before moving the old one)
+        if old is not None and not os.path.lexists(tmp):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -49,6 +49,7 @@ from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
 from fragment_llm.resume import ResumedSettings, resumed_settings
 from fragment_llm.safeio import atomic_write_text, make_dirs, translate_os_errors
+from fragment_llm.signals import Terminated, raise_when_safe, uninterrupted
 from fragment_llm.verify import (
     HINT_RESUME,
     checked_tokenizer,
@@ -111,6 +112,7 @@ class TrainSummary:
     checkpoint: Path | None
     interrupted: bool
     parameters: int
+    terminated: bool = False  # the interruption was a SIGTERM (exit 143, not 130)
 
 
 # ----------------------------------------------------------------- device & precision
@@ -267,9 +269,42 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
         torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world)
 
 
-def barrier(env: DistEnv) -> None:
-    if env.world > 1:
-        torch.distributed.barrier()
+def agree(values: list[float], env: DistEnv, device: torch.device) -> list[float]:
+    """The largest of each value over all ranks (one small all-reduce), so that every
+    rank takes the same decision from it; in one process, the values themselves."""
+    if env.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], Any]) -> Any:
+    """`work()` on rank 0 only; then every rank learns whether it worked.
+
+    Rank 0 alone writes (checkpoints, the run folder). If it raised straight away, the
+    other ranks would wait in their next collective for a peer that has left, and die
+    there with gloo's "Connection closed by peer". Agreeing first lets all of them stop
+    at the same place: rank 0 with its own error, the others with one line pointing at it.
+    """
+    error: Exception | None = None
+    result = None
+    if env.is_main:
+        try:
+            result = work()
+        except Exception as exc:  # raised below, once the other ranks know
+            error = exc
+    failed = agree([float(error is not None)], env, device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise_peer_failed(env)
+    return result
+
+
+def raise_peer_failed(env: DistEnv) -> NoReturn:
+    raise TrainingError(f"rank {env.rank}: stopping because rank 0 stopped",
+                        hint="rank 0's error, printed above, says why")
 
 
 def all_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -315,25 +350,52 @@ class RunLock:
 
 
 class InterruptFlag:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second: abort at once."""
+    """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. Second: abort at once.
+
+    SIGTERM (systemd, Docker, Kubernetes, Slurm, torchrun passing on a stop) is treated
+    as Ctrl-C; `signum` records which came first, so the CLI can exit 130 or 143. Under
+    torchrun a rank may also stop because another rank was signalled (`adopt`); only a
+    second signal to this process itself aborts it.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
+        self.signum: int | None = None
+        self.received = False
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def terminated(self) -> bool:
+        return self.signum == signal.SIGTERM
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.received:
+            raise_when_safe(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+        self.received = True
+        if self.signum is None:
+            self.signum = signum
+
+    def adopt(self, sigint: bool, sigterm: bool) -> None:
+        """Take on what the other ranks received (SIGTERM wins: the stricter stop)."""
+        if sigterm:
+            self.signum = signal.SIGTERM
+        elif sigint and self.signum is None:
+            self.signum = signal.SIGINT
 
     def __enter__(self) -> InterruptFlag:
         with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -360,7 +422,8 @@ class Trainer:
         self.forward_model: torch.nn.Module = self.model
         if env.world > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, ids)
+            with uninterrupted():  # its collectives must not be split by a signal
+                self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, ids)
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.optimizer = build_optimizer(self.model, config, device)
@@ -407,7 +470,9 @@ class Trainer:
         lr = lr_at(self.step, self.config, self.progress, self.warmup_end, self.cosine_start)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self._accumulate_gradients()
+        # The mean over ranks: every rank then agrees on skipping a step and on stopping
+        # after MAX_NONFINITE_IN_A_ROW (a NaN on one rank makes the mean NaN on all).
+        loss = all_mean(self._accumulate_gradients(), self.env)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -419,7 +484,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
-        return StepResult(float(all_mean(loss, self.env)), lr, float(norm), finite)
+        return StepResult(float(loss), lr, float(norm), finite)
 
     def _accumulate_gradients(self) -> torch.Tensor:
         self.model.train()
@@ -506,15 +571,24 @@ def prepare_shards(request: TrainRequest, env: DistEnv, vocab_size: int,
     tokens_root = request.tokens_dir or request.data.parent / "tokens"
     build = BuildRequest(request.data, request.tokenizer, tokens_root,
                          request.train.val_fraction, workers=request.train.workers)
-    folder = None
+    folder, error = None, None
     if env.is_main:
-        folder = build_token_shards(build, lambda phase, done, total: on_event(
-            TrainEvent("progress", 0, {"phase": phase, "done": done, "total": total})))
+        try:
+            folder = build_token_shards(build, lambda phase, done, total: on_event(
+                TrainEvent("progress", 0, {"phase": phase, "done": done, "total": total})))
+        except BaseException as exc:  # Ctrl-C and SIGTERM too: the others wait for us
+            if env.world == 1:
+                raise
+            error = exc
     if env.world > 1:
         box = [str(folder) if folder else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        folder = Path(box[0])
-    assert folder is not None
+        with uninterrupted():  # several collectives: a signal must not split them
+            torch.distributed.broadcast_object_list(box, src=0)
+        folder = Path(box[0]) if box[0] else None
+    if error is not None:
+        raise error
+    if folder is None:
+        raise_peer_failed(env)
     return TokenShards.open(folder, vocab_size)
 
 
@@ -528,7 +602,21 @@ def check_memory(plan: MemoryPlan, limit: int) -> None:
 
 
 def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False) -> TrainSummary:
-    """Train (or resume) a GPT on the processed corpus; see the module docstring."""
+    """Train (or resume) a GPT on the processed corpus; see the module docstring.
+
+    Under torchrun, the process group this starts is destroyed on every way out
+    (done, interrupted, refused, failed), so no rank leaves a peer waiting on it.
+    """
+    started_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        return _train(request, on_event, dry_run)
+    finally:
+        if started_group and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSummary:
     from fragment_llm.tokenizer import Tokenizer
 
     env = DistEnv.from_environ()
@@ -567,12 +655,16 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
         on_event(TrainEvent("note", trainer.step,
                             {"message": f"resumed from {resume_from.path}"}))
     with contextlib.ExitStack() as stack:
-        if env.is_main:
-            make_dirs(request.out, hint="choose another --out")
-            stack.enter_context(RunLock(request.out))
-            _remove_killed_runs_temporaries(request.out)
+        interrupt = stack.enter_context(InterruptFlag())
+        run_on_main(env, device, lambda: _open_run_folder(request.out, stack))
         loop = TrainLoop(request, trainer, tokenizer, model_config, on_event)
-        return loop.run(stack.enter_context(InterruptFlag()))
+        return loop.run(interrupt)
+
+
+def _open_run_folder(out: Path, stack: contextlib.ExitStack) -> None:
+    make_dirs(out, hint="choose another --out")
+    stack.enter_context(RunLock(out))
+    _remove_killed_runs_temporaries(out)
 
 
 def _with_capped_workers(request: TrainRequest, on_event: EventFn) -> TrainRequest:
@@ -655,26 +747,44 @@ def _restore(trainer: Trainer, checkpoint) -> None:
 
 def _summary(request: TrainRequest, trainer: Trainer, last: StepResult | None,
              evaluation: tuple[float, float] | None, *, interrupted: bool, seconds: float,
-             checkpoint: Path | None = None) -> TrainSummary:
+             checkpoint: Path | None = None, terminated: bool = False) -> TrainSummary:
     return TrainSummary(
         out=request.out, steps=trainer.step, tokens=trainer.step * trainer.tokens_per_step,
         seconds=seconds, final_train_loss=last.loss if last else None,
         val_loss=evaluation[0] if evaluation else None,
         val_bpb=evaluation[1] if evaluation else None, checkpoint=checkpoint,
-        interrupted=interrupted, parameters=count_parameters(trainer.model))
+        interrupted=interrupted, parameters=count_parameters(trainer.model),
+        terminated=terminated)
 
 
 class TrainLoop:
-    """The loop around `Trainer`: when to log, evaluate, checkpoint and stop."""
+    """The loop around `Trainer`: when to log, evaluate, checkpoint and stop.
+
+    Under torchrun every rank runs the same collectives in the same order on every way
+    out: whether to stop is agreed before each step (`_should_stop`), a NaN stop follows
+    from the loss averaged over ranks, and rank 0's writes end in an agreement
+    (`run_on_main`, or a metrics failure held until the next `_should_stop`).
+    """
 
     def __init__(self, request: TrainRequest, trainer: Trainer, tokenizer: Any,
                  model_config: ModelConfig, on_event: EventFn) -> None:
         self.request, self.trainer, self.tokenizer = request, trainer, tokenizer
         self.model_config, self.on_event = model_config, on_event
+        self.failure: Exception | None = None  # rank 0's, until the ranks agree to stop
         self.metrics = MetricsLog(request.out / METRICS_FILE, trainer.env.is_main)
-        self.metrics.truncate_after(trainer.step)
+        self._hold_failure(lambda: self.metrics.truncate_after(trainer.step))
         self.evaluation: tuple[float, float] | None = None
         self.checkpoint: Path | None = None
+        self.saved_step: int | None = None
+
+    def _hold_failure(self, work: Callable[[], None]) -> None:
+        """Run rank 0's `work`; with peers, keep its error for the next agreement."""
+        try:
+            work()
+        except Exception as exc:
+            if self.trainer.env.world == 1:
+                raise
+            self.failure = self.failure or exc
 
     def run(self, interrupt: InterruptFlag) -> TrainSummary:
         cfg, trainer = self.request.train, self.trainer
@@ -692,15 +802,33 @@ class TrainLoop:
                     hint="lower --lr, keep --grad-clip on, or use --precision fp32")
             if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                 self._save()
-        self._final_evaluation(interrupt.requested)
-        if self.checkpoint is None or not self.checkpoint.name.endswith(f"{trainer.step:07d}"):
+        # As agreed by the last `_should_stop`: a signal arriving from here on must not
+        # make this rank's final evaluation differ from the others'.
+        interrupted, terminated = interrupt.requested, interrupt.terminated
+        self._final_evaluation(interrupted)
+        if self.saved_step != trainer.step:  # the same on every rank (not only rank 0)
             self._save()
+        if self.failure is not None:  # no collective follows: rank 0 may stop alone
+            raise self.failure
         return _summary(self.request, trainer, last, self.evaluation,
-                        interrupted=interrupt.requested,
+                        interrupted=interrupted, terminated=terminated,
                         seconds=time.perf_counter() - started, checkpoint=self.checkpoint)
 
     def _should_stop(self, interrupt: InterruptFlag) -> bool:
+        """The same answer on every rank. Ranks time themselves, and a signal may reach
+        one rank a step before another: elapsed time, signals and rank 0's failure are
+        agreed (the largest over ranks) in one all-reduce before each step."""
         cfg, trainer = self.request.train, self.trainer
+        elapsed, sigint, sigterm, failed = agree(
+            [trainer.elapsed, float(interrupt.signum == signal.SIGINT),
+             float(interrupt.terminated), float(self.failure is not None)],
+            trainer.env, trainer.device)
+        if self.failure is not None:
+            raise self.failure
+        if failed:
+            raise_peer_failed(trainer.env)
+        trainer.elapsed = elapsed
+        interrupt.adopt(sigint > 0, sigterm > 0)
         out_of_time = cfg.max_time_s is not None and trainer.elapsed >= cfg.max_time_s
         return interrupt.requested or trainer.step >= cfg.max_steps or out_of_time
 
@@ -713,7 +841,7 @@ class TrainLoop:
         if cfg.eval_every and step % cfg.eval_every == 0:
             values.update(self._evaluate(log=False))
         if step % cfg.log_every == 0 or step == 1 or "val_loss" in values:
-            self.metrics.write(values)
+            self._hold_failure(lambda: self.metrics.write(values))
         self.on_event(TrainEvent("step", step, values))
 
     def _final_evaluation(self, interrupted: bool) -> None:
@@ -734,23 +862,32 @@ class TrainLoop:
             return {}
         values = {"val_loss": self.evaluation[0], "val_bpb": self.evaluation[1]}
         if log:
-            self.metrics.write({"step": self.trainer.step, **values})
+            self._hold_failure(lambda: self.metrics.write({"step": self.trainer.step, **values}))
         self.on_event(TrainEvent("eval", self.trainer.step, values))
         return values
 
     def _save(self) -> None:
-        from fragment_llm.checkpoint import capture_rng_state, save_checkpoint
+        """Rank 0 writes the checkpoint; every rank waits for it and learns the outcome."""
+        from fragment_llm.checkpoint import step_path
 
         trainer = self.trainer
-        if trainer.env.is_main:
-            state = {**trainer.state_dict(), "rng": capture_rng_state()}
-            self.checkpoint = save_checkpoint(
-                self.request.out, trainer.step, model=trainer.model,
-                optimizer=trainer.optimizer, trainer_state=state, config=self._config_record(),
-                tokenizer_file=self.request.tokenizer, provenance=self._provenance(),
-                keep_last=self.request.train.keep_checkpoints)
-            self.on_event(TrainEvent("checkpoint", trainer.step, {"path": str(self.checkpoint)}))
-        barrier(trainer.env)
+        run_on_main(trainer.env, trainer.device, self._write_checkpoint)
+        self.saved_step = trainer.step
+        self.checkpoint = step_path(self.request.out, trainer.step)
+
+    def _write_checkpoint(self) -> None:
+        from fragment_llm.checkpoint import capture_rng_state, save_checkpoint
+
+        if self.failure is not None:  # a metrics write failed: stop here, with everyone
+            raise self.failure
+        trainer = self.trainer
+        state = {**trainer.state_dict(), "rng": capture_rng_state()}
+        path = save_checkpoint(
+            self.request.out, trainer.step, model=trainer.model,
+            optimizer=trainer.optimizer, trainer_state=state, config=self._config_record(),
+            tokenizer_file=self.request.tokenizer, provenance=self._provenance(),
+            keep_last=self.request.train.keep_checkpoints)
+        self.on_event(TrainEvent("checkpoint", trainer.step, {"path": str(path)}))
 
     def _config_record(self) -> dict[str, Any]:
         evaluation = self.evaluation
