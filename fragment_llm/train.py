@@ -279,6 +279,22 @@ def agree(values: list[float], env: DistEnv, device: torch.device) -> list[float
     return tensor.tolist()
 
 
+def broadcast_text(text: str | None, device: torch.device) -> str | None:
+    """Rank 0's `text` on every rank, sent as UTF-8 bytes in a tensor: no object crosses
+    the wire pickled (`broadcast_object_list` would unpickle whatever arrives)."""
+    data = b"" if text is None else text.encode("utf-8")
+    size = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(size, src=0)
+    length = int(size.item())
+    if length < 0:
+        return None
+    buffer = torch.zeros(length, dtype=torch.uint8, device=device)
+    if data and torch.distributed.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    torch.distributed.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().tolist()).decode("utf-8")
+
+
 def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], Any]) -> Any:
     """`work()` on rank 0 only; then every rank learns whether it worked.
 
@@ -566,7 +582,7 @@ def _effective_model_config(request: TrainRequest, vocab_size: int) -> ModelConf
 
 
 def prepare_shards(request: TrainRequest, env: DistEnv, vocab_size: int,
-                   on_event: EventFn) -> TokenShards:
+                   on_event: EventFn, device: torch.device) -> TokenShards:
     """Rank 0 tokenizes (or reuses the cache); every rank then opens and verifies."""
     tokens_root = request.tokens_dir or request.data.parent / "tokens"
     build = BuildRequest(request.data, request.tokenizer, tokens_root,
@@ -581,10 +597,9 @@ def prepare_shards(request: TrainRequest, env: DistEnv, vocab_size: int,
                 raise
             error = exc
     if env.world > 1:
-        box = [str(folder) if folder else None]
-        with uninterrupted():  # several collectives: a signal must not split them
-            torch.distributed.broadcast_object_list(box, src=0)
-        folder = Path(box[0]) if box[0] else None
+        with uninterrupted():  # two collectives: a signal must not split them
+            text = broadcast_text(str(folder) if folder else None, device)
+        folder = Path(text) if text else None
     if error is not None:
         raise error
     if folder is None:
@@ -640,7 +655,7 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
         require(resume_links(resume_from, tokenizer), CheckpointError, HINT_RESUME)
     plan = plan_memory(model_config, request.train, precision, device.type)
     check_memory(plan, request.train.max_memory or default_memory_limit(device))
-    shards = prepare_shards(request, env, tokenizer.vocab_size, on_event)
+    shards = prepare_shards(request, env, tokenizer.vocab_size, on_event, device)
     _check_shard_chain(request, tokenizer, shards, resume_from)
     trainer = Trainer(model_config, request.train, shards, device, precision, env)
     if resume_from is not None:
@@ -800,7 +815,10 @@ class TrainLoop:
                     f"loss or gradients were not finite for {MAX_NONFINITE_IN_A_ROW} steps in "
                     f"a row (step {trainer.step})",
                     hint="lower --lr, keep --grad-clip on, or use --precision fp32")
-            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+            # The planned last step is saved once, after the final evaluation, so its
+            # config.json records the figure the run ended on.
+            if (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0
+                    and trainer.step < cfg.max_steps):
                 self._save()
         # As agreed by the last `_should_stop`: a signal arriving from here on must not
         # make this rank's final evaluation differ from the others'.

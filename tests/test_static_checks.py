@@ -43,6 +43,10 @@ BANNED_NAMES = {
     "os.system": "os.system", "os.popen": "os.popen",
     "builtins.eval": "eval(", "builtins.exec": "exec(", "builtins.__import__": "__import__",
     "yaml.load": "yaml.load(", "yaml.unsafe_load": "yaml.load(", "yaml.full_load": "yaml.load(",
+    # torch.distributed's object collectives pickle what they send and unpickle what arrives
+    **{f"torch.distributed.{name}": "object collective" for name in (
+        "broadcast_object_list", "all_gather_object", "gather_object",
+        "scatter_object_list", "send_object_list", "recv_object_list")},
 }
 BANNED_BUILTIN_CALLS = {"eval": "eval(", "exec": "exec(", "__import__": "__import__",
                         "compile": "compile("}
@@ -223,6 +227,8 @@ DISGUISED = {
     "builtins.eval": ("import builtins\nbuiltins.eval('1')\n", "eval("),
     "shell from a variable": ("import subprocess\nsubprocess.run(c, shell=flag)\n",
                               "shell=True"),
+    "broadcast_object_list": ("import torch\ntorch.distributed.broadcast_object_list(b)\n",
+                              "object collective"),
     "np.load allow_pickle": ("import numpy as np\nnp.load(f, allow_pickle=True)\n",
                              "allow_pickle"),
 }

@@ -663,3 +663,15 @@ def test_dry_run_prints_the_estimated_training_time(corpus, tiny_flags, tiny_cut
     result = runner.invoke(cli, cli_args(corpus, tmp_path / "c", *tiny_flags, "--max-steps",
                                          "100", "--dry-run", "--json"))
     assert json.loads(result.stdout)["estimated_training_seconds"] == 50.0
+
+
+def test_a_last_step_that_is_a_checkpoint_step_records_the_final_evaluation(corpus, tmp_path):
+    """The final checkpoint is written after the run's final evaluation, so config.json
+    (what chat's banner and `fragment eval` report beside) holds the figure the run ended
+    on, even when the last step is also a periodic checkpoint step."""
+    out = tmp_path / "run"
+    summary = run_training(request(corpus, out, max_steps=6, checkpoint_every=6,
+                                   eval_every=0, final_eval_blocks=2000), lambda e: None)
+    config = json.loads((out / "step-0000006" / "config.json").read_text())
+    assert summary.val_bpb is not None
+    assert (config["val_loss"], config["val_bpb"]) == (summary.val_loss, summary.val_bpb)
