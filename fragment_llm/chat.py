@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ChatConfig, GenerateConfig
 from fragment_llm.errors import FragmentError, OutputError, PromptError
 from fragment_llm.generate import Engine, GenerationStats
-from fragment_llm.safeio import atomic_write_bytes, read_capped
+from fragment_llm.safeio import HINT_OVERWRITE, atomic_write_text, os_error_reason, read_capped
 from fragment_llm.sanitize import OutputSanitizer, escape_for_display, sanitize_prompt
 from fragment_llm.tokenizer import Tokenizer
 
@@ -468,10 +468,11 @@ class ChatSession:
             if not answer:
                 return Reply("not saved")
             check_save_target(path)  # again: it may have changed while we asked
-        data = self.conversation.transcript().encode("utf-8")
         try:  # a file that appears after the check is never replaced: the rename refuses
-            atomic_write_bytes(path, data, replace=exists)
+            atomic_write_text(path, self.conversation.transcript(), replace=exists)
         except OutputError as exc:
+            if exc.hint != HINT_OVERWRITE:  # disk full, read-only: its own hint stands
+                raise
             raise OutputError(exc.message, hint="/save to another name") from None
         return Reply(f"saved {len(self.conversation.turns)} turns to {shown}")
 
@@ -560,14 +561,15 @@ def check_save_target(path: Path) -> bool:
     written: a symlink (never written through), anything but a regular file (a FIFO, a
     device, a folder), or a parent folder that does not exist."""
     shown = _name(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"folder does not exist: {_name(path.parent)}")
     try:
+        if not path.parent.is_dir():
+            raise OutputError(f"folder does not exist: {_name(path.parent)}",
+                              hint="/save into a folder that exists")
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return False
     except OSError as exc:  # a name too long, a folder we may not search
-        raise OutputError(f"cannot write {shown}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {shown}: {os_error_reason(exc)}") from None
     if stat.S_ISLNK(mode):
         raise OutputError(f"refusing to write through a symlink: {shown}")
     if not stat.S_ISREG(mode):
@@ -624,6 +626,8 @@ def run_repl(session: ChatSession, io: ChatIO) -> int:
         except KeyboardInterrupt:
             io.message("[stopped]")
             continue
+        except BrokenPipeError:  # whoever read the answers is gone: nobody to answer
+            raise
         except Exception as exc:
             io.failure(exc)
             continue
@@ -643,16 +647,14 @@ def _show_answer(answer: Iterator[str], io: ChatIO) -> None:
             io.write(piece)
     except KeyboardInterrupt:  # Ctrl-C stops this answer only
         interrupted = True
-    except Exception as exc:
+    except FragmentError as exc:
         problem = exc
     finally:
         with contextlib.suppress(Exception):
             answer.close()  # type: ignore[attr-defined]  # records the partial answer
         io.end_answer(interrupted)
-    if isinstance(problem, FragmentError):
+    if problem is not None:
         io.message(_explain(problem))
-    elif problem is not None:
-        raise problem
 
 
 

@@ -4,6 +4,7 @@ This is the only place that maps errors to exit codes:
 - `FragmentError`      -> `error: <what>, <where>` (+ `hint: ...`) on stderr, exit 1
 - click usage errors   -> exit 2
 - Ctrl-C               -> exit 130
+- a closed stdout      -> exit 1, silently (click's own EPIPE handling): `... | head -1`
 - SIGTERM              -> `terminated` (+ what was saved) on stderr, exit 143: it raises
                           `signals.Terminated`, so staged outputs and pools clean up first
 - anything else        -> one "internal error" line and the path of a saved traceback
@@ -763,6 +764,9 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
         _write_stdout("\n")
 
 
+MAX_PIPED_LINE_BYTES = 64 << 20  # 4 bytes a character for the largest max_prompt_chars
+
+
 class ChatTerminal:
     """The chat's I/O on the real streams.
 
@@ -803,7 +807,14 @@ class ChatTerminal:
 
     def read(self, prompt: str) -> str:
         if not self.interactive:
-            line = sys.stdin.readline()
+            # Bytes that are not UTF-8 become U+FFFD, like any prompt: not a crash. A line
+            # is read up to a cap (the prompt's own caps refuse it later), and the rest of
+            # an over-long line is skipped rather than taken as the next message.
+            raw = sys.stdin.buffer.readline(MAX_PIPED_LINE_BYTES)
+            if len(raw) == MAX_PIPED_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := sys.stdin.buffer.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+            line = raw.decode("utf-8", errors="replace")
             if not line:
                 raise EOFError
             return line.rstrip("\n")

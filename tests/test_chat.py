@@ -599,7 +599,8 @@ def test_a_file_name_with_a_nul_byte_does_not_end_the_chat(hostile_checkpoint, t
                       "--max-new-tokens", "32", input=lines, env={"HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert b"cannot contain a NUL byte" in result.stderr and result.stdout == b"okok\n"
-    assert result.stderr.count(b"cannot save to") == 2 and b"File name too long" in result.stderr
+    assert result.stderr.count(b"cannot save to") == 2
+    assert b"file name too long" in result.stderr.lower()
     assert b"Traceback" not in result.stderr and b"internal error" not in result.stderr
 
 
@@ -869,3 +870,41 @@ def test_hostile_checkpoint_refused_end_to_end(checkpoint, tmp_path):
                       input=b"hello\n")
     assert result.returncode == 1 and result.stdout == b""
     assert result.stderr.startswith(b"error: sha256 mismatch for model.safetensors")
+
+
+def test_a_save_into_a_folder_whose_name_is_too_long_does_not_end_the_chat(hostile_checkpoint,
+                                                                           tmp_path):
+    """`path.parent.is_dir()` raised a bare OSError (errno 36) for a folder name past the
+    file system's limit: an "internal error" with a saved traceback, not one line."""
+    lines = f"/save {tmp_path}/{'a' * 300}/x.txt\nhello\n".encode()
+    result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
+                      "--max-new-tokens", "32", input=lines, env={"HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert b"cannot write" in result.stderr and b"file name too long" in result.stderr
+    assert b"internal error" not in result.stderr and result.stdout == b"okok\n"
+
+
+def test_piped_prompts_that_are_not_utf8_are_answered(hostile_checkpoint, tmp_path):
+    """A Latin-1 prompt file piped in: its bad bytes become U+FFFD, as in any prompt."""
+    result = fragment("chat", "--checkpoint", str(hostile_checkpoint), "--temperature", "0",
+                      "--max-new-tokens", "32", input=b"caf\xe9 au lait\nhello\n",
+                      env={"HOME": str(tmp_path), "LC_ALL": "C.UTF-8",
+                           "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"okok\nokok\n" and b"internal error" not in result.stderr
+
+
+def test_a_reader_that_leaves_ends_the_chat_quietly(hostile_checkpoint, tmp_path):
+    """`fragment chat < prompts | head -c 1`: once the reader is gone, the chat stops
+    (exit 1, quietly, as click ends any command on EPIPE) instead of answering every
+    remaining line into a closed pipe, each one an "internal error" with a traceback."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n" * 50)
+    script = (f'"{sys.executable}" -m fragment_llm chat --checkpoint "{hostile_checkpoint}" '
+              f'--temperature 0 --max-new-tokens 32 < "{prompts}" 2>"{tmp_path}/err" | '
+              f'head -c 1 >/dev/null; echo "${{PIPESTATUS[0]}}"')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    stderr = (tmp_path / "err").read_bytes()
+    assert done.stdout.strip() == b"1", stderr
+    assert b"internal error" not in stderr and b"Traceback" not in stderr
