@@ -160,8 +160,11 @@ def run_preprocess(inputs: Sequence[Path], out: Path, config: PreprocessConfig, 
             raise _nothing_usable([], inputs)
         _check_listing_fits(_listing_floor(entries), out, len(entries), "at least ")
         workers = _cap_workers(config, entries)
-        config = config.model_copy(update={"workers": workers.count})  # what the manifest records
-        manifest = _build(entries, inputs, staging, config, progress or no_progress)
+        run_config = config.model_copy(update={"workers": workers.count})
+        manifest = _build(entries, inputs, staging, run_config, progress or no_progress)
+        # The manifest records the count asked for: the lowered one depends on the machine,
+        # and the manifest's bytes (and every hash downstream) must not.
+        manifest = manifest.model_copy(update={"config": config})
         text = manifest_json(manifest)
         _check_listing_fits(len(text), out, len(entries))
         atomic_write_text(staging / MANIFEST_NAME, text)

@@ -129,18 +129,20 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], config: TokenizerConfig,
               progress: ProgressFn | None = None, *, corpus_sha256: str | None = None,
-              total_chars: int | None = None) -> Tokenizer:
+              total_chars: int | None = None, workers: int | None = None) -> Tokenizer:
         """Learn merges from `texts` (streamed; at most `config.max_chars` characters).
 
         `corpus_sha256` (the processed manifest's) and `total_chars` (for the progress
-        bar) are optional. Deterministic: the same texts and config give the same file.
+        bar) are optional; `workers` (default `config.workers`) is how many processes
+        count, which changes no merge and is not recorded. Deterministic: the same texts
+        and config give the same file.
         """
         progress = progress or no_progress
         splitter = _splitter_for_config(config)
         if total_chars is None and isinstance(texts, Sequence):
             total_chars = sum(map(len, texts))
         counted = count_chunks(texts, splitter, max_chunk_chars=config.max_chunk_chars,
-                               max_chars=config.max_chars, workers=config.workers,
+                               max_chars=config.max_chars, workers=workers or config.workers,
                                total=total_chars, progress=progress)
         n_merges = config.vocab_size - BYTES - len(SPECIAL_TOKENS)
         trained = train_merges(counted.counts, n_merges, config.min_frequency, progress,

@@ -134,12 +134,11 @@ def train_tokenizer(data: Path, out: Path, config: TokenizerConfig, *, overwrite
     check_output(out, overwrite, data)
     started = time.perf_counter()
     workers = cap_workers(config.workers, tokenizer_bytes(config.vocab_size))
-    config = config.model_copy(update={"workers": workers.count})  # what the file records
     corpus = ProcessedCorpus.open(data)
     holdout = Holdout(corpus.documents, config.holdout_fraction)
     tok = Tokenizer.train(holdout.training_texts(corpus.iter_texts()), config,
                           progress or no_progress, corpus_sha256=corpus.manifest_sha256,
-                          total_chars=corpus.total_chars)
+                          total_chars=corpus.total_chars, workers=workers.count)
     holdout.finish_sample(corpus.iter_texts())
     bytes_per_token = holdout.bytes_per_token(tok)
     check_output(out, overwrite, data)  # again: it may have appeared while we trained

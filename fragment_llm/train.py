@@ -640,11 +640,11 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
         resumed = resumed_settings(resume_from, request.model, request.train, request.given)
         request = dataclasses.replace(request, model=resumed.model, train=resumed.train,
                                       resumed=resumed)
-    request = _with_capped_workers(request, on_event)
     device = select_device(request.train.device)
     precision = select_precision(request.train.precision, device)
     init_distributed(env, device)
     tokenizer = Tokenizer.load(request.tokenizer)
+    request = _with_capped_workers(request, tokenizer.vocab_size, on_event)
     model_config = (request.model if resume_from
                     else _effective_model_config(request, tokenizer.vocab_size))
     if model_config.vocab_size != tokenizer.vocab_size:
@@ -682,10 +682,11 @@ def _open_run_folder(out: Path, stack: contextlib.ExitStack) -> None:
     _remove_killed_runs_temporaries(out)
 
 
-def _with_capped_workers(request: TrainRequest, on_event: EventFn) -> TrainRequest:
+def _with_capped_workers(request: TrainRequest, vocab_size: int,
+                         on_event: EventFn) -> TrainRequest:
     """`[train] workers` lowered to the cores and memory there are, with a note; the
     lowered value is what the run's config records."""
-    cap = cap_workers(request.train.workers, tokenizer_bytes(request.model.vocab_size))
+    cap = cap_workers(request.train.workers, tokenizer_bytes(vocab_size))
     if cap.note is None:
         return request
     on_event(TrainEvent("note", 0, {"message": cap.note}))

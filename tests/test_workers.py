@@ -237,7 +237,8 @@ def test_usable_cores_is_at_least_one():
     assert 1 <= workers.usable_cores() <= (os.cpu_count() or 1)
 
 
-def test_preprocess_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner):
+def test_preprocess_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner,
+                                                          monkeypatch):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.txt").write_text((RAW / "sonnets_gut.txt").read_text()[:20_000])
@@ -245,8 +246,15 @@ def test_preprocess_workers_are_capped_noted_and_recorded(two_cores, tmp_path, r
                                  "--workers", "256"])
     assert result.exit_code == 0, result.output
     assert "workers = 256 lowered to 2: 2 CPU cores are available" in flat(result.output)
-    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
-    assert manifest["config"]["workers"] == 2
+    manifest = (tmp_path / "out" / MANIFEST_NAME).read_bytes()
+    assert json.loads(manifest)["config"]["workers"] == 256  # what was asked for
+    # The lowered count depends on the machine; the manifest's bytes (and so every hash
+    # and cache key downstream) must not.
+    monkeypatch.setattr(workers, "usable_cores", lambda: 1)
+    result = runner.invoke(cli, ["preprocess", str(raw), "--out", str(tmp_path / "out1"),
+                                 "--workers", "256"])
+    assert "lowered to 1" in flat(result.output)
+    assert (tmp_path / "out1" / MANIFEST_NAME).read_bytes() == manifest
 
 
 def test_train_tokenizer_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner):
@@ -261,7 +269,8 @@ def test_train_tokenizer_workers_are_capped_noted_and_recorded(two_cores, tmp_pa
     assert result.exit_code == 0, result.output
     assert "workers = 64 lowered to 2" in flat(result.output)
     saved = json.loads((tmp_path / "tok.json").read_text())
-    assert saved["training"]["config"]["workers"] == 2
+    assert saved["training"]["config"]["workers"] == 64  # asked for: the file's bytes and
+    # hash do not depend on the machine it was trained on
 
 
 def test_train_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner):
