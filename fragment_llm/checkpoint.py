@@ -920,23 +920,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [path for path, problem in _step_entries(run_dir) if problem is None]
 
 
-def find_latest_valid(run_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
-                      ) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that verifies, and each newer one skipped with its reason."""
+def latest_valid_checkpoint(run_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+                            ) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, loaded (its files hashed and scanned once),
+    and each newer one skipped with its reason."""
     skipped: list[tuple[Path, str]] = []
     for path, problem in reversed(_step_entries(run_dir)):
         if problem is not None:
             skipped.append((path, problem))
             continue
         try:
-            load_checkpoint(path, max_bytes=max_bytes)
+            return load_checkpoint(path, max_bytes=max_bytes), skipped
         except CheckpointError as exc:
             if isinstance(exc, CheckpointRemovedError) or not os.path.lexists(path):
                 continue  # pruned by a running trainer since the listing: gone, not damaged
             skipped.append((path, exc.message))
-            continue
-        return path, skipped
     return None, skipped
+
+
+def find_latest_valid(run_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+                      ) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies (its path), and each newer one skipped."""
+    found, skipped = latest_valid_checkpoint(run_dir, max_bytes=max_bytes)
+    return (found.path if found is not None else None), skipped
 
 
 HINT_TRAIN_FIRST = ("train a model first with `fragment train` (it writes checkpoints/), "
@@ -950,9 +956,23 @@ def resolve_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
     `on_skip(path, reason)` hears about each damaged newer checkpoint passed over.
     """
     _check_folder(path)
-    if STEP_NAME.fullmatch(path.name) or os.path.lexists(path / MANIFEST_FILE):
+    if _is_step_folder(path):
         return path
-    found, skipped = find_latest_valid(path, max_bytes=max_bytes)
+    return open_checkpoint(path, max_bytes=max_bytes, on_skip=on_skip).path
+
+
+def _is_step_folder(path: Path) -> bool:
+    return bool(STEP_NAME.fullmatch(path.name)) or os.path.lexists(path / MANIFEST_FILE)
+
+
+def open_checkpoint(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                    on_skip: Callable[[Path, str], None] | None = None) -> Checkpoint:
+    """`resolve_checkpoint`, loaded: a step folder, or a run folder's latest valid step,
+    verified once (not once to choose it and again to load it)."""
+    _check_folder(path)
+    if _is_step_folder(path):
+        return load_checkpoint(path, max_bytes=max_bytes)
+    found, skipped = latest_valid_checkpoint(path, max_bytes=max_bytes)
     for skipped_path, reason in skipped if on_skip is not None else ():
         on_skip(skipped_path, reason)
     if found is not None:

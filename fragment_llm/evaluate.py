@@ -26,12 +26,10 @@ from pydantic import ValidationError
 
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
-from fragment_llm.memplan import MemoryPlan
-from fragment_llm.model import GPT
+from fragment_llm.memplan import check_inference_memory
+from fragment_llm.model import GPT, bits_per_byte
 from fragment_llm.progress import ProgressFn, no_progress
 from fragment_llm.sanitize import escape_for_display
-
-MiB = 1 << 20
 
 
 @dataclass
@@ -57,11 +55,11 @@ def load_trained(path: Path, device: torch.device | None = None,
                  evaluating: bool = False) -> Trained:
     """Resolve a run or step folder, verify it, and build the model on `device`; for
     `generate`/`chat`, or for `eval` (its memory is planned for the run's batch size)."""
-    from fragment_llm.checkpoint import load_checkpoint, resolve_checkpoint
+    from fragment_llm.checkpoint import open_checkpoint
     from fragment_llm.verify import checked_tokenizer
 
     device = device or torch.device("cpu")
-    checkpoint = load_checkpoint(resolve_checkpoint(path))
+    checkpoint = open_checkpoint(path)
     config = checkpoint_model_config(checkpoint)
     tokenizer = checked_tokenizer(checkpoint)  # the copy and config match the provenance
     if tokenizer.vocab_size != config.vocab_size:
@@ -104,27 +102,6 @@ def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
                               f"model.safetensors holds {stored:,}, in {checkpoint.path}",
                               hint="the two files do not belong together; use another "
                                    "checkpoint")
-
-
-def check_inference_memory(config: ModelConfig, folder: Path, device: torch.device,
-                           eval_batch: int | None = None) -> MemoryPlan:
-    """Refuse a config whose planned peak memory (`memplan.plan_inference`) is past the
-    limit `train` uses by default (80% of the memory available now), before any of it is
-    allocated: the parameter count does not bound the KV cache or the attention."""
-    from fragment_llm.memplan import SAFE_FRACTION, default_memory_limit, plan_inference
-
-    plan = plan_inference(config, device.type, eval_batch)
-    limit = default_memory_limit(device)
-    if plan.total > limit:
-        use = "generate" if eval_batch is None else f"evaluate {eval_batch} blocks at once"
-        raise CheckpointError(
-            f"config.json plans {plan.total / MiB:,.0f} MiB to {use} ({config.n_layer} "
-            f"layers, a {config.block_size:,}-token context), over the limit of "
-            f"{limit / MiB:,.0f} MiB ({SAFE_FRACTION:.0%} of the memory available), in "
-            f"{folder / 'config.json'}",
-            hint="run it where more memory is free; a config.json that asks for a huge "
-                 "context or depth with few weights is a sign that it was edited")
-    return plan
 
 
 @dataclass(frozen=True)
@@ -205,7 +182,6 @@ def evaluate_held_out(path: Path, tokens: Path, max_blocks: int | None = None,
     """Loss and bits per byte on the run's own held-out split, measured as training's
     final evaluation measures it (same blocks, batches and formula): the same figure."""
     from fragment_llm.data import eval_batches
-    from fragment_llm.train import bits_per_byte
 
     trained = load_trained(path, evaluating=True)
     shards = held_out_shards(trained, tokens)
@@ -269,5 +245,5 @@ def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = Non
     batches = _consecutive_blocks(tokens, block, usable, batch)
     loss = _mean_loss(trained.model, batches, usable, progress)
     bytes_covered = text_bytes * min(1.0, (usable * block + 1) / len(tokens))
-    bpb = loss * usable * block / bytes_covered / math.log(2)
+    bpb = bits_per_byte(loss, usable * block, bytes_covered)
     return EvalResult(trained.checkpoint.path, loss, bpb, usable * block, "all", processed)

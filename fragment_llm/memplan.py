@@ -17,16 +17,19 @@ weights are a few MB).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from fragment_llm.config import ModelConfig, TrainConfig
+from fragment_llm.errors import CheckpointError
 from fragment_llm.model import count_parameters
+from fragment_llm.workers import SAFE_FRACTION
+from fragment_llm.workers import available_memory as host_available_memory
 
-SAFE_FRACTION = 0.8  # of available memory, for the default --max-memory
-FALLBACK_MEMORY = 2 << 30
+MiB = 1 << 20
+
 # Python, torch, pyarrow and our modules take ~270 MiB of RSS before any tensor (measured);
 # the rest is headroom for the data pipeline, the display and the evaluations.
 CPU_RUNTIME = 480 << 20
@@ -115,16 +118,27 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else FALLBACK_MEMORY
+    return host_available_memory()
 
 
 def default_memory_limit(device: torch.device) -> int:
     return int(available_memory(device) * SAFE_FRACTION)
+
+
+def check_inference_memory(config: ModelConfig, folder: Path, device: torch.device,
+                           eval_batch: int | None = None) -> MemoryPlan:
+    """Refuse a config whose planned peak memory (`memplan.plan_inference`) is past the
+    limit `train` uses by default (80% of the memory available now), before any of it is
+    allocated: the parameter count does not bound the KV cache or the attention."""
+    plan = plan_inference(config, device.type, eval_batch)
+    limit = default_memory_limit(device)
+    if plan.total > limit:
+        use = "generate" if eval_batch is None else f"evaluate {eval_batch} blocks at once"
+        raise CheckpointError(
+            f"config.json plans {plan.total / MiB:,.0f} MiB to {use} ({config.n_layer} "
+            f"layers, a {config.block_size:,}-token context), over the limit of "
+            f"{limit / MiB:,.0f} MiB ({SAFE_FRACTION:.0%} of the memory available), in "
+            f"{folder / 'config.json'}",
+            hint="run it where more memory is free; a config.json that asks for a huge "
+                 "context or depth with few weights is a sign that it was edited")
+    return plan

@@ -514,3 +514,10 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
     matmul_params = count_parameters(config, exclude_embeddings=True)
     matmul_params += config.vocab_size * config.n_embd
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * T
+
+
+def bits_per_byte(loss_nats: float, tokens: int, text_bytes: int) -> float:
+    """Tokenizer-independent quality: nats/token x tokens/byte / ln 2."""
+    if text_bytes <= 0:
+        return float("nan")
+    return loss_nats * tokens / text_bytes / math.log(2)

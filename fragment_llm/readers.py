@@ -53,7 +53,6 @@ from fragment_llm.safeio import (
 
 KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SUPPORTED = ", ".join(KINDS)
-MiB = 1 << 20
 BINARY_RATIO = 0.05  # more control bytes (or U+FFFD) than this: not text
 PARQUET_ROW_BYTES = 8  # rows cost at least an offset each, even when null
 MAX_DETAIL_CHARS = 200

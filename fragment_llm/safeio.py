@@ -316,10 +316,6 @@ def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
 
 
-def atomic_write_json(target: Path, obj: Any) -> None:
-    atomic_write_text(target, dump_json(obj))
-
-
 def fsync_tree(root: Path) -> None:
     """fsync every regular file below `root`, then every folder (children before parents)."""
     for dirpath, _dirs, files in os.walk(root, topdown=False):

@@ -46,7 +46,7 @@ from fragment_llm.errors import (
     TrainingError,
 )
 from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
-from fragment_llm.model import GPT, count_parameters, flops_per_token, lm_loss
+from fragment_llm.model import GPT, bits_per_byte, count_parameters, flops_per_token, lm_loss
 from fragment_llm.resume import ResumedSettings, resumed_settings
 from fragment_llm.safeio import atomic_write_text, make_dirs, translate_os_errors
 from fragment_llm.signals import Terminated, raise_when_safe, uninterrupted
@@ -295,7 +295,7 @@ def broadcast_text(text: str | None, device: torch.device) -> str | None:
     return bytes(buffer.cpu().tolist()).decode("utf-8")
 
 
-def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], Any]) -> Any:
+def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], None]) -> None:
     """`work()` on rank 0 only; then every rank learns whether it worked.
 
     Rank 0 alone writes (checkpoints, the run folder). If it raised straight away, the
@@ -304,10 +304,9 @@ def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], Any]) -> 
     at the same place: rank 0 with its own error, the others with one line pointing at it.
     """
     error: Exception | None = None
-    result = None
     if env.is_main:
         try:
-            result = work()
+            work()
         except Exception as exc:  # raised below, once the other ranks know
             error = exc
     failed = agree([float(error is not None)], env, device)[0]
@@ -315,7 +314,6 @@ def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], Any]) -> 
         raise error
     if failed:
         raise_peer_failed(env)
-    return result
 
 
 def raise_peer_failed(env: DistEnv) -> NoReturn:
@@ -564,13 +562,6 @@ class Trainer:
             raise TrainingError(f"trainer_state.json is incomplete ({exc})") from None
 
 
-def bits_per_byte(loss_nats: float, tokens: int, text_bytes: int) -> float:
-    """Tokenizer-independent quality: nats/token x tokens/byte / ln 2."""
-    if text_bytes <= 0:
-        return float("nan")
-    return loss_nats * tokens / text_bytes / math.log(2)
-
-
 # ----------------------------------------------------------------------- orchestration
 
 
@@ -739,9 +730,9 @@ def _remove_killed_runs_temporaries(out: Path) -> None:
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
-    from fragment_llm.checkpoint import find_latest_valid, load_checkpoint
+    from fragment_llm.checkpoint import latest_valid_checkpoint
 
-    latest, damaged = find_latest_valid(request.out)
+    latest, damaged = latest_valid_checkpoint(request.out)
     for path, reason in damaged:
         on_event(TrainEvent("note", 0, {"message": f"skipping damaged checkpoint {path}: "
                                                    f"{reason}"}))
@@ -749,7 +740,7 @@ def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
         on_event(TrainEvent("note", 0, {"message": f"no checkpoint in {request.out}; "
                                                    "starting from scratch"}))
         return None
-    return load_checkpoint(latest)
+    return latest
 
 
 def _restore(trainer: Trainer, checkpoint) -> None:

@@ -748,8 +748,7 @@ def _check_memory(ckpt: Any, config: Any) -> str:
     """What `generate`/`chat` would plan before building this model (`load_trained`)."""
     import torch
 
-    from fragment_llm.evaluate import check_inference_memory
-    from fragment_llm.memplan import default_memory_limit
+    from fragment_llm.memplan import check_inference_memory, default_memory_limit
 
     device = torch.device("cpu")
     plan = check_inference_memory(config, ckpt.path, device)
