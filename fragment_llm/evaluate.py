@@ -153,17 +153,12 @@ def held_out_shards(trained: Trained, tokens: Path) -> Any:
     """The token shards the checkpoint was trained on: `tokens` itself when it holds a
     manifest, else the cache folder `fragment train` names from the hashes the checkpoint
     records (`tokens/<key>`). Refused unless its manifest is the one recorded."""
-    from fragment_llm.data import TokenShards, cache_key
+    from fragment_llm.data import TokenShards, recorded_tokens_folder
 
     checkpoint = trained.checkpoint
-    prov, recorded = checkpoint.provenance, checkpoint.provenance.get("tokens_manifest_sha256")
-    train = checkpoint.config.get("train")
-    fraction = train.get("val_fraction") if isinstance(train, dict) else None
-    folder = tokens
-    if not os.path.lexists(tokens / "manifest.json") and isinstance(fraction, float):
-        folder = tokens / cache_key(str(prov.get("processed_manifest_sha256")),
-                                    str(prov.get("tokenizer_sha256")), fraction)
-    if not os.path.lexists(folder / "manifest.json"):
+    recorded = checkpoint.provenance.get("tokens_manifest_sha256")
+    folder = recorded_tokens_folder(tokens, checkpoint.provenance, checkpoint.config)
+    if folder is None or not os.path.lexists(folder / "manifest.json"):
         raise DatasetError(f"the token shards {checkpoint.path} was trained on are not in "
                            f"{tokens}", hint=HINT_OTHER_TEXT)
     shards = TokenShards.open(folder, trained.model.config.vocab_size)

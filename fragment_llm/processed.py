@@ -463,9 +463,9 @@ def parquet_errors() -> tuple[type[BaseException], ...]:
 
 def open_parquet_bytes(data: bytes | Any, metadata: Any = None) -> Any:
     """A `ParquetFile` over bytes in memory, with thrift caps for a hostile footer. Given
-    the `metadata` of a first open, columns that hold dictionary pages are read as
-    dictionaries (indices into the distinct values), which `decoded_batches` measures
-    before expanding them."""
+    the `metadata` of a first open (reused, not parsed again), columns that hold
+    dictionary pages are read as dictionaries (indices into the distinct values), which
+    `decoded_batches` measures before expanding them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -474,7 +474,7 @@ def open_parquet_bytes(data: bytes | Any, metadata: Any = None) -> Any:
     if metadata is not None:
         dictionary = [metadata.schema.column(leaf).path for leaf in range(metadata.num_columns)
                       if _has_dictionary(metadata, leaf)]
-    return pq.ParquetFile(source, read_dictionary=dictionary or None,
+    return pq.ParquetFile(source, metadata=metadata, read_dictionary=dictionary or None,
                           thrift_string_size_limit=MAX_PARQUET_FOOTER_BYTES,
                           thrift_container_size_limit=1_000_000)
 

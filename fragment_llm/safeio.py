@@ -240,8 +240,21 @@ def rename_noreplace(src: Path, dst: Path) -> None:
             os.rmdir(dst)
             raise
         return
-    os.link(src, dst, follow_symlinks=False)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # vfat, exFAT, some FUSE and SMB mounts: no hard links (and no renameat2). A check
+        # just before the rename is the best these file systems allow.
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
     os.unlink(src)
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def _renameat2_noreplace(src: Path, dst: Path) -> bool:

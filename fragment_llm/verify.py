@@ -551,18 +551,10 @@ class _Verifier:
     def _tokens_folder(self, ckpt: Any, data: Path) -> Path | None:
         """The shard folder the run trained on: its name is the cache key of the hashes
         the checkpoint records and the run's val_fraction."""
-        from fragment_llm.data import cache_key
+        from fragment_llm.data import recorded_tokens_folder
 
-        hint = self.hints.tokens
-        if hint is not None and os.path.lexists(hint / "manifest.json"):
-            return hint
-        prov, train = ckpt.provenance, ckpt.config.get("train")
-        fraction = train.get("val_fraction") if isinstance(train, dict) else None
-        processed, tokenizer = (prov.get("processed_manifest_sha256"),
-                                prov.get("tokenizer_sha256"))
-        if None in (processed, tokenizer) or not isinstance(fraction, float):
-            return None
-        return (hint or data / "tokens") / cache_key(processed, tokenizer, fraction)
+        return recorded_tokens_folder(self.hints.tokens or data / "tokens", ckpt.provenance,
+                                      ckpt.config)
 
     # ----------------------------------------------------------------------- run
 

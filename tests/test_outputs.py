@@ -105,6 +105,22 @@ def test_rename_noreplace_never_replaces(tmp_path, monkeypatch, mechanism, kind)
     assert read(dst) == "new" and not src.exists()
 
 
+def test_rename_noreplace_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """vfat, exFAT, some FUSE/SMB mounts: no renameat2 and `link` fails with EPERM. The
+    file is still written (it was "cannot write: operation not permitted"), and an
+    existing one still refused."""
+    def no_link(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(safeio, "_renameat2_noreplace", lambda src, dst: False)
+    monkeypatch.setattr(safeio.os, "link", no_link)
+    target = tmp_path / "tok.json"
+    safeio.atomic_write_text(target, "first", replace=False)
+    with pytest.raises(OutputError, match="output already exists"):
+        safeio.atomic_write_text(target, "second", replace=False)
+    assert target.read_text() == "first" and sorted(os.listdir(tmp_path)) == ["tok.json"]
+
+
 def test_staged_dir_refuses_a_target_that_appears_before_the_swap(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(OutputError, match="output already exists"):
