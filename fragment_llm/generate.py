@@ -78,7 +78,7 @@ class Sampler:
     def __call__(self, logits: Tensor) -> int:
         # On the CPU whatever the model's device (sampling needs a host int anyway), and
         # in float64: the penalty and the temperature may scale logits far past float32.
-        logits = logits.detach().to("cpu", torch.float64)  # (V,)
+        logits = logits.detach().cpu().double()  # (V,); cast on the CPU: MPS has no float64
         if not bool(torch.isfinite(logits).all()):
             raise CheckpointError("the model's output is not finite (NaN or infinity)",
                                   hint="its weights are damaged or diverged: run `fragment "
