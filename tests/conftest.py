@@ -49,3 +49,16 @@ def runner() -> CliRunner:
     """A CLI runner with the global flags reset (another test may have set --quiet)."""
     FLAGS.debug = FLAGS.quiet = False
     return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`):
+    batch-1 steps of a tiny model are too small to split, and on a busy 2-core machine a
+    second thread only waits for a core (up to 10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -53,13 +53,7 @@ CORPUS = ("User: hello there, how are you?\nAssistant: I am well, thank you kind
 HOSTILE = b"ok\x1b[2J\xc2\x9d0;pwned\x07"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batch-1 steps: a second thread only waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

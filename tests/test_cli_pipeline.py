@@ -53,15 +53,7 @@ def write_sample(raw: Path, chars: int = 20_000) -> None:
                                 encoding="utf-8")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: a tiny model on a busy 2-core machine runs several times faster."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

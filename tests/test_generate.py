@@ -24,14 +24,7 @@ def tiny_model(**overrides) -> GPT:
     return GPT(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 steps of a tiny model are too small to split: on a busy 2-core machine a
-    second thread only waits for a core (10x slower), so these tests use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

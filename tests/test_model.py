@@ -35,13 +35,7 @@ COMPONENTS = list(itertools.product(get_args(ModelConfig.model_fields["positions
 VARIANTS = [(*c, kv, tie) for c in COMPONENTS for kv in (None, 2) for tie in (True, False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and idle-spinning ones slow a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def variant_id(v) -> str:
