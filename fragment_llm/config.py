@@ -17,8 +17,8 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fragment_llm.errors import ConfigError
-from fragment_llm.safeio import read_capped
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.safety.files import read_capped
+from fragment_llm.safety.text import escape_for_display
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -316,7 +316,7 @@ class GivenSettings:
     """The [model] and [train] keys the user chose, as opposed to defaults, and where.
 
     A fresh run layers them over a preset; a resumed run takes everything else from
-    its checkpoint, and checks these against it (fragment_llm/resume.py).
+    its checkpoint, and checks these against it (fragment_llm/train/resume.py).
     """
 
     model: dict[str, Given]

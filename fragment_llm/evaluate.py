@@ -26,10 +26,10 @@ from pydantic import ValidationError
 
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
-from fragment_llm.memplan import check_inference_memory
-from fragment_llm.model import GPT, bits_per_byte
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.model.gpt import GPT, bits_per_byte
+from fragment_llm.model.size import check_inference_memory
+from fragment_llm.safety.text import escape_for_display
 
 
 @dataclass
@@ -55,7 +55,7 @@ def load_trained(path: Path, device: torch.device | None = None,
                  evaluating: bool = False) -> Trained:
     """Resolve a run or step folder, verify it, and build the model on `device`; for
     `generate`/`chat`, or for `eval` (its memory is planned for the run's batch size)."""
-    from fragment_llm.checkpoint import open_checkpoint
+    from fragment_llm.checkpoint.store import open_checkpoint
     from fragment_llm.verify import checked_tokenizer
 
     device = device or torch.device("cpu")
@@ -93,7 +93,7 @@ def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
 def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
     """Compare sizes before building: config.json is checked against model.safetensors
     (whose size is capped) so a hostile config cannot make us allocate a huge model."""
-    from fragment_llm.model import count_parameters
+    from fragment_llm.model.gpt import count_parameters
 
     expected = count_parameters(config)  # counted on the meta device: nothing allocated
     stored = sum(math.prod(spec.shape) for spec in checkpoint.model_header.tensors.values())
@@ -153,7 +153,7 @@ def held_out_shards(trained: Trained, tokens: Path) -> Any:
     """The token shards the checkpoint was trained on: `tokens` itself when it holds a
     manifest, else the cache folder `fragment train` names from the hashes the checkpoint
     records (`tokens/<key>`). Refused unless its manifest is the one recorded."""
-    from fragment_llm.data import TokenShards, recorded_tokens_folder
+    from fragment_llm.data.shards import TokenShards, recorded_tokens_folder
 
     checkpoint = trained.checkpoint
     recorded = checkpoint.provenance.get("tokens_manifest_sha256")
@@ -176,7 +176,7 @@ def evaluate_held_out(path: Path, tokens: Path, max_blocks: int | None = None,
                       progress: ProgressFn = no_progress) -> EvalResult:
     """Loss and bits per byte on the run's own held-out split, measured as training's
     final evaluation measures it (same blocks, batches and formula): the same figure."""
-    from fragment_llm.data import eval_batches
+    from fragment_llm.data.shards import eval_batches
 
     trained = load_trained(path, evaluating=True)
     shards = held_out_shards(trained, tokens)
@@ -196,7 +196,7 @@ def evaluate_held_out(path: Path, tokens: Path, max_blocks: int | None = None,
 def _token_stream(processed: Path, tokenizer: Any, want: int,
                   progress: ProgressFn) -> tuple[np.ndarray, int]:
     """Tokens of the folder's documents (eot-separated) until `want`, and their bytes."""
-    from fragment_llm.processed import ProcessedCorpus
+    from fragment_llm.data.processed import ProcessedCorpus
 
     corpus = ProcessedCorpus.open(processed)
     pieces, count, text_bytes = [], 0, 0

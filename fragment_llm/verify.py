@@ -43,7 +43,7 @@ from fragment_llm.errors import (
     ProcessedDataError,
     TokenizerError,
 )
-from fragment_llm.safeio import sha256_bytes, sha256_file
+from fragment_llm.safety.files import sha256_bytes, sha256_file
 
 T = TypeVar("T")
 MAX_LISTED_INPUTS = 20  # failing input files listed one per row; the count is always exact
@@ -227,7 +227,7 @@ def link(kind: Kind, artifact: str, check: str, recorded: str | None, actual: st
 
 def checkpoint_links(checkpoint: Any, tokenizer: Any) -> list[Check]:
     """The checkpoint's own tokenizer copy and config against its manifest's provenance."""
-    from fragment_llm.checkpoint import model_config_sha256
+    from fragment_llm.checkpoint.store import model_config_sha256
 
     art, prov = str(checkpoint.path), checkpoint.provenance
     config_sha = model_config_sha256(checkpoint.config.get("model"))
@@ -239,7 +239,7 @@ def checkpoint_links(checkpoint: Any, tokenizer: Any) -> list[Check]:
 
 def checked_tokenizer(checkpoint: Any) -> Any:
     """Load a checkpoint's tokenizer copy; refuse it unless it is the one trained with."""
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(checkpoint.tokenizer_path)
     require(checkpoint_links(checkpoint, tokenizer), CheckpointError,
@@ -265,7 +265,7 @@ def resume_links(checkpoint: Any, tokenizer: Any, shards: Any | None = None) -> 
 def cache_key_check(shards: Any) -> Check:
     """A shard folder is named by the cache key of its manifest's inputs, so an edited
     manifest (which has no checksum of its own) no longer matches its folder."""
-    from fragment_llm.data import cache_key
+    from fragment_llm.data.shards import cache_key
 
     manifest = shards.manifest
     key = cache_key(manifest.processed_manifest_sha256, manifest.tokenizer_sha256,
@@ -296,7 +296,7 @@ _MANIFEST_FORMATS = {"fragment-processed": Kind.PROCESSED, "fragment-tokens": Ki
 
 def detect_kind(path: Path) -> Kind:
     """Which artifact `path` is, from its type and names (ConfigError when none fits)."""
-    from fragment_llm.checkpoint import MODEL_FILE, STEP_NAME
+    from fragment_llm.checkpoint.store import MODEL_FILE, STEP_NAME
 
     try:
         info = os.lstat(path)
@@ -322,7 +322,7 @@ def detect_kind(path: Path) -> Kind:
 
 
 def _kind_from_manifest(path: Path) -> Kind:
-    from fragment_llm.safeio import parse_json_guarded, read_capped
+    from fragment_llm.safety.files import parse_json_guarded, read_capped
 
     raw = read_capped(path / "manifest.json", 256 << 20, ConfigError)
     doc = parse_json_guarded(raw, str(path / "manifest.json"), ConfigError)
@@ -491,7 +491,7 @@ class _Verifier:
         return self.once(Kind.CHECKPOINT, folder, self._checkpoint)
 
     def _checkpoint(self, folder: Path) -> Any:
-        from fragment_llm.checkpoint import ABSENT, folder_identity
+        from fragment_llm.checkpoint.store import ABSENT, folder_identity
 
         art, before = str(folder), len(self.checks)
         identity = folder_identity(folder)
@@ -551,7 +551,7 @@ class _Verifier:
     def _tokens_folder(self, ckpt: Any, data: Path) -> Path | None:
         """The shard folder the run trained on: its name is the cache key of the hashes
         the checkpoint records and the run's val_fraction."""
-        from fragment_llm.data import recorded_tokens_folder
+        from fragment_llm.data.shards import recorded_tokens_folder
 
         return recorded_tokens_folder(self.hints.tokens or data / "tokens", ckpt.provenance,
                                       ckpt.config)
@@ -560,7 +560,7 @@ class _Verifier:
 
     def run(self, folder: Path) -> Path | None:
         """Verify every step folder; return the newest whose own checks all hold."""
-        from fragment_llm.checkpoint import STEP_NAME
+        from fragment_llm.checkpoint.store import STEP_NAME
 
         seen: set[str] = set()
         valid = []
@@ -606,7 +606,7 @@ class _Verifier:
 
 
 def _open_processed(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.processed import ProcessedCorpus
+    from fragment_llm.data.processed import ProcessedCorpus
 
     corpus = ProcessedCorpus.open(folder)
     return corpus, (f"{len(corpus.manifest.shards)} shard(s), {corpus.documents:,} documents, "
@@ -647,7 +647,7 @@ def _input_outcome(entry: Any) -> tuple[Status, str]:
 
 
 def _load_tokenizer(path: Path) -> tuple[Any, str]:
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.load(path)
     return tok, (f"vocab {tok.vocab_size:,}, {tok.pattern_name} pattern, "
@@ -655,7 +655,7 @@ def _load_tokenizer(path: Path) -> tuple[Any, str]:
 
 
 def _open_tokens(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.data import TokenShards
+    from fragment_llm.data.shards import TokenShards
 
     shards = TokenShards.open(folder)
     train, val = shards.manifest.train, shards.manifest.val
@@ -676,7 +676,7 @@ def _count_documents(shards: Any) -> str:
 
 
 def _load_checkpoint(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.checkpoint import load_checkpoint
+    from fragment_llm.checkpoint.store import load_checkpoint
 
     ckpt = load_checkpoint(folder)
     return ckpt, f"step {ckpt.step}, {len(ckpt.files)} files hashed, every weight finite"
@@ -696,8 +696,8 @@ def _expected_tensors(config: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]
     memory); tied names as {alias: first name}; and the number of parameters."""
     import torch
 
-    from fragment_llm.checkpoint import DTYPES
-    from fragment_llm.model import GPT
+    from fragment_llm.checkpoint.store import DTYPES
+    from fragment_llm.model.gpt import GPT
 
     names = {dtype: name for name, dtype in DTYPES.items()}
     with torch.device("meta"):
@@ -740,7 +740,7 @@ def _check_memory(ckpt: Any, config: Any) -> str:
     """What `generate`/`chat` would plan before building this model (`load_trained`)."""
     import torch
 
-    from fragment_llm.memplan import check_inference_memory, default_memory_limit
+    from fragment_llm.model.size import check_inference_memory, default_memory_limit
 
     device = torch.device("cpu")
     plan = check_inference_memory(config, ckpt.path, device)

@@ -1,4 +1,4 @@
-"""Benchmark: batch-1 generation, fragment_llm.generate vs HF transformers, and chat RSS.
+"""Benchmark: batch-1 generation, fragment_llm.inference.engine vs HF transformers, and chat RSS.
 
 Not a test. Serialise with other benchmarks on the same cores:
     flock /tmp/fragment-bench.lock .venv/bin/python scripts/bench_generate.py
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from fragment_llm.config import MODEL_PRESETS, GenerateConfig, ModelConfig
-from fragment_llm.generate import Engine
-from fragment_llm.model import GPT, count_parameters
+from fragment_llm.inference.engine import Engine
+from fragment_llm.model.gpt import GPT, count_parameters
 
 VOCAB = 8192
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def bench_preset(name: str, args: argparse.Namespace) -> dict[str, object]:
 
 def synthetic_tokenizer(path: Path) -> None:
     """A valid 8192-token vocabulary without training: merges of byte pairs."""
-    from fragment_llm.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from fragment_llm.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
     n_merges = VOCAB - 256 - len(SPECIAL_TOKENS)
     pairs = [(a, b) for a in range(32, 127) for b in range(32, 127)]
@@ -107,7 +107,7 @@ def synthetic_tokenizer(path: Path) -> None:
 
 def chat_peak_rss(args: argparse.Namespace) -> tuple[float, float]:
     """Peak RSS (MiB) and wall time (s) of `fragment chat` with a random `small`."""
-    from fragment_llm.checkpoint import save_checkpoint
+    from fragment_llm.checkpoint.store import save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.json"
@@ -141,7 +141,7 @@ def report():
         sys.stderr.write("".join(line for line in fh if line.startswith("VmHWM")))
 atexit.register(report)
 sys.argv[0] = "fragment"
-from fragment_llm.cli import main
+from fragment_llm.cli.app import main
 main()
 """
 

@@ -166,7 +166,7 @@ def child(mode: str, data: Path, out: Path) -> None:
         read = run_naive(data, out)
     else:
         from fragment_llm.config import PreprocessConfig
-        from fragment_llm.preprocess import run_preprocess
+        from fragment_llm.data.preprocess import run_preprocess
 
         config = PreprocessConfig(workers=int(mode.split("=")[1]))
         read = run_preprocess([data], out, config).manifest.counts.bytes_read

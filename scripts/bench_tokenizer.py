@@ -82,7 +82,7 @@ def megabytes(texts: list[str]) -> float:
 
 def train_ours(texts: list[str], workers: int = 2) -> Any:
     from fragment_llm.config import TokenizerConfig
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     return Tokenizer.train(texts, TokenizerConfig(vocab_size=VOCAB, workers=workers))
 
@@ -102,7 +102,7 @@ def train_hf(texts: list[str], pattern: str) -> Any:
 
 
 def gpt4_pattern() -> str:
-    from fragment_llm.pretokenize import GPT4_PATTERN
+    from fragment_llm.tokenizer.pretokenize import GPT4_PATTERN
 
     return GPT4_PATTERN
 
@@ -188,7 +188,7 @@ def child_train(which: str, corpus: str, measure: str) -> None:
     if which.startswith("hf"):
         import tokenizers  # noqa: F401  (loaded before the baseline, like our modules)
     else:
-        import fragment_llm.tokenizer  # noqa: F401
+        import fragment_llm.tokenizer.tokenizer  # noqa: F401
 
     def train() -> None:
         if which.startswith("hf"):
@@ -227,7 +227,7 @@ def tiktoken_from(tok: Any) -> Any:
 def hf_from(tok: Any) -> Any:
     from tokenizers import Tokenizer as HFTokenizer
 
-    from fragment_llm.hf_export import to_hf_dict
+    from fragment_llm.export.hf_tokenizer import to_hf_dict
 
     hf = HFTokenizer.from_str(json.dumps(to_hf_dict(tok)))
     hf.encode_special_tokens = True
@@ -239,7 +239,7 @@ def encode_all(encode: Callable[[str], list[int]], docs: list[str]) -> list[list
 
 
 def bench_encode(tok: Any, docs: list[str], repeat: int) -> dict[str, Any]:
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     def ours_cold() -> list[list[int]]:
         fresh = Tokenizer.from_merges(tok.merges, tok.pattern_name)  # empty cache
@@ -332,7 +332,7 @@ def main() -> None:
 
 def bench_long_chunks(tok: Any) -> list[tuple[str, float, float]]:
     """Encode 1 MB of pathological text, cold cache, vs HF with the same merges."""
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     rng = random.Random(0)
     size = 1 << 20

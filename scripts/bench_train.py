@@ -9,7 +9,7 @@ rounds, and `median` is the median over rounds of ours / HF within one round.
 With `--paired N` (speed only) all contenders share one process and take one step each
 in turn, N times: a neighbour's burst then lands on steps seconds apart rather than
 minutes, so `median` (of the per-turn ratios) is the steadiest ratio on a shared VM.
-MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model
+MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model.gpt
 .flops_per_token) over the matmul peak of the same precision measured in this same run.
 
     .venv/bin/python scripts/bench_train.py                  # tiny, small, base
@@ -68,7 +68,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8,
 
 def build(kind: str, preset: str):
     from fragment_llm.config import MODEL_PRESETS, ModelConfig
-    from fragment_llm.model import GPT, flops_per_token, lm_loss
+    from fragment_llm.model.gpt import GPT, flops_per_token, lm_loss
 
     dims = {**MODEL_PRESETS[preset], "vocab_size": VOCAB}
     if kind == "ours-gpt2":  # our code, GPT-2's components: the closest like-for-like
@@ -147,7 +147,7 @@ def peak_memory_mb(device: str) -> float:
 def measure(kind: str, preset: str, batch: int, steps: int, precision: str,
             device: str = "cpu", compile_model: bool = False) -> dict:
     """Runs inside a worker process: seconds per optimizer step after warm-up steps."""
-    from fragment_llm.train import keep_freed_memory
+    from fragment_llm.train.run import keep_freed_memory
 
     keep_freed_memory()  # the allocator `fragment train` runs with, for every contender
     contender = Contender(kind, preset, batch, precision, device, compile_model)
@@ -164,7 +164,7 @@ def measure_paired(kinds: list[str], preset: str, batch: int, pairs: int) -> dic
     first contender / seconds of this one. Returns, per contender, the row at its fastest
     step plus the median of those ratios. No peak RSS: one process holds them all.
     """
-    from fragment_llm.train import keep_freed_memory
+    from fragment_llm.train.run import keep_freed_memory
 
     keep_freed_memory()
     contenders = {kind: Contender(kind, preset, batch, "fp32") for kind in kinds}

@@ -18,7 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_config import extremes, numeric_fields  # the same walk over every range
 
-from fragment_llm.chat import (
+from fragment_llm.checkpoint.store import save_checkpoint
+from fragment_llm.cli.app import ChatTerminal, cli
+from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
+from fragment_llm.errors import TokenizerError
+from fragment_llm.evaluate import load_trained
+from fragment_llm.inference.chat import (
     ChatSession,
     Conversation,
     SpecialTokenTemplate,
@@ -28,13 +33,8 @@ from fragment_llm.chat import (
     render,
     run_repl,
 )
-from fragment_llm.checkpoint import save_checkpoint
-from fragment_llm.cli import ChatTerminal, cli
-from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
-from fragment_llm.errors import TokenizerError
-from fragment_llm.evaluate import load_trained
-from fragment_llm.model import GPT
-from fragment_llm.sanitize import (
+from fragment_llm.model.gpt import GPT
+from fragment_llm.safety.text import (
     BIDI_CHARS,
     CONTROL_CHARS,
     ZERO_WIDTH_CHARS,
@@ -42,7 +42,7 @@ from fragment_llm.sanitize import (
     sanitize_output,
     sanitize_prompt,
 )
-from fragment_llm.tokenizer import Tokenizer
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = set(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS)
@@ -430,7 +430,7 @@ def test_chat_format_comes_from_the_checkpoint(trained):
 
 
 def test_history_file_is_private_and_never_a_symlink(tmp_path):
-    from fragment_llm.chat import _safe_history_path
+    from fragment_llm.inference.chat import _safe_history_path
 
     path = tmp_path / "cache" / "fragment-llm" / "chat_history"
     assert _safe_history_path(path) and oct(path.parent.stat().st_mode & 0o777) == "0o700"

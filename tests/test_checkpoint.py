@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fragment_llm.checkpoint as ck
+import fragment_llm.checkpoint.store as ck
 from fragment_llm.errors import CheckpointError, OutputError
-from fragment_llm.safeio import OLD_MARKER, TEMP_MARKER, dump_json, parse_json_guarded
+from fragment_llm.safety.files import OLD_MARKER, TEMP_MARKER, dump_json, parse_json_guarded
 
 VOCAB, DIM = 11, 4
 

@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import fragment_llm.checkpoint as ck
+import fragment_llm.checkpoint.store as ck
 from fragment_llm.errors import CheckpointError
 
 VOCAB, DIM = 11, 4

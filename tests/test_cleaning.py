@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fragment_llm.cleaning import RULES, WHITESPACE, CleaningCounts, clean_text
-from fragment_llm.processed import CharsRemoved
-from fragment_llm.sanitize import BIDI_CHARS, CONTROL_CHARS, ZERO_WIDTH_CHARS
+from fragment_llm.data.cleaning import RULES, WHITESPACE, CleaningCounts, clean_text
+from fragment_llm.data.processed import CharsRemoved
+from fragment_llm.safety.text import BIDI_CHARS, CONTROL_CHARS, ZERO_WIDTH_CHARS
 
 FORBIDDEN = set(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS + "\r")
 

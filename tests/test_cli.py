@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fragment_llm import __version__
-from fragment_llm.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, cli
+from fragment_llm.cli.app import EXIT_INTERNAL, EXIT_INTERRUPTED, cli
 from fragment_llm.errors import InputDataError
 
 
@@ -22,9 +22,9 @@ def failing_preprocess(monkeypatch):
         def run_preprocess(*args, **kwargs):
             raise exc
 
-        fake = types.ModuleType("fragment_llm.preprocess")
+        fake = types.ModuleType("fragment_llm.data.preprocess")
         fake.run_preprocess = run_preprocess
-        monkeypatch.setitem(sys.modules, "fragment_llm.preprocess", fake)
+        monkeypatch.setitem(sys.modules, "fragment_llm.data.preprocess", fake)
 
     return install
 

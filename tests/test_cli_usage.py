@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from fragment_llm.cli import EXIT_INTERNAL, EXIT_USAGE, FLAGS, cli
-from fragment_llm.sanitize import strip_unsafe
+from fragment_llm.cli.app import EXIT_INTERNAL, EXIT_USAGE, FLAGS, cli
+from fragment_llm.safety.text import strip_unsafe
 
 # Arguments a shell glob over hostile file names can hand us: an OSC title change and a
 # clipboard write (OSC 52), a CSI screen clear, a newline that forges an output line,
@@ -111,9 +111,9 @@ def fake_preprocess(monkeypatch):
                 raise exc
             return types.SimpleNamespace(problem_rows=list, summary_rows=lambda: [("k", "v")])
 
-        fake = types.ModuleType("fragment_llm.preprocess")
+        fake = types.ModuleType("fragment_llm.data.preprocess")
         fake.run_preprocess = run_preprocess
-        monkeypatch.setitem(sys.modules, "fragment_llm.preprocess", fake)
+        monkeypatch.setitem(sys.modules, "fragment_llm.data.preprocess", fake)
 
     return install
 

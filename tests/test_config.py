@@ -152,7 +152,7 @@ def test_every_number_is_accepted_in_range_and_refused_outside(tmp_path, table, 
 
 def numeric_flags() -> list[tuple[str, str]]:
     """(verb, --flag) for every option of every verb that takes a number."""
-    from fragment_llm.cli import ByteSize, Duration, cli
+    from fragment_llm.cli.app import ByteSize, Duration, cli
 
     numeric = (click.types.IntParamType, click.types.FloatParamType, ByteSize, Duration)
     return [(name, option.opts[0]) for name, command in sorted(cli.commands.items())
@@ -166,7 +166,7 @@ def test_every_numeric_flag_refuses_overflow_inf_and_nan(runner, tmp_path, monke
     """`--max-memory inf` was an OverflowError (exit 70). Every number a flag takes is
     refused in one line (exit 2 from click, 1 from the config), or is in range and the
     verb goes on to stop at the missing inputs of an empty folder (exit 1)."""
-    from fragment_llm.cli import cli
+    from fragment_llm.cli.app import cli
 
     monkeypatch.chdir(tmp_path)
     extra = ["--prompt", "a"] if verb == "generate" else []

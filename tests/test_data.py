@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fragment_llm.data import (
+from fragment_llm.data.shards import (
     MANIFEST,
     TokenBlockDataset,
     TokenShards,
@@ -22,7 +22,7 @@ from fragment_llm.data import (
     spread_indices,
 )
 from fragment_llm.errors import DatasetError
-from fragment_llm.safeio import sha256_bytes
+from fragment_llm.safety.files import sha256_bytes
 
 SHA = "0" * 64
 

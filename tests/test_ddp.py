@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from test_train import FAST, MODEL, corpus  # noqa: F401 - corpus is a fixture
 
-import fragment_llm.checkpoint as ck
+import fragment_llm.checkpoint.store as ck
 
 LAUNCH_TIMEOUT_S = 240
 
@@ -70,7 +70,7 @@ def launch(args: list[str], logs: Path, patch: dict[int, str] | None = None) -> 
     logs.mkdir(parents=True, exist_ok=True)
     for rank in range(2):
         script = ("import os, sys, time\n" + textwrap.dedent((patch or {}).get(rank, ""))
-                  + "\nfrom fragment_llm.cli import main\nmain()\n")
+                  + "\nfrom fragment_llm.cli.app import main\nmain()\n")
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -155,7 +155,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp
 
 
 SLOW_FINAL_EVALUATION = """
-import fragment_llm.train as train
+import fragment_llm.train.run as train
 final_evaluation = train.TrainLoop._final_evaluation
 def slow_final_evaluation(self, interrupted):
     time.sleep(1.5)  # the window in which rank 1's own Ctrl-C arrives
@@ -186,7 +186,7 @@ def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):  # noqa
 
 
 NAN_ON_RANK_1 = """
-import fragment_llm.train as train
+import fragment_llm.train.run as train
 real_loss = train.lm_loss
 train.lm_loss = lambda logits, targets: real_loss(logits, targets) + float("nan")
 """

@@ -29,18 +29,18 @@ from click.testing import CliRunner
 from safetensors import SafetensorError
 from test_train import FAST, MODEL, assert_same_weights, cli_train_config, final_weights
 
-import fragment_llm.checkpoint as ck
-import fragment_llm.data as data_module
-import fragment_llm.processed as processed_module
-from fragment_llm.cli import cli
+import fragment_llm.checkpoint.store as ck
+import fragment_llm.data.processed as processed_module
+import fragment_llm.data.shards as data_module
+from fragment_llm.cli.app import cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.data.processed import ProcessedCorpus
 from fragment_llm.errors import CheckpointError, DatasetError
-from fragment_llm.model import GPT
-from fragment_llm.preprocess import run_preprocess
-from fragment_llm.processed import ProcessedCorpus
-from fragment_llm.tokenizer import Tokenizer
-from fragment_llm.tokenizer_train import train_tokenizer
-from fragment_llm.train import TrainRequest, run_training
+from fragment_llm.model.gpt import GPT
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+from fragment_llm.tokenizer.train import train_tokenizer
+from fragment_llm.train.run import TrainRequest, run_training
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 PLAYS_A = ("macbeth_gut.txt", "hamlet_gut.txt", "sonnets_gut.txt")
@@ -518,7 +518,7 @@ def test_sigkill_at_a_random_moment_more_seeds(stage, seed, corpus, baseline, tm
 PARK_IN_FSYNC = (
     "import os, sys, time\n"
     "os.fsync = lambda fd: time.sleep(3600)  # parked mid-write: the test kills us here\n"
-    "from fragment_llm.cli import main\n"
+    "from fragment_llm.cli.app import main\n"
     "sys.argv = ['fragment'] + sys.argv[1:]\n"
     "main()\n")
 

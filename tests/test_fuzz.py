@@ -43,7 +43,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fragment_llm.checkpoint as ck
+import fragment_llm.checkpoint.store as ck
 from fragment_llm.config import (
     STAGE_TABLES,
     ChatConfig,
@@ -55,21 +55,21 @@ from fragment_llm.config import (
     load_stage_config,
     read_config_file,
 )
-from fragment_llm.data import MANIFEST as TOKENS_MANIFEST
-from fragment_llm.data import TokenShards, TokenStream, eval_batches
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.data.processed import MANIFEST_NAME, ProcessedCorpus
+from fragment_llm.data.readers import FileResult, FileTask, read_input_file
+from fragment_llm.data.shards import MANIFEST as TOKENS_MANIFEST
+from fragment_llm.data.shards import TokenShards, TokenStream, eval_batches
 from fragment_llm.errors import CheckpointError, ConfigError, FragmentError, ProcessedDataError
-from fragment_llm.preprocess import run_preprocess
-from fragment_llm.processed import MANIFEST_NAME, ProcessedCorpus
-from fragment_llm.readers import FileResult, FileTask, read_input_file
-from fragment_llm.safeio import sha256_bytes
-from fragment_llm.sanitize import (
+from fragment_llm.safety.files import sha256_bytes
+from fragment_llm.safety.text import (
     OutputSanitizer,
     escape_for_display,
     sanitize_output,
     sanitize_prompt,
     strip_unsafe,
 )
-from fragment_llm.tokenizer import Tokenizer, TrainingInfo
+from fragment_llm.tokenizer.tokenizer import Tokenizer, TrainingInfo
 
 # ----------------------------------------------------------------- budget and hangs
 

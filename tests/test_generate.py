@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from fragment_llm.config import MAX_NEW_TOKENS, GenerateConfig, ModelConfig
 from fragment_llm.errors import CheckpointError, PromptError
-from fragment_llm.generate import Engine, Sampler, generate_ids
-from fragment_llm.model import GPT
+from fragment_llm.inference.engine import Engine, Sampler, generate_ids
+from fragment_llm.model.gpt import GPT
 
 VOCAB, BLOCK = 256, 32
 GREEDY = GenerateConfig(temperature=0.0, max_new_tokens=12)

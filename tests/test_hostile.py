@@ -19,9 +19,8 @@ import pytest
 from torch import nn
 
 import fragment_llm.evaluate as evaluate
-from fragment_llm.chat import read_prompt
-from fragment_llm.checkpoint import save_checkpoint
-from fragment_llm.cli import cli
+from fragment_llm.checkpoint.store import save_checkpoint
+from fragment_llm.cli.app import cli
 from fragment_llm.config import (
     GenerateConfig,
     ModelConfig,
@@ -29,7 +28,9 @@ from fragment_llm.config import (
     TrainConfig,
     load_stage_config,
 )
-from fragment_llm.data import MANIFEST, TokenShards
+from fragment_llm.data.processed import MANIFEST_NAME, ProcessedCorpus
+from fragment_llm.data.processed import MAX_MANIFEST_BYTES as PROCESSED_MANIFEST_CAP
+from fragment_llm.data.shards import MANIFEST, TokenShards
 from fragment_llm.errors import (
     CheckpointError,
     ConfigError,
@@ -37,11 +38,10 @@ from fragment_llm.errors import (
     ProcessedDataError,
     PromptError,
 )
-from fragment_llm.processed import MANIFEST_NAME, ProcessedCorpus
-from fragment_llm.processed import MAX_MANIFEST_BYTES as PROCESSED_MANIFEST_CAP
-from fragment_llm.safeio import sha256_bytes
-from fragment_llm.tokenizer import Tokenizer
-from fragment_llm.train import TrainRequest, run_training
+from fragment_llm.inference.chat import read_prompt
+from fragment_llm.safety.files import sha256_bytes
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+from fragment_llm.train.run import TrainRequest, run_training
 
 # Merges "ab" (256), "abc" (257), "dd" (258): with the 5 special tokens, vocab 264.
 MERGES = [(97, 98), (256, 99), (100, 100)]
@@ -107,7 +107,7 @@ def test_config_value_of_the_wrong_type(tmp_path, value):
 @pytest.fixture
 def processed(tmp_path: Path) -> Path:
     """A processed folder with a manifest the loader would accept, ready to be broken."""
-    from fragment_llm.preprocess import run_preprocess
+    from fragment_llm.data.preprocess import run_preprocess
 
     raw = tmp_path / "raw"
     raw.mkdir()

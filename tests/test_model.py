@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from fragment_llm.config import MODEL_PRESETS, ModelConfig, TokenizerConfig, load_stage_config
 from fragment_llm.errors import ConfigError, ModelError
-from fragment_llm.model import (
+from fragment_llm.model.gpt import (
     GPT,
     MLPS,
     NORMS,
@@ -228,7 +228,7 @@ def test_lm_loss_is_exact_where_the_target_probability_underflows():
 
 
 def test_hand_written_norm_and_swiglu_backwards_match_autograd():
-    from fragment_llm.model import _RMSNormFunction, _SwiGLUFunction
+    from fragment_llm.model.gpt import _RMSNormFunction, _SwiGLUFunction
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
     gain = torch.empty(16, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_()

@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fragment_llm.data as data_module
-import fragment_llm.hf_export as hf_export
-import fragment_llm.preprocess as preprocess
-import fragment_llm.processed as processed_module
-import fragment_llm.readers as readers
-import fragment_llm.safeio as safeio
-import fragment_llm.tokenizer as tokenizer_module
-import fragment_llm.tokenizer_train as tokenizer_train
-from fragment_llm.cli import cli
+import fragment_llm.data.preprocess as preprocess
+import fragment_llm.data.processed as processed_module
+import fragment_llm.data.readers as readers
+import fragment_llm.data.shards as data_module
+import fragment_llm.export.hf_tokenizer as hf_export
+import fragment_llm.safety.files as safeio
+import fragment_llm.tokenizer.tokenizer as tokenizer_module
+import fragment_llm.tokenizer.train as tokenizer_train
+from fragment_llm.cli.app import cli
 from fragment_llm.config import PreprocessConfig
+from fragment_llm.data.processed import MANIFEST_NAME
 from fragment_llm.errors import DatasetError, OutputError
-from fragment_llm.processed import MANIFEST_NAME
-from fragment_llm.safeio import TEMP_MARKER, staged_dir
+from fragment_llm.safety.files import TEMP_MARKER, staged_dir
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 TEXT = (RAW / "sonnets_gut.txt").read_text()[:30_000]

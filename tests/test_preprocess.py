@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import fragment_llm.preprocess as preprocess
-from fragment_llm.cli import cli
+import fragment_llm.data.preprocess as preprocess
+from fragment_llm.cli.app import cli
 from fragment_llm.config import PreprocessConfig
-from fragment_llm.preprocess import discover, run_preprocess
-from fragment_llm.processed import MANIFEST_NAME, ProcessedCorpus
+from fragment_llm.data.preprocess import discover, run_preprocess
+from fragment_llm.data.processed import MANIFEST_NAME, ProcessedCorpus
 
 REPO = Path(__file__).resolve().parents[1]
 PARAGRAPH = "The quality of mercy is not strained; it droppeth as the gentle rain."

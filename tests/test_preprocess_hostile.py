@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import fragment_llm.preprocess as preprocess
-import fragment_llm.processed as processed
-import fragment_llm.readers as readers
-from fragment_llm.cli import cli
-from fragment_llm.processed import MANIFEST_NAME
+import fragment_llm.data.preprocess as preprocess
+import fragment_llm.data.processed as processed
+import fragment_llm.data.readers as readers
+from fragment_llm.cli.app import cli
+from fragment_llm.data.processed import MANIFEST_NAME
 
 GOOD = "Now is the winter of our discontent made glorious summer by this sun of York."
 
@@ -508,7 +508,7 @@ def test_everything_at_once(runner, raw, tmp_path, no_hang):
 # pytest process would report the parent's peak.
 PEAK_RSS = """
 import re, sys
-from fragment_llm.cli import cli
+from fragment_llm.cli.app import cli
 code = cli.main(sys.argv[1:], prog_name="fragment", standalone_mode=False)
 status = open("/proc/self/status", encoding="ascii").read()
 print("peak_kib", re.search(r"VmHWM:\\s+(\\d+)", status).group(1), "exit", code)

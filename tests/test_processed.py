@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fragment_llm.config import PreprocessConfig
-from fragment_llm.errors import ProcessedDataError
-from fragment_llm.preprocess import run_preprocess
-from fragment_llm.processed import (
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.data.processed import (
     FORMAT,
     MANIFEST_NAME,
     VERSION,
@@ -24,6 +23,7 @@ from fragment_llm.processed import (
     manifest_json,
     shard_name,
 )
+from fragment_llm.errors import ProcessedDataError
 
 DOCS = [f"Document number {i}:" + " words and more words." * (i + 3) for i in range(12)]
 
@@ -241,7 +241,7 @@ def test_shard_that_expands_while_decoded_is_refused(processed, monkeypatch):
     """A re-sealed shard whose text column is 600 references to one 200 KB dictionary
     value: 120 MB decoded from ~100 KB, with an honest footer. Decoding is bounded per
     row group (here lowered to 8 MiB), measured before the dictionary is expanded."""
-    import fragment_llm.processed as processed_module
+    import fragment_llm.data.processed as processed_module
 
     value = "".join(chr(97 + (i * 7919) % 26) for i in range(200_000))
     digest = hashlib.sha256(value.encode()).hexdigest()

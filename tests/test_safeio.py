@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fragment_llm.errors import OutputError, TokenizerError
-from fragment_llm.safeio import (
+from fragment_llm.safety.files import (
     OLD_MARKER,
     TEMP_MARKER,
     atomic_write_bytes,

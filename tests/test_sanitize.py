@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fragment_llm.sanitize import (
+from fragment_llm.safety.text import (
     BIDI_CHARS,
     CONTROL_CHARS,
     ZERO_WIDTH_CHARS,

@@ -32,11 +32,11 @@ from test_faults import (
 )
 from test_train import assert_same_weights, final_weights
 
-import fragment_llm.safeio as safeio
-from fragment_llm.cli import cli
+import fragment_llm.safety.files as safeio
+from fragment_llm.cli.app import cli
 from fragment_llm.config import PreprocessConfig
-from fragment_llm.preprocess import run_preprocess
-from fragment_llm.signals import Terminated, signals_as_exceptions, uninterrupted
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.safety.signals import Terminated, signals_as_exceptions, uninterrupted
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 STEPS, EVERY = 60, 20  # a run long enough that SIGTERM lands between checkpoints
@@ -174,7 +174,7 @@ def test_sigterm_during_train_tokenizer_keeps_the_earlier_file_and_ends_its_help
 
 
 def test_sigterm_maps_to_exit_143_and_one_line(runner, monkeypatch):
-    import fragment_llm.preprocess as preprocess
+    import fragment_llm.data.preprocess as preprocess
 
     def stopped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)

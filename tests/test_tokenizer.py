@@ -17,16 +17,16 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fragment_llm import bpe, chunk_count
-from fragment_llm.bpe import BYTES, Merger, train_merges
-from fragment_llm.chunk_count import count_block, count_chunks
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli.app import FLAGS, cli
 from fragment_llm.config import TokenizerConfig
 from fragment_llm.errors import TokenizerError
-from fragment_llm.hf_export import to_hf_dict
-from fragment_llm.pretokenize import _ASCII_PATTERNS, NAMED_PATTERNS, Splitter
-from fragment_llm.tokenizer import EOT, SPECIAL_TOKENS, StreamDecoder, Tokenizer
-from fragment_llm.tokenizer_train import Holdout
+from fragment_llm.export.hf_tokenizer import to_hf_dict
+from fragment_llm.tokenizer import bpe, chunk_count
+from fragment_llm.tokenizer.bpe import BYTES, Merger, train_merges
+from fragment_llm.tokenizer.chunk_count import count_block, count_chunks
+from fragment_llm.tokenizer.pretokenize import _ASCII_PATTERNS, NAMED_PATTERNS, Splitter
+from fragment_llm.tokenizer.tokenizer import EOT, SPECIAL_TOKENS, StreamDecoder, Tokenizer
+from fragment_llm.tokenizer.train import Holdout
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "raw"
 # Valid Unicode text: everything but lone surrogates (they cannot be UTF-8 encoded).

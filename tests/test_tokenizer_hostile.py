@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from fragment_llm import tokenizer as tokenizer_module
+import fragment_llm.tokenizer.tokenizer as tokenizer_module
 from fragment_llm.errors import TokenizerError
-from fragment_llm.tokenizer import Tokenizer
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 # A real (tiny) tokenizer: merges "ab" (256), "abc" (257), "dd" (258).
 VALID_MERGES = [(97, 98), (256, 99), (100, 100)]
@@ -229,7 +229,7 @@ def test_a_token_length_bomb_is_refused_before_the_table_is_built(tmp_path, runn
     monkeypatch.setattr(tokenizer_module, "token_bytes_table", None)
     refuse(path, "merge 10 (265, 265) makes 2048 bytes, over the 1024-byte cap on one token")
     monkeypatch.undo()
-    from fragment_llm.cli import cli
+    from fragment_llm.cli.app import cli
 
     result = runner.invoke(cli, ["verify", str(path)])
     assert result.exit_code == 1
@@ -248,7 +248,7 @@ def test_train_tokenizer_never_writes_a_token_past_the_cap(tmp_path, runner):
     """BPE on a run of one letter doubles its longest token every merge: 5,000 "a"s in
     8,192-character chunks make tokens of 2,048 and 4,096 bytes unless training skips
     them, and the file written would then be one the loader refuses."""
-    from fragment_llm.cli import cli
+    from fragment_llm.cli.app import cli
 
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.txt").write_text("a" * 5000 + "\n")

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from fragment_llm.cli import FLAGS, cli
+from fragment_llm.cli.app import FLAGS, cli
 from fragment_llm.config import (
     DEFAULT_PRESET,
     MODEL_PRESETS,
@@ -27,13 +27,13 @@ from fragment_llm.config import (
     TrainConfig,
     resolve,
 )
-from fragment_llm.data import TokenShards, eval_batches
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.data.shards import TokenShards, eval_batches
 from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
-from fragment_llm.memplan import CPU_RUNTIME, plan_memory
-from fragment_llm.model import GPT
-from fragment_llm.preprocess import run_preprocess
-from fragment_llm.tokenizer import Tokenizer
-from fragment_llm.train import MetricsLog, RunLock, TrainRequest, lr_at, run_training
+from fragment_llm.model.gpt import GPT
+from fragment_llm.model.size import CPU_RUNTIME, plan_memory
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+from fragment_llm.train.run import MetricsLog, RunLock, TrainRequest, lr_at, run_training
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "raw"
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -52,7 +52,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
         (raw / name).write_text((SHAKESPEARE / name).read_text()[:40_000])
     processed = root / "processed"
     run_preprocess([raw], processed, PreprocessConfig(workers=1))
-    from fragment_llm.processed import ProcessedCorpus
+    from fragment_llm.data.processed import ProcessedCorpus
 
     tokenizer = Tokenizer.train(ProcessedCorpus.open(processed).iter_texts(),
                                 TokenizerConfig(vocab_size=320, workers=1))
@@ -107,7 +107,7 @@ def test_lr_cosine_starts_where_a_time_bound_warmup_ended():
 
 _REFAULTS = """
 import resource, sys, torch
-from fragment_llm.train import keep_freed_memory
+from fragment_llm.train.run import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
 size = 64 * 2**20 // 4  # a logits-sized 64 MiB block, allocated and freed as in a step
@@ -240,7 +240,7 @@ def test_second_trainer_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(corpus, tmp_path, monkeypatch):
-    import fragment_llm.train as train_module
+    import fragment_llm.train.run as train_module
 
     monkeypatch.setattr(train_module, "lm_loss",
                         lambda logits, targets: logits.sum() * float("nan"))
@@ -283,7 +283,7 @@ def test_dry_run_reports_a_plan_and_writes_nothing(corpus, tmp_path):
 def test_resume_with_a_different_tokenizer_is_refused(corpus, tmp_path):
     run_training(request(corpus, tmp_path / "run", max_steps=4), lambda e: None)
     processed, _ = corpus
-    from fragment_llm.processed import ProcessedCorpus
+    from fragment_llm.data.processed import ProcessedCorpus
 
     other = Tokenizer.train(ProcessedCorpus.open(processed).iter_texts(),
                             TokenizerConfig(vocab_size=300, workers=1))
@@ -364,7 +364,7 @@ def cli_args(corpus, out: Path, *extra: str) -> list[str]:
 
 def interrupt_when(monkeypatch, stop) -> None:
     """Ctrl-C as the display shows a step for which `stop(event)` holds."""
-    from fragment_llm.display import TrainDisplay
+    from fragment_llm.cli.display import TrainDisplay
 
     real = TrainDisplay._on_step
 
@@ -570,7 +570,7 @@ def short_run(corpus, tmp_path_factory) -> Path:
 def resealed_copy(short_run: Path, tmp_path: Path, name: str, edit) -> Path:
     """A copy of `short_run` whose step folder's `name` was edited by `edit(doc)` and
     re-sealed, as a forger who rewrites the manifest too would. Returns the run folder."""
-    from fragment_llm import checkpoint as ck
+    import fragment_llm.checkpoint.store as ck
 
     out = Path(shutil.copytree(short_run, tmp_path / "short")) / "run"
     folder = out / "step-0000002"
@@ -613,7 +613,7 @@ def test_resume_refuses_a_cosine_position_outside_the_cosine(corpus, short_run, 
 
 
 def test_run_budget_follows_the_bound_that_ends_the_run():
-    from fragment_llm.display import clock, run_budget
+    from fragment_llm.cli.display import clock, run_budget
 
     steps = run_budget(3000, None, step=4, elapsed_s=4.0, seconds_per_step=1.0)
     assert (steps.bound, steps.steps, steps.eta_s) == ("steps", 3000, 2996.0)
@@ -631,8 +631,8 @@ def test_run_budget_follows_the_bound_that_ends_the_run():
 
 
 def test_the_bar_of_a_time_bound_run_shows_the_time_budget():
-    from fragment_llm.display import TrainDisplay
-    from fragment_llm.train import TrainEvent
+    from fragment_llm.cli.display import TrainDisplay
+    from fragment_llm.train.run import TrainEvent
 
     display = TrainDisplay(True, max_steps=3000)
     display(TrainEvent("plan", 0, {"max_steps": 3000, "max_time_s": 180.0}))
@@ -646,7 +646,7 @@ def test_the_bar_of_a_time_bound_run_shows_the_time_budget():
 
 def test_dry_run_prints_the_estimated_training_time(corpus, tiny_flags, tiny_cut, runner,
                                                     monkeypatch, tmp_path):
-    import fragment_llm.train as train_module
+    import fragment_llm.train.run as train_module
 
     monkeypatch.setattr(train_module, "_probe", lambda trainer: 0.5)  # seconds per step
 

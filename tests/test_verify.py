@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fragment_llm import checkpoint as ck
-from fragment_llm.cli import cli
+import fragment_llm.checkpoint.store as ck
+from fragment_llm.cli.app import cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
+from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.errors import CheckpointError, DatasetError
-from fragment_llm.preprocess import run_preprocess
-from fragment_llm.tokenizer import Tokenizer
-from fragment_llm.tokenizer_train import train_tokenizer
-from fragment_llm.train import TrainRequest, run_training
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+from fragment_llm.tokenizer.train import train_tokenizer
+from fragment_llm.train.run import TrainRequest, run_training
 from fragment_llm.verify import Kind, Status, Upstream, verify
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
@@ -514,7 +514,7 @@ def forge_deep_long_model(step: Path) -> None:
     re-sealed. The parameter count and every tensor shape agree with config.json."""
     import safetensors.torch
 
-    from fragment_llm.model import GPT
+    from fragment_llm.model.gpt import GPT
 
     model = json.loads((step / "config.json").read_text())["model"]
     model.update(n_layer=256, n_embd=32, n_head=2, mlp_hidden=8, block_size=131072)

@@ -1,5 +1,5 @@
 """Helper processes: they end with the process that started them, and their count is
-capped by the cores and the memory there are (fragment_llm/workers.py)."""
+capped by the cores and the memory there are (fragment_llm/safety/workers.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fragment_llm.workers as workers
-from fragment_llm.cli import cli
-from fragment_llm.processed import MANIFEST_NAME
-from fragment_llm.safeio import TEMP_MARKER
+import fragment_llm.safety.workers as workers
+from fragment_llm.cli.app import cli
+from fragment_llm.data.processed import MANIFEST_NAME
+from fragment_llm.safety.files import TEMP_MARKER
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 MiB = 1 << 20
@@ -133,7 +133,7 @@ def test_sigkill_of_preprocess_ends_its_helpers_and_the_next_run_cleans_up(tmp_p
 
 HARNESS = textwrap.dedent("""
     import multiprocessing, os, sys, time
-    import fragment_llm.workers as workers
+    import fragment_llm.safety.workers as workers
 
     def start(no_prctl):
         if no_prctl == "watchdog":  # as on a system without prctl
@@ -300,12 +300,12 @@ def test_train_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner
 def test_token_shards_are_the_same_built_by_helper_processes(tmp_path, monkeypatch):
     """The token-shard encoders (bpe.encoder_pool: no torch in them) give the bytes one
     process gives."""
-    import fragment_llm.bpe as bpe
+    import fragment_llm.tokenizer.bpe as bpe
     from fragment_llm.config import PreprocessConfig, TokenizerConfig
-    from fragment_llm.data import BuildRequest, build_token_shards
-    from fragment_llm.preprocess import run_preprocess
-    from fragment_llm.processed import ProcessedCorpus
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.data.preprocess import run_preprocess
+    from fragment_llm.data.processed import ProcessedCorpus
+    from fragment_llm.data.shards import BuildRequest, build_token_shards
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -24,9 +24,9 @@ import torch
 
 from fragment_llm.config import ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError
-from fragment_llm.model import count_parameters
-from fragment_llm.workers import SAFE_FRACTION
-from fragment_llm.workers import available_memory as host_available_memory
+from fragment_llm.model.gpt import count_parameters
+from fragment_llm.safety.workers import SAFE_FRACTION
+from fragment_llm.safety.workers import available_memory as host_available_memory
 
 MiB = 1 << 20
 

@@ -22,10 +22,10 @@ from itertools import chain
 from typing import Any
 
 from fragment_llm.errors import TokenizerError
-from fragment_llm.pretokenize import SplitPattern, Splitter
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.signals import uninterrupted
-from fragment_llm.workers import die_with_parent
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.signals import uninterrupted
+from fragment_llm.safety.workers import die_with_parent
+from fragment_llm.tokenizer.pretokenize import SplitPattern, Splitter
 
 # Documents are counted in blocks of about this many characters, and longer documents are
 # cut (at a newline where possible), so a process never holds more than a block's chunks.
@@ -200,7 +200,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if single_threaded and "fork" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("fork")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["fragment_llm.chunk_count", "fragment_llm.bpe"])
+    context.set_forkserver_preload(["fragment_llm.tokenizer.chunk_count",
+                                    "fragment_llm.tokenizer.bpe"])
     return context
 
 

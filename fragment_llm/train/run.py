@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from fragment_llm import __version__
 from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, GivenSettings, ModelConfig, TrainConfig
-from fragment_llm.data import (
+from fragment_llm.data.shards import (
     BuildRequest,
     TokenShards,
     TokenStream,
@@ -45,11 +45,12 @@ from fragment_llm.errors import (
     OutputError,
     TrainingError,
 )
-from fragment_llm.memplan import MemoryPlan, default_memory_limit, plan_memory
-from fragment_llm.model import GPT, bits_per_byte, count_parameters, flops_per_token, lm_loss
-from fragment_llm.resume import ResumedSettings, resumed_settings
-from fragment_llm.safeio import atomic_write_text, make_dirs, translate_os_errors
-from fragment_llm.signals import Terminated, raise_when_safe, uninterrupted
+from fragment_llm.model.gpt import GPT, bits_per_byte, count_parameters, flops_per_token, lm_loss
+from fragment_llm.model.size import MemoryPlan, default_memory_limit, plan_memory
+from fragment_llm.safety.files import atomic_write_text, make_dirs, translate_os_errors
+from fragment_llm.safety.signals import Terminated, raise_when_safe, uninterrupted
+from fragment_llm.safety.workers import cap_workers, tokenizer_bytes
+from fragment_llm.train.resume import ResumedSettings, resumed_settings
 from fragment_llm.verify import (
     HINT_RESUME,
     checked_tokenizer,
@@ -57,7 +58,6 @@ from fragment_llm.verify import (
     resume_links,
     tokens_links,
 )
-from fragment_llm.workers import cap_workers, tokenizer_bytes
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
@@ -72,7 +72,7 @@ class TrainRequest:
     """Everything `train` needs, already validated by the config layer.
 
     On resume, `model` and `train` are checked against the checkpoint's recorded ones
-    (fragment_llm/resume.py): `given` says which of their keys the user chose (None: a
+    (fragment_llm/train/resume.py): `given` says which of their keys the user chose (None: a
     library caller chose every [train] value that is not None). `resumed` is filled in
     by `run_training` with the settings the run continues.
     """
@@ -623,7 +623,7 @@ def run_training(request: TrainRequest, on_event: EventFn, dry_run: bool = False
 
 
 def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSummary:
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     env = DistEnv.from_environ()
     resume_from = _find_resume_point(request, env, on_event) if request.resume else None
@@ -724,13 +724,13 @@ def _remove_killed_runs_temporaries(out: Path) -> None:
     """Half-written or half-pruned step folders of a killed run. Saving step N only
     cleans up after step N, so a step this run never writes again would keep its
     leftovers forever. Called holding the lock: no live trainer is writing here."""
-    from fragment_llm.checkpoint import clean_stale_temporaries
+    from fragment_llm.checkpoint.store import clean_stale_temporaries
 
     clean_stale_temporaries(out)
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
-    from fragment_llm.checkpoint import latest_valid_checkpoint
+    from fragment_llm.checkpoint.store import latest_valid_checkpoint
 
     latest, damaged = latest_valid_checkpoint(request.out)
     for path, reason in damaged:
@@ -747,7 +747,7 @@ def _restore(trainer: Trainer, checkpoint) -> None:
     checkpoint.load_model_into(trainer.model)
     checkpoint.load_optimizer_into(trainer.optimizer)
     trainer.load_state_dict(checkpoint.trainer_state)
-    from fragment_llm.checkpoint import restore_rng_state
+    from fragment_llm.checkpoint.store import restore_rng_state
 
     restore_rng_state(checkpoint.trainer_state["rng"])
 
@@ -878,7 +878,7 @@ class TrainLoop:
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint; every rank waits for it and learns the outcome."""
-        from fragment_llm.checkpoint import step_path
+        from fragment_llm.checkpoint.store import step_path
 
         trainer = self.trainer
         run_on_main(trainer.env, trainer.device, self._write_checkpoint)
@@ -886,7 +886,7 @@ class TrainLoop:
         self.checkpoint = step_path(self.request.out, trainer.step)
 
     def _write_checkpoint(self) -> None:
-        from fragment_llm.checkpoint import capture_rng_state, save_checkpoint
+        from fragment_llm.checkpoint.store import capture_rng_state, save_checkpoint
 
         if self.failure is not None:  # a metrics write failed: stop here, with everyone
             raise self.failure
@@ -914,7 +914,7 @@ class TrainLoop:
                                    if self.request.resumed else [])}
 
     def _provenance(self) -> dict[str, str]:
-        from fragment_llm.checkpoint import model_config_sha256
+        from fragment_llm.checkpoint.store import model_config_sha256
 
         shards = self.trainer.shards
         return {"tokenizer_sha256": self.tokenizer.sha256,

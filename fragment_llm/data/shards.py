@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fragment_llm import __version__
 from fragment_llm.errors import DatasetError, OutputError
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.safeio import (
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.files import (
     HASH_CHUNK,
     atomic_write_bytes,
     dump_json,
@@ -41,7 +41,7 @@ from fragment_llm.safeio import (
     sha256_bytes,
     staged_dir,
 )
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.safety.text import escape_for_display
 
 TOKENS_FORMAT = "fragment-tokens"
 TOKENS_VERSION = 1
@@ -177,8 +177,8 @@ def _encode_all(tokenizer, docs: Iterable[tuple[str, str]], workers: int,
     are `bpe.encoder_pool`'s: they hold the merges, not torch (a process importing
     torch costs ~150 MiB), and they end with this process.
     """
-    from fragment_llm.bpe import MIN_PARALLEL_CHARS, encode_in_worker, encoder_pool
-    from fragment_llm.pretokenize import SplitPattern
+    from fragment_llm.tokenizer.bpe import MIN_PARALLEL_CHARS, encode_in_worker, encoder_pool
+    from fragment_llm.tokenizer.pretokenize import SplitPattern
 
     if workers <= 1 or total_chars < MIN_PARALLEL_CHARS:
         for text, split in docs:
@@ -210,8 +210,8 @@ def build_token_shards(request: BuildRequest, progress: ProgressFn | None = None
 
     Returns the shard folder `out_root/<cache key>/`.
     """
-    from fragment_llm.processed import ProcessedCorpus
-    from fragment_llm.tokenizer import Tokenizer
+    from fragment_llm.data.processed import ProcessedCorpus
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
 
     progress = progress or no_progress
     corpus = ProcessedCorpus.open(request.processed)

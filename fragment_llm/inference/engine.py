@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fragment_llm.config import GenerateConfig
 from fragment_llm.errors import CheckpointError, PromptError
-from fragment_llm.model import GPT, KVCache
+from fragment_llm.model.gpt import GPT, KVCache
 
 
 @dataclass

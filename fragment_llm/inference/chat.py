@@ -32,10 +32,15 @@ from pydantic import ValidationError
 
 from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ChatConfig, GenerateConfig
 from fragment_llm.errors import FragmentError, OutputError, PromptError
-from fragment_llm.generate import Engine, GenerationStats
-from fragment_llm.safeio import HINT_OVERWRITE, atomic_write_text, os_error_reason, read_capped
-from fragment_llm.sanitize import OutputSanitizer, escape_for_display, sanitize_prompt
-from fragment_llm.tokenizer import Tokenizer
+from fragment_llm.inference.engine import Engine, GenerationStats
+from fragment_llm.safety.files import (
+    HINT_OVERWRITE,
+    atomic_write_text,
+    os_error_reason,
+    read_capped,
+)
+from fragment_llm.safety.text import OutputSanitizer, escape_for_display, sanitize_prompt
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 SPECIAL_TOKENS_FORMAT = SPECIAL_TOKENS_CHAT_FORMAT  # the checkpoint config's "chat_format"
 HISTORY_FILE = Path("~/.cache/fragment-llm/chat_history")
@@ -699,7 +704,7 @@ def _safe_history_path(path: Path) -> bool:
 
 def banner_rows(trained: Any) -> list[tuple[str, object]]:
     """The chat banner: what model this is and how good it was at training's end."""
-    from fragment_llm.model import count_parameters
+    from fragment_llm.model.gpt import count_parameters
 
     model = trained.model
     bpb = trained.val_bpb

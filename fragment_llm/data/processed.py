@@ -37,17 +37,17 @@ from typing import Any, BinaryIO, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fragment_llm.cleaning import CleaningCounts
 from fragment_llm.config import PreprocessConfig
+from fragment_llm.data.cleaning import CleaningCounts
 from fragment_llm.errors import OutputError, ProcessedDataError
-from fragment_llm.safeio import (
+from fragment_llm.safety.files import (
     open_regular,
     parse_json_guarded,
     read_capped,
     sha256_file,
     translate_os_errors,
 )
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.safety.text import escape_for_display
 
 FORMAT = "fragment-processed"
 VERSION = 1

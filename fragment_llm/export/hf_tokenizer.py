@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from fragment_llm.bpe import BYTES
 from fragment_llm.errors import OutputError
-from fragment_llm.safeio import atomic_write_text, make_dirs
-from fragment_llm.tokenizer import Tokenizer
+from fragment_llm.safety.files import atomic_write_text, make_dirs
+from fragment_llm.tokenizer.bpe import BYTES
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 FORMATS: Final = ("hf",)
 

@@ -26,8 +26,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.text import escape_for_display
 
 # The stderr console carries diagnostics, progress and summaries; stdout stays for results.
 err_console = Console(stderr=True, highlight=False, markup=False, emoji=False)

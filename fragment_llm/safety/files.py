@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fragment_llm.errors import FragmentError, OutputError
-from fragment_llm.signals import uninterrupted
+from fragment_llm.safety.signals import uninterrupted
 
 TEMP_MARKER = ".fragment-tmp-"
 OLD_MARKER = ".fragment-old-"

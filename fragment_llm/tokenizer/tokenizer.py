@@ -32,20 +32,10 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from fragment_llm.bpe import (
-    BYTES,
-    ChunkEncoder,
-    Merge,
-    encode_many,
-    token_bytes_table,
-    train_merges,
-)
-from fragment_llm.chunk_count import count_chunks
 from fragment_llm.config import TokenizerConfig
 from fragment_llm.errors import TokenizerError
-from fragment_llm.pretokenize import CUSTOM, NAMED_PATTERNS, SplitPattern, Splitter
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.safeio import (
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.files import (
     atomic_write_bytes,
     dump_json,
     parse_json_guarded,
@@ -53,7 +43,17 @@ from fragment_llm.safeio import (
     refuse_oversized,
     sha256_bytes,
 )
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.safety.text import escape_for_display
+from fragment_llm.tokenizer.bpe import (
+    BYTES,
+    ChunkEncoder,
+    Merge,
+    encode_many,
+    token_bytes_table,
+    train_merges,
+)
+from fragment_llm.tokenizer.chunk_count import count_chunks
+from fragment_llm.tokenizer.pretokenize import CUSTOM, NAMED_PATTERNS, SplitPattern, Splitter
 
 FORMAT: Final = "fragment-bpe"
 VERSION: Final = 1

@@ -29,7 +29,7 @@ import click
 
 from fragment_llm import __version__
 from fragment_llm.errors import FragmentError
-from fragment_llm.signals import Terminated, signals_as_exceptions
+from fragment_llm.safety.signals import Terminated, signals_as_exceptions
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -56,7 +56,7 @@ FLAGS = Flags()
 
 
 def _echo_error(message: str, hint: str | None = None) -> None:
-    from fragment_llm.display import safe
+    from fragment_llm.cli.display import safe
 
     click.echo(f"error: {safe(message)}", err=True)
     if hint:
@@ -64,7 +64,7 @@ def _echo_error(message: str, hint: str | None = None) -> None:
 
 
 def _report_internal_error(exc: BaseException) -> None:
-    from fragment_llm.display import safe
+    from fragment_llm.cli.display import safe
 
     text = "".join(traceback.format_exception(exc))
     if FLAGS.debug:
@@ -82,7 +82,7 @@ def _echo_click_error(exc: click.ClickException) -> None:
     """click's own report (usage line, help hint, message), every line escaped like a
     library error: a message can quote an argument, such as a hostile file name that a
     shell glob turned into an extra argument."""
-    from fragment_llm.display import safe
+    from fragment_llm.cli.display import safe
 
     if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
         exc.show()  # `fragment` alone: our own help text, not an error message
@@ -150,7 +150,7 @@ class FragmentGroup(click.Group):
             click.echo("interrupted", err=True)
             return EXIT_INTERRUPTED
         except Terminated as exc:
-            from fragment_llm.display import safe
+            from fragment_llm.cli.display import safe
 
             click.echo(f"terminated: {safe(exc)}" if str(exc) else "terminated", err=True)
             return EXIT_TERMINATED
@@ -199,7 +199,7 @@ def json_option(keys: str) -> Any:
 def _show(*renderables: Any) -> None:
     if FLAGS.quiet:
         return
-    from fragment_llm.display import err_console
+    from fragment_llm.cli.display import err_console
 
     for item in renderables:
         err_console.print(item)
@@ -247,9 +247,9 @@ def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None, as
       fragment preprocess                         # data/raw -> data/processed
       fragment preprocess books/ notes.jsonl --out data/mine --overwrite
     """
+    from fragment_llm.cli.display import listing_table, progress_bars, summary_table
     from fragment_llm.config import PreprocessConfig, load_stage_config
-    from fragment_llm.display import listing_table, progress_bars, summary_table
-    from fragment_llm.preprocess import run_preprocess
+    from fragment_llm.data.preprocess import run_preprocess
 
     overwrite = flags.pop("overwrite")
     config = load_stage_config(PreprocessConfig, "preprocess", config_path, flags)
@@ -301,9 +301,9 @@ def train_tokenizer_command(data: Path, out: Path, config_path: Path | None, as_
       fragment train-tokenizer                       # data/processed -> data/tokenizer.json
       fragment train-tokenizer --vocab-size 4096 --out data/tok4k.json --overwrite
     """
+    from fragment_llm.cli.display import progress_bars, summary_table
     from fragment_llm.config import TokenizerConfig, load_stage_config
-    from fragment_llm.display import progress_bars, summary_table
-    from fragment_llm.tokenizer_train import check_output, train_tokenizer
+    from fragment_llm.tokenizer.train import check_output, train_tokenizer
 
     overwrite = flags.pop("overwrite")
     check_output(out, overwrite, data)
@@ -336,8 +336,8 @@ def export_tokenizer_command(fmt: str, source: Path, out: Path, overwrite: bool)
     Example:
       fragment export-tokenizer --format hf --out tokenizer-hf.json
     """
-    from fragment_llm.display import summary_table
-    from fragment_llm.hf_export import export_tokenizer
+    from fragment_llm.cli.display import summary_table
+    from fragment_llm.export.hf_tokenizer import export_tokenizer
 
     report = export_tokenizer(source, out, fmt=fmt, overwrite=overwrite)
     _show(summary_table("Export summary", report.summary_rows()))
@@ -481,8 +481,8 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
       fragment train --resume                      # continue checkpoints/
       fragment train --preset base --dry-run       # memory and speed plan only
     """
-    from fragment_llm.display import TrainDisplay
-    from fragment_llm.train import TrainRequest, keep_freed_memory, run_training
+    from fragment_llm.cli.display import TrainDisplay
+    from fragment_llm.train.run import TrainRequest, keep_freed_memory, run_training
 
     keep_freed_memory()  # ~25% faster CPU steps; this process exists to train
     model_config, train_config, given = _train_configs(preset, config_path, flags)
@@ -500,7 +500,7 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
 
 
 def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
-    from fragment_llm.display import summary_table
+    from fragment_llm.cli.display import summary_table
 
     plan = display.plan
     rows: list[tuple[str, object]] = [
@@ -544,7 +544,7 @@ def summary_as_json(summary: Any, display: Any, dry_run: bool) -> dict[str, Any]
 def _planned_time(display: Any) -> str:
     """`0:54:10 (3,000 steps)`, or `0:03:00 (~166 steps; --max-time ends it)`: whichever
     bound ends the run first, at the probe's speed (training time only)."""
-    from fragment_llm.display import clock
+    from fragment_llm.cli.display import clock
 
     budget, step = display.planned(), int(display.plan.get("step", 0))
     steps = f"{budget.steps - step:,} steps" + (f" from step {step:,}" if step else "")
@@ -589,7 +589,7 @@ def evaluate(checkpoint_path: Path, tokens: Path | None, data: Path | None,
       fragment eval                                  # checkpoints/, held-out split
       fragment eval --data other/processed --json    # another folder's documents
     """
-    from fragment_llm.display import progress_bars, summary_table
+    from fragment_llm.cli.display import progress_bars, summary_table
     from fragment_llm.evaluate import evaluate_documents, evaluate_held_out
 
     if tokens is not None and data is not None:
@@ -654,7 +654,7 @@ def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
       fragment verify checkpoints --strict         # exit 1 unless every link was followed
       fragment verify checkpoints/step-0000200 --json
     """
-    from fragment_llm.display import listing_table
+    from fragment_llm.cli.display import listing_table
     from fragment_llm.verify import Upstream, describe
     from fragment_llm.verify import verify as run_verify
 
@@ -746,9 +746,9 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
       fragment generate --prompt-file start.txt --temperature 0 --json
       echo "To be" | fragment generate --prompt - --seed 1
     """
-    from fragment_llm.chat import complete, read_prompt
     from fragment_llm.config import GenerateConfig, load_stage_config
     from fragment_llm.evaluate import load_trained
+    from fragment_llm.inference.chat import complete, read_prompt
 
     if (prompt_text is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT, --prompt - or --prompt-file")
@@ -849,7 +849,7 @@ class ChatTerminal:
     def message(self, text: str) -> None:
         from rich.text import Text
 
-        from fragment_llm.display import err_console
+        from fragment_llm.cli.display import err_console
 
         # soft_wrap: a long line (a path) is never broken by an inserted newline
         (self.console if self.interactive else err_console).print(Text(text), soft_wrap=True)
@@ -906,10 +906,10 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
       fragment chat --temperature 0.5 --system "You are terse."
       printf 'hello\\nhow are you?\\n' | fragment chat -q
     """
-    from fragment_llm.chat import ChatSession, banner_rows, enable_line_editing, run_repl
+    from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ChatConfig, load_stage_config
-    from fragment_llm.display import summary_table
     from fragment_llm.evaluate import load_trained
+    from fragment_llm.inference.chat import ChatSession, banner_rows, enable_line_editing, run_repl
 
     settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})
     _use_threads(settings.threads)

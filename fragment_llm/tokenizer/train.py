@@ -17,10 +17,10 @@ from typing import Any
 
 from fragment_llm.config import TokenizerConfig
 from fragment_llm.errors import OutputError
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.safeio import make_dirs
-from fragment_llm.tokenizer import Tokenizer
-from fragment_llm.workers import cap_workers, tokenizer_bytes
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.files import make_dirs
+from fragment_llm.safety.workers import cap_workers, tokenizer_bytes
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 # Held-back documents are kept (to measure bytes per token) up to this many characters.
 HOLDOUT_SAMPLE_CHARS = 8 << 20
@@ -129,7 +129,7 @@ def check_output(out: Path, overwrite: bool, data: Path | None = None) -> None:
 def train_tokenizer(data: Path, out: Path, config: TokenizerConfig, *, overwrite: bool,
                     progress: ProgressFn | None = None) -> TokenizerReport:
     """Train on the processed folder `data` and write the tokenizer file `out`."""
-    from fragment_llm.processed import ProcessedCorpus  # pyarrow: only when needed
+    from fragment_llm.data.processed import ProcessedCorpus  # pyarrow: only when needed
 
     check_output(out, overwrite, data)
     started = time.perf_counter()

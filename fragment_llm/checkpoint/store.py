@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from fragment_llm.errors import CheckpointError, OutputError
-from fragment_llm.safeio import (
+from fragment_llm.safety.files import (
     OLD_MARKER,
     TEMP_MARKER,
     dump_json,
@@ -50,7 +50,7 @@ from fragment_llm.safeio import (
     temp_name_for,
     translate_os_errors,
 )
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.safety.text import escape_for_display
 
 FORMAT = "fragment-checkpoint"
 VERSION = 1

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from fragment_llm.config import Given, GivenSettings, ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError, ConfigError
-from fragment_llm.sanitize import escape_for_display
+from fragment_llm.safety.text import escape_for_display
 
 # When the run ends. They may only grow: a shorter budget would end a run planned longer.
 EXTENDABLE = frozenset({"max_steps", "max_time_s"})

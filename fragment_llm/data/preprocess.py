@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from fragment_llm import __version__
-from fragment_llm.cleaning import CleaningCounts
 from fragment_llm.config import PreprocessConfig
-from fragment_llm.errors import InputDataError, OutputError
-from fragment_llm.processed import (
+from fragment_llm.data.cleaning import CleaningCounts
+from fragment_llm.data.processed import (
     FORMAT,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -61,8 +60,7 @@ from fragment_llm.processed import (
     Status,
     manifest_json,
 )
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.readers import (
+from fragment_llm.data.readers import (
     KINDS,
     SUPPORTED,
     FileResult,
@@ -71,9 +69,11 @@ from fragment_llm.readers import (
     read_batch_in_helper,
     read_input_file,
 )
-from fragment_llm.safeio import atomic_write_text, read_capped, staged_dir
-from fragment_llm.signals import uninterrupted
-from fragment_llm.workers import WorkerCap, cap_workers, die_with_parent, reader_bytes
+from fragment_llm.errors import InputDataError, OutputError
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.files import atomic_write_text, read_capped, staged_dir
+from fragment_llm.safety.signals import uninterrupted
+from fragment_llm.safety.workers import WorkerCap, cap_workers, die_with_parent, reader_bytes
 
 MiB = 1 << 20
 # Below this many input bytes, starting worker processes costs more than it saves.
@@ -443,7 +443,7 @@ def _result_stream(tasks: list[FileTask], config: PreprocessConfig, staging: Pat
     # forkserver: helpers start from a clean process, not a fork of one running threads
     # (rich's refresher, Arrow's pools), and import this module once, before forking.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["fragment_llm.readers"])
+    context.set_forkserver_preload(["fragment_llm.data.readers"])
     spool = staging / SPOOL_NAME
     spool.mkdir()
     with uninterrupted():  # multiprocessing's constructors must not be split by a signal

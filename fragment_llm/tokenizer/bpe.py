@@ -41,11 +41,11 @@ from itertools import chain, islice, repeat
 from operator import add
 from typing import Any, Final
 
-from fragment_llm.chunk_count import worker_context
-from fragment_llm.pretokenize import SplitPattern, Splitter
-from fragment_llm.progress import ProgressFn, no_progress
-from fragment_llm.signals import uninterrupted
-from fragment_llm.workers import die_with_parent
+from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.safety.signals import uninterrupted
+from fragment_llm.safety.workers import die_with_parent
+from fragment_llm.tokenizer.chunk_count import worker_context
+from fragment_llm.tokenizer.pretokenize import SplitPattern, Splitter
 
 BYTES: Final = 256
 Merge = tuple[int, int]

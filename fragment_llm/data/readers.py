@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fragment_llm.cleaning import CleaningCounts, clean_text
 from fragment_llm.config import PreprocessConfig
-from fragment_llm.errors import InputDataError
-from fragment_llm.processed import (
+from fragment_llm.data.cleaning import CleaningCounts, clean_text
+from fragment_llm.data.processed import (
     MAX_DOC_BYTES,
     MAX_MALFORMED_LISTED,
     MAX_PARQUET_FOOTER_BYTES,
@@ -44,7 +43,8 @@ from fragment_llm.processed import (
     open_parquet_bytes,
     parquet_errors,
 )
-from fragment_llm.safeio import (
+from fragment_llm.errors import InputDataError
+from fragment_llm.safety.files import (
     _refuse_constant,
     _refuse_duplicates,
     open_regular,

@@ -30,7 +30,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from fragment_llm.sanitize import (
+from fragment_llm.safety.text import (
     BIDI_CHARS,
     CONTROL_CHARS,
     SURROGATES,
