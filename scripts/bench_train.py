@@ -147,7 +147,7 @@ def peak_memory_mb(device: str) -> float:
 def measure(kind: str, preset: str, batch: int, steps: int, precision: str,
             device: str = "cpu", compile_model: bool = False) -> dict:
     """Runs inside a worker process: seconds per optimizer step after warm-up steps."""
-    from fragment_llm.train.run import keep_freed_memory
+    from fragment_llm.train.runtime import keep_freed_memory
 
     keep_freed_memory()  # the allocator `fragment train` runs with, for every contender
     contender = Contender(kind, preset, batch, precision, device, compile_model)
@@ -164,7 +164,7 @@ def measure_paired(kinds: list[str], preset: str, batch: int, pairs: int) -> dic
     first contender / seconds of this one. Returns, per contender, the row at its fastest
     step plus the median of those ratios. No peak RSS: one process holds them all.
     """
-    from fragment_llm.train.run import keep_freed_memory
+    from fragment_llm.train.runtime import keep_freed_memory
 
     keep_freed_memory()
     contenders = {kind: Contender(kind, preset, batch, "fp32") for kind in kinds}

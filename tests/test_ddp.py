@@ -186,7 +186,7 @@ def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):  # noqa
 
 
 NAN_ON_RANK_1 = """
-import fragment_llm.train.run as train
+import fragment_llm.train.trainer as train
 real_loss = train.lm_loss
 train.lm_loss = lambda logits, targets: real_loss(logits, targets) + float("nan")
 """

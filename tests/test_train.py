@@ -33,7 +33,9 @@ from fragment_llm.errors import CheckpointError, ConfigError, OutputError, Train
 from fragment_llm.model.gpt import GPT
 from fragment_llm.model.size import CPU_RUNTIME, plan_memory
 from fragment_llm.tokenizer.tokenizer import Tokenizer
-from fragment_llm.train.run import MetricsLog, RunLock, TrainRequest, lr_at, run_training
+from fragment_llm.train.run import MetricsLog, TrainRequest, run_training
+from fragment_llm.train.runtime import RunLock
+from fragment_llm.train.schedule import lr_at
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "raw"
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -107,7 +109,7 @@ def test_lr_cosine_starts_where_a_time_bound_warmup_ended():
 
 _REFAULTS = """
 import resource, sys, torch
-from fragment_llm.train.run import keep_freed_memory
+from fragment_llm.train.runtime import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
 size = 64 * 2**20 // 4  # a logits-sized 64 MiB block, allocated and freed as in a step
@@ -240,7 +242,7 @@ def test_second_trainer_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(corpus, tmp_path, monkeypatch):
-    import fragment_llm.train.run as train_module
+    import fragment_llm.train.trainer as train_module
 
     monkeypatch.setattr(train_module, "lm_loss",
                         lambda logits, targets: logits.sum() * float("nan"))

@@ -482,7 +482,8 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
       fragment train --preset base --dry-run       # memory and speed plan only
     """
     from fragment_llm.cli.display import TrainDisplay
-    from fragment_llm.train.run import TrainRequest, keep_freed_memory, run_training
+    from fragment_llm.train.run import TrainRequest, run_training
+    from fragment_llm.train.runtime import keep_freed_memory
 
     keep_freed_memory()  # ~25% faster CPU steps; this process exists to train
     model_config, train_config, given = _train_configs(preset, config_path, flags)

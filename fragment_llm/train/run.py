@@ -12,45 +12,51 @@ elapsed training time) is in the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import fcntl
 import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from fragment_llm import __version__
 from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, GivenSettings, ModelConfig, TrainConfig
 from fragment_llm.data.shards import (
     BuildRequest,
     TokenShards,
-    TokenStream,
     build_token_shards,
-    eval_batches,
 )
 from fragment_llm.errors import (
     CheckpointError,
     ConfigError,
     DatasetError,
-    OutputError,
     TrainingError,
 )
-from fragment_llm.model.gpt import GPT, bits_per_byte, count_parameters, flops_per_token, lm_loss
+from fragment_llm.model.gpt import count_parameters, flops_per_token
 from fragment_llm.model.size import MemoryPlan, default_memory_limit, plan_memory
 from fragment_llm.safety.files import atomic_write_text, make_dirs, translate_os_errors
-from fragment_llm.safety.signals import Terminated, raise_when_safe, uninterrupted
+from fragment_llm.safety.signals import uninterrupted
 from fragment_llm.safety.workers import cap_workers, tokenizer_bytes
 from fragment_llm.train.resume import ResumedSettings, resumed_settings
+from fragment_llm.train.runtime import (
+    DistEnv,
+    InterruptFlag,
+    RunLock,
+    agree,
+    broadcast_text,
+    init_distributed,
+    raise_peer_failed,
+    run_on_main,
+    select_device,
+    select_precision,
+)
+from fragment_llm.train.trainer import MAX_NONFINITE_IN_A_ROW, StepResult, Trainer
 from fragment_llm.verify import (
     HINT_RESUME,
     checked_tokenizer,
@@ -60,8 +66,6 @@ from fragment_llm.verify import (
 )
 
 METRICS_FILE = "metrics.jsonl"
-LOCK_FILE = ".lock"
-MAX_NONFINITE_IN_A_ROW = 3
 
 
 # ------------------------------------------------------------------------ the request
@@ -118,448 +122,16 @@ class TrainSummary:
 # ----------------------------------------------------------------- device & precision
 
 
-def select_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available", hint="use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None)
-                              and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps: MPS is not available", hint="use --device cpu")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep large freed blocks for reuse instead of handing them back.
-
-    A train step allocates and frees the same large tensors (logits, activations) every
-    time. By default glibc serves each block over its mmap threshold with a fresh mmap
-    and unmaps it on free, so the next step page-faults every page back in: measured at
-    `small` on 2 cores, 3.6M minor faults in 40 steps and 1.32 s a step, against 0.32M
-    and 1.01 s with this (RSS 1.39 instead of 1.16 GB; docs/benchmarks.md). Process-wide,
-    so the CLI calls it for `fragment train` only. A no-op where glibc's mallopt is absent.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h> parameter numbers
-    mallopt(m_mmap_max, 0)  # large blocks come from the heap, so they can be reused...
-    mallopt(m_trim_threshold, 2**31 - 1)  # ...and the heap's top is never given back
-
-
-def select_precision(requested: str, device: torch.device) -> str:
-    """`auto`: bf16 on CUDA that has it, fp16 (+GradScaler) on older CUDA, else fp32.
-
-    CPUs get fp32: without native bf16 matmul (this project's reference 2-core machine
-    has none) bf16 autocast measured 0.6x the fp32 speed; see docs/benchmarks.md.
-    """
-    if requested != "auto":
-        if requested in ("bf16", "fp16") and device.type == "mps":
-            raise ConfigError(f"precision {requested} is not supported on MPS here",
-                              hint="use --precision fp32")
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # --------------------------------------------------------------------------- schedule
-
-
-def lr_at(step: int, config: TrainConfig, progress: float,
-          warmup_end: float | None = None, cosine_start: float = 0.0) -> float:
-    """Linear warmup over `warmup_steps`, then cosine from `lr` to `lr * min_lr_ratio`.
-
-    `progress` in [0, 1] is how far through the planned run we are: steps over
-    `max_steps`, or elapsed over `max_time`, whichever is further. `warmup_end` is
-    the progress at which warmup finished; the cosine spans the rest. It defaults to
-    `warmup_steps / max_steps`, which is wrong for a time-bound run: there 100 warmup
-    steps can be half of the run, and the cosine must not already be half done.
-    Once `warmup_end` is set the warmup is over, whatever `warmup_steps` says now.
-    `cosine_start` is explained at `cosine_position`.
-    """
-    warmup = min(config.warmup_steps, config.max_steps)
-    if step < warmup and warmup_end is None:
-        return config.lr * (step + 1) / warmup
-    ratio = cosine_position(config, progress, warmup_end, cosine_start)
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * ratio))
-
-
-def cosine_position(config: TrainConfig, progress: float, warmup_end: float | None = None,
-                    cosine_start: float = 0.0) -> float:
-    """How far along the cosine the run is at `progress`: 0 at the peak, 1 at the floor.
-
-    It goes linearly from `cosine_start` at `warmup_end` to 1 at the end of the budget.
-    `cosine_start` is 0 unless the budget was extended on resume: the cosine then goes
-    on from where it was, spread over what is left of the longer run.
-    """
-    warmup = min(config.warmup_steps, config.max_steps)
-    warm = warmup / config.max_steps if warmup_end is None else min(warmup_end, 1.0)
-    share = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1.0 - warm)))
-    return cosine_start + (1.0 - cosine_start) * share
-
-
-def budget_progress(step: int, elapsed: float, config: TrainConfig) -> float:
-    """How much of the budget is spent: steps over `max_steps` or training time over
-    `max_time_s`, whichever is further, at most 1."""
-    by_time = elapsed / config.max_time_s if config.max_time_s else 0.0
-    return min(1.0, max(step / config.max_steps, by_time))
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig,
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases or gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel per tensor: on CPU 3.7x faster than foreach (5 vs 19 ms a step at
-    # small). MPS keeps foreach.
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                             eps=1e-8, fused=fused, foreach=None if fused else True)
 
 
 # ------------------------------------------------------------------------ distributed
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in a `torchrun` job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        try:
-            rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        except ValueError:
-            raise ConfigError("RANK and WORLD_SIZE must be integers (set by torchrun)") from None
-        if world < 1 or not 0 <= rank < world:
-            raise ConfigError(f"invalid RANK={rank} / WORLD_SIZE={world}")
-        return cls(rank, world)
-
-
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    if env.world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world)
-
-
-def agree(values: list[float], env: DistEnv, device: torch.device) -> list[float]:
-    """The largest of each value over all ranks (one small all-reduce), so that every
-    rank takes the same decision from it; in one process, the values themselves."""
-    if env.world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def broadcast_text(text: str | None, device: torch.device) -> str | None:
-    """Rank 0's `text` on every rank, sent as UTF-8 bytes in a tensor: no object crosses
-    the wire pickled (`broadcast_object_list` would unpickle whatever arrives)."""
-    data = b"" if text is None else text.encode("utf-8")
-    size = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64, device=device)
-    torch.distributed.broadcast(size, src=0)
-    length = int(size.item())
-    if length < 0:
-        return None
-    buffer = torch.zeros(length, dtype=torch.uint8, device=device)
-    if data and torch.distributed.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    torch.distributed.broadcast(buffer, src=0)
-    return bytes(buffer.cpu().tolist()).decode("utf-8")
-
-
-def run_on_main(env: DistEnv, device: torch.device, work: Callable[[], None]) -> None:
-    """`work()` on rank 0 only; then every rank learns whether it worked.
-
-    Rank 0 alone writes (checkpoints, the run folder). If it raised straight away, the
-    other ranks would wait in their next collective for a peer that has left, and die
-    there with gloo's "Connection closed by peer". Agreeing first lets all of them stop
-    at the same place: rank 0 with its own error, the others with one line pointing at it.
-    """
-    error: Exception | None = None
-    if env.is_main:
-        try:
-            work()
-        except Exception as exc:  # raised below, once the other ranks know
-            error = exc
-    failed = agree([float(error is not None)], env, device)[0]
-    if error is not None:
-        raise error
-    if failed:
-        raise_peer_failed(env)
-
-
-def raise_peer_failed(env: DistEnv) -> NoReturn:
-    raise TrainingError(f"rank {env.rank}: stopping because rank 0 stopped",
-                        hint="rank 0's error, printed above, says why")
-
-
-def all_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.world > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= env.world
-    return value
-
-
 # ----------------------------------------------------------------------- run-folder lock
 
 
-class RunLock:
-    """An exclusive `flock` on OUT/.lock: a second trainer on the same folder is refused.
-
-    The kernel drops the lock when the process dies, even by SIGKILL, so a crashed run
-    never leaves a stale lock behind.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        with translate_os_errors(self.path):  # read-only, no permission, a symlink: one line
-            self.fd = os.open(self.path, flags, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise OutputError(f"another trainer is using {self.path.parent}",
-                              hint="wait for it to finish, or choose another --out") from None
-        with translate_os_errors(self.path):
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, f"{os.getpid()}\n".encode())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-
-class InterruptFlag:
-    """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. Second: abort at once.
-
-    SIGTERM (systemd, Docker, Kubernetes, Slurm, torchrun passing on a stop) is treated
-    as Ctrl-C; `signum` records which came first, so the CLI can exit 130 or 143. Under
-    torchrun a rank may also stop because another rank was signalled (`adopt`); only a
-    second signal to this process itself aborts it.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.received = False
-        self.previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def terminated(self) -> bool:
-        return self.signum == signal.SIGTERM
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received:
-            raise_when_safe(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
-        self.received = True
-        if self.signum is None:
-            self.signum = signum
-
-    def adopt(self, sigint: bool, sigterm: bool) -> None:
-        """Take on what the other ranks received (SIGTERM wins: the stricter stop)."""
-        if sigterm:
-            self.signum = signal.SIGTERM
-        elif sigint and self.signum is None:
-            self.signum = signal.SIGINT
-
-    def __enter__(self) -> InterruptFlag:
-        with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
 # ------------------------------------------------------------------------------ trainer
-
-
-@dataclass
-class StepResult:
-    loss: float
-    lr: float
-    grad_norm: float
-    finite: bool
-
-
-class Trainer:
-    """Model, optimizer and data stream for one process, with `train_step`/`evaluate`."""
-
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, shards: TokenShards,
-                 device: torch.device, precision: str, env: DistEnv) -> None:
-        self.config, self.device, self.precision, self.env = config, device, precision, env
-        torch.manual_seed(config.seed)
-        self.model = GPT(model_config).to(device)
-        if config.activation_checkpointing:
-            self.model.activation_checkpointing = True
-        self.forward_model: torch.nn.Module = self.model
-        if env.world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            with uninterrupted():  # its collectives must not be split by a signal
-                self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, ids)
-        if config.compile:
-            self.forward_model = torch.compile(self.forward_model)
-        self.optimizer = build_optimizer(self.model, config, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.stream = TokenStream(shards.train, model_config.block_size, config.seed,
-                                  env.rank, env.world)
-        self.shards = shards
-        self.step = 0
-        self.elapsed = 0.0
-        self.nonfinite_in_a_row = 0
-        self.warmup_end: float | None = None  # progress when warmup finished
-        self.cosine_start = 0.0  # the cosine's position at warmup_end (see cosine_position)
-
-    @property
-    def progress(self) -> float:
-        return budget_progress(self.step, self.elapsed, self.config)
-
-    def extend_budget(self, recorded: TrainConfig) -> None:
-        """Go on with the schedule after a resume that extended the `recorded` budget.
-
-        Steps taken keep the learning rate they had. A run still in warmup simply
-        continues: its cosine will span the longer run, exactly as if it had been planned
-        that long. A run past warmup keeps its place on the cosine, so the learning rate
-        is continuous here, and the rest of the cosine is spread over the rest of the new
-        budget (a finished run extended stays at the floor).
-        """
-        if self.warmup_end is None and self.step < min(recorded.warmup_steps,
-                                                       recorded.max_steps):
-            return
-        spent = budget_progress(self.step, self.elapsed, recorded)
-        position = cosine_position(recorded, spent, self.warmup_end, self.cosine_start)
-        self.warmup_end, self.cosine_start = self.progress, position
-
-    @property
-    def tokens_per_step(self) -> int:
-        cfg = self.config
-        return cfg.batch_size * cfg.grad_accum * self.env.world * self.model.config.block_size
-
-    def train_step(self) -> StepResult:
-        """One optimizer step: `grad_accum` micro-batches, clip, step (or skip if NaN)."""
-        if self.warmup_end is None and self.step == min(self.config.warmup_steps,
-                                                        self.config.max_steps):
-            self.warmup_end = self.progress
-        lr = lr_at(self.step, self.config, self.progress, self.warmup_end, self.cosine_start)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # The mean over ranks: every rank then agrees on skipping a step and on stopping
-        # after MAX_NONFINITE_IN_A_ROW (a NaN on one rank makes the mean NaN on all).
-        loss = all_mean(self._accumulate_gradients(), self.env)
-        self.scaler.unscale_(self.optimizer)
-        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        finite = bool(torch.isfinite(loss)) and (self.precision == "fp16"
-                                                 or bool(torch.isfinite(norm)))
-        if finite:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
-        return StepResult(float(loss), lr, float(norm), finite)
-
-    def _accumulate_gradients(self) -> torch.Tensor:
-        self.model.train()
-        accum = self.config.grad_accum
-        total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            x, y = (t.to(self.device, non_blocking=True)
-                    for t in self.stream.next_batch(self.config.batch_size))
-            last = micro == accum - 1
-            sync = (self.forward_model.no_sync() if self.env.world > 1 and not last
-                    else contextlib.nullcontext())
-            with sync, autocast_for(self.precision, self.device):
-                loss = lm_loss(self.forward_model(x), y) / accum
-            self.scaler.scale(loss).backward()
-            total += loss.detach().float()
-        return total
-
-    @torch.no_grad()
-    def evaluate(self, max_blocks: int | None = None) -> tuple[float, float] | None:
-        """Validation loss (nats/token) and bits per byte over up to `max_blocks` blocks
-        (default `eval_blocks`), or None without a val split."""
-        split = self.shards.val
-        block = self.model.config.block_size
-        if split.num_blocks(block) == 0:
-            return None
-        self.model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in eval_batches(split, block, self.config.batch_size,
-                                 max_blocks or self.config.eval_blocks, self.env.rank,
-                                 self.env.world):
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast_for(self.precision, self.device):
-                logits = self.model(x)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total += torch.stack([nll.double(), torch.tensor(y.numel(), device=self.device,
-                                                            dtype=torch.float64)])
-        total = all_mean(total, self.env)
-        loss = float(total[0] / total[1])
-        val = self.shards.manifest.val
-        return loss, bits_per_byte(loss, val.tokens, val.text_bytes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "elapsed_s": self.elapsed, "data": self.stream.state_dict(),
-                "scaler": self.scaler.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "warmup_end_progress": self.warmup_end, "cosine_start": self.cosine_start}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.step = int(state["step"])
-            self.elapsed = float(state["elapsed_s"])
-            self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-            warmup_end = state.get("warmup_end_progress")
-            self.warmup_end = None if warmup_end is None else float(warmup_end)
-            self.cosine_start = float(state.get("cosine_start", 0.0))
-            if not 0.0 <= self.cosine_start <= 1.0:
-                raise ValueError(f"cosine_start {self.cosine_start} is outside [0, 1]")
-            self.stream.load_state_dict(state["data"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TrainingError(f"trainer_state.json is incomplete ({exc})") from None
 
 
 # ----------------------------------------------------------------------- orchestration
