@@ -55,7 +55,7 @@ def load_trained(path: Path, device: torch.device | None = None,
                  evaluating: bool = False) -> Trained:
     """Resolve a run or step folder, verify it, and build the model on `device`; for
     `generate`/`chat`, or for `eval` (its memory is planned for the run's batch size)."""
-    from fragment_llm.checkpoint.store import open_checkpoint
+    from fragment_llm.checkpoint.load import open_checkpoint
     from fragment_llm.verify import checked_tokenizer
 
     device = device or torch.device("cpu")

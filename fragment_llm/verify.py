@@ -227,7 +227,7 @@ def link(kind: Kind, artifact: str, check: str, recorded: str | None, actual: st
 
 def checkpoint_links(checkpoint: Any, tokenizer: Any) -> list[Check]:
     """The checkpoint's own tokenizer copy and config against its manifest's provenance."""
-    from fragment_llm.checkpoint.store import model_config_sha256
+    from fragment_llm.checkpoint.records import model_config_sha256
 
     art, prov = str(checkpoint.path), checkpoint.provenance
     config_sha = model_config_sha256(checkpoint.config.get("model"))
@@ -296,7 +296,7 @@ _MANIFEST_FORMATS = {"fragment-processed": Kind.PROCESSED, "fragment-tokens": Ki
 
 def detect_kind(path: Path) -> Kind:
     """Which artifact `path` is, from its type and names (ConfigError when none fits)."""
-    from fragment_llm.checkpoint.store import MODEL_FILE, STEP_NAME
+    from fragment_llm.checkpoint.layout import MODEL_FILE, STEP_NAME
 
     try:
         info = os.lstat(path)
@@ -491,7 +491,7 @@ class _Verifier:
         return self.once(Kind.CHECKPOINT, folder, self._checkpoint)
 
     def _checkpoint(self, folder: Path) -> Any:
-        from fragment_llm.checkpoint.store import ABSENT, folder_identity
+        from fragment_llm.checkpoint.layout import ABSENT, folder_identity
 
         art, before = str(folder), len(self.checks)
         identity = folder_identity(folder)
@@ -560,7 +560,7 @@ class _Verifier:
 
     def run(self, folder: Path) -> Path | None:
         """Verify every step folder; return the newest whose own checks all hold."""
-        from fragment_llm.checkpoint.store import STEP_NAME
+        from fragment_llm.checkpoint.layout import STEP_NAME
 
         seen: set[str] = set()
         valid = []
@@ -676,7 +676,7 @@ def _count_documents(shards: Any) -> str:
 
 
 def _load_checkpoint(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.checkpoint.store import load_checkpoint
+    from fragment_llm.checkpoint.load import load_checkpoint
 
     ckpt = load_checkpoint(folder)
     return ckpt, f"step {ckpt.step}, {len(ckpt.files)} files hashed, every weight finite"
@@ -696,7 +696,7 @@ def _expected_tensors(config: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]
     memory); tied names as {alias: first name}; and the number of parameters."""
     import torch
 
-    from fragment_llm.checkpoint.store import DTYPES
+    from fragment_llm.checkpoint.tensors import DTYPES
     from fragment_llm.model.gpt import GPT
 
     names = {dtype: name for name, dtype in DTYPES.items()}

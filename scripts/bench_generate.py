@@ -107,7 +107,7 @@ def synthetic_tokenizer(path: Path) -> None:
 
 def chat_peak_rss(args: argparse.Namespace) -> tuple[float, float]:
     """Peak RSS (MiB) and wall time (s) of `fragment chat` with a random `small`."""
-    from fragment_llm.checkpoint.store import save_checkpoint
+    from fragment_llm.checkpoint.save import save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.json"

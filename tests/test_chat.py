@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_config import extremes, numeric_fields  # the same walk over every range
 
-from fragment_llm.checkpoint.store import save_checkpoint
+from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.cli.app import ChatTerminal, cli
 from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
 from fragment_llm.errors import TokenizerError

@@ -15,7 +15,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fragment_llm.checkpoint.store as ck
+import fragment_llm.checkpoint.save as checkpoint_save
+from fragment_llm.checkpoint.layout import (
+    KNOWN_FILES,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    clean_stale_temporaries,
+    list_checkpoints,
+    step_path,
+)
+from fragment_llm.checkpoint.load import find_latest_valid, load_checkpoint, resolve_checkpoint
+from fragment_llm.checkpoint.optimizer import flatten_optimizer_state, unflatten_optimizer_state
+from fragment_llm.checkpoint.rng import capture_rng_state, restore_rng_state
+from fragment_llm.checkpoint.save import _write_bytes, save_checkpoint
 from fragment_llm.errors import CheckpointError, OutputError
 from fragment_llm.safety.files import OLD_MARKER, TEMP_MARKER, dump_json, parse_json_guarded
 
@@ -66,7 +79,7 @@ def tokenizer_file(tmp_path: Path) -> Path:
 
 def save(run: Path, step: int, model: nn.Module, optimizer, tokenizer_file: Path,
          **kw) -> Path:
-    return ck.save_checkpoint(run, step, model=model, optimizer=optimizer,
+    return save_checkpoint(run, step, model=model, optimizer=optimizer,
                               trainer_state={"step": step, "position": [0, step]},
                               config={"model": {"vocab_size": VOCAB}},
                               tokenizer_file=tokenizer_file, **kw)
@@ -91,9 +104,9 @@ def test_round_trip_is_bit_identical_and_keeps_tied_weights(tmp_path, tokenizer_
     path = save(tmp_path / "run", 2, model, opt, tokenizer_file,
                 provenance={"tokenizer_sha256": "a" * 64})
     assert path.name == "step-0000002"
-    assert sorted(p.name for p in path.iterdir()) == sorted(ck.KNOWN_FILES)
+    assert sorted(p.name for p in path.iterdir()) == sorted(KNOWN_FILES)
 
-    loaded = ck.load_checkpoint(path)
+    loaded = load_checkpoint(path)
     assert loaded.step == 2 and loaded.config == {"model": {"vocab_size": VOCAB}}
     assert loaded.trainer_state == {"step": 2, "position": [0, 2]}
     assert loaded.provenance == {"tokenizer_sha256": "a" * 64}
@@ -116,7 +129,7 @@ def test_optimizer_resume_continues_bit_identically(tmp_path, tokenizer_file):
     train_steps(model, opt, 4)  # the uninterrupted run
 
     resumed, resumed_opt = make(5)
-    loaded = ck.load_checkpoint(path)
+    loaded = load_checkpoint(path)
     loaded.load_model_into(resumed)
     loaded.load_optimizer_into(resumed_opt)
     assert resumed_opt.param_groups[0]["betas"] == (0.9, 0.95)
@@ -133,7 +146,7 @@ def test_optimizer_resumes_across_step_implementations(tmp_path, tokenizer_file)
     resumed = TinyLM()
     resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2, betas=(0.9, 0.95),
                                     fused=True)
-    loaded = ck.load_checkpoint(path)
+    loaded = load_checkpoint(path)
     loaded.load_model_into(resumed)
     loaded.load_optimizer_into(resumed_opt)
     assert resumed_opt.param_groups[0]["fused"] is True  # the device's choice stays
@@ -148,10 +161,10 @@ def test_flatten_round_trip_with_amsgrad():
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, amsgrad=True, weight_decay=0.1)
     train_steps(model, opt, 2)
-    tensors, layout = ck.flatten_optimizer_state(opt.state_dict())
+    tensors, layout = flatten_optimizer_state(opt.state_dict())
     assert "state.0.max_exp_avg_sq" in tensors
     layout = json.loads(json.dumps(layout))  # must survive JSON as-is
-    restored = ck.unflatten_optimizer_state(tensors, layout)
+    restored = unflatten_optimizer_state(tensors, layout)
     original = opt.state_dict()
     assert restored["param_groups"] == original["param_groups"]
     assert restored["state"].keys() == original["state"].keys()
@@ -170,8 +183,8 @@ _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
                        _values, max_size=5))
 def test_param_group_values_round_trip_exactly(hyper):
     state = {"state": {}, "param_groups": [{**hyper, "params": [0, 1]}]}
-    tensors, layout = ck.flatten_optimizer_state(state)
-    restored = ck.unflatten_optimizer_state(tensors, json.loads(json.dumps(layout)))
+    tensors, layout = flatten_optimizer_state(state)
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(layout)))
     assert restored == state
     assert repr(restored) == repr(state)  # tuples stay tuples, floats keep every bit
 
@@ -179,9 +192,9 @@ def test_param_group_values_round_trip_exactly(hyper):
 def test_checkpoint_without_optimizer(tmp_path, tokenizer_file):
     model, _ = make(0)
     path = save(tmp_path / "run", 0, model, None, tokenizer_file)
-    loaded = ck.load_checkpoint(path)
+    loaded = load_checkpoint(path)
     assert not loaded.has_optimizer
-    assert not (path / ck.OPTIMIZER_FILE).exists()
+    assert not (path / OPTIMIZER_FILE).exists()
     with pytest.raises(CheckpointError, match="no optimizer.safetensors"):
         loaded.load_optimizer_into(make(0)[1])
 
@@ -191,7 +204,7 @@ def test_untied_model_refuses_tied_checkpoint(tmp_path, tokenizer_file):
     path = save(tmp_path / "run", 1, model, None, tokenizer_file)
     untied = TinyLM(tie=False)
     with pytest.raises(CheckpointError, match="weight tying differs") as info:
-        ck.load_checkpoint(path).load_model_into(untied)
+        load_checkpoint(path).load_model_into(untied)
     assert info.value.hint and "config.json" in info.value.hint
 
 
@@ -212,34 +225,34 @@ def assert_same_draws(a: tuple, b: tuple) -> None:
 def test_rng_round_trip_is_exact_through_json():
     np.random.randn()  # leave a cached gaussian in numpy ...
     random.gauss(0, 1)  # ... and in python's random, both part of the state
-    saved = parse_json_guarded(dump_json(ck.capture_rng_state()), "rng", CheckpointError)
+    saved = parse_json_guarded(dump_json(capture_rng_state()), "rng", CheckpointError)
     first = draw()
-    ck.restore_rng_state(saved)
+    restore_rng_state(saved)
     assert_same_draws(first, draw())
 
 
 def test_rng_state_survives_a_checkpoint(tmp_path, tokenizer_file):
     model, _ = make(0)
-    path = ck.save_checkpoint(tmp_path / "run", 1, model=model, optimizer=None,
-                              trainer_state={"step": 1, "rng": ck.capture_rng_state()},
+    path = save_checkpoint(tmp_path / "run", 1, model=model, optimizer=None,
+                              trainer_state={"step": 1, "rng": capture_rng_state()},
                               config={}, tokenizer_file=tokenizer_file)
     first = draw()
-    ck.restore_rng_state(ck.load_checkpoint(path).trainer_state["rng"])
+    restore_rng_state(load_checkpoint(path).trainer_state["rng"])
     assert_same_draws(first, draw())
 
 
 def test_bad_rng_state_changes_nothing():
-    saved = ck.capture_rng_state()
+    saved = capture_rng_state()
     bad = {**saved, "python": {**saved["python"], "version": 99}}
     before = torch.get_rng_state()
     torch.rand(1)
     after_draw = torch.get_rng_state()
     with pytest.raises(CheckpointError, match="RNG state refused"):
-        ck.restore_rng_state(bad)
+        restore_rng_state(bad)
     assert torch.equal(torch.get_rng_state(), after_draw)  # torch was not restored either
     assert not torch.equal(before, after_draw)
     with pytest.raises(CheckpointError, match="RNG state breaks the schema"):
-        ck.restore_rng_state({**saved, "extra": 1})
+        restore_rng_state({**saved, "extra": 1})
 
 
 # ------------------------------------------------------------------ saving, pruning
@@ -250,7 +263,7 @@ def test_keep_last_prunes_oldest_and_leaves_no_temporaries(tmp_path, tokenizer_f
     run = tmp_path / "run"
     for step in (10, 20, 30, 40, 50):
         save(run, step, model, opt, tokenizer_file, keep_last=3)
-    assert [p.name for p in ck.list_checkpoints(run)] == \
+    assert [p.name for p in list_checkpoints(run)] == \
         ["step-0000030", "step-0000040", "step-0000050"]
     assert hidden_entries(run) == []
 
@@ -260,7 +273,7 @@ def test_pruning_never_removes_the_new_or_a_higher_step(tmp_path, tokenizer_file
     run = tmp_path / "run"
     for step in (100, 300, 200):  # 200 written after resuming from 100
         save(run, step, model, None, tokenizer_file, keep_last=1)
-    assert [p.name for p in ck.list_checkpoints(run)] == ["step-0000200", "step-0000300"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000200", "step-0000300"]
 
 
 def test_same_step_is_replaced_atomically(tmp_path, tokenizer_file):
@@ -271,7 +284,7 @@ def test_same_step_is_replaced_atomically(tmp_path, tokenizer_file):
         model.ln.bias.add_(1.0)
     save(run, 5, model, None, tokenizer_file)
     fresh = TinyLM()
-    ck.load_checkpoint(run / "step-0000005").load_model_into(fresh)
+    load_checkpoint(run / "step-0000005").load_model_into(fresh)
     assert same_tensors(model, fresh)
     assert hidden_entries(run) == []
 
@@ -284,9 +297,9 @@ def test_disk_full_mid_save_keeps_previous_checkpoints(tmp_path, tokenizer_file,
     save(run, 1, model, opt, tokenizer_file)
     save(run, 2, model, opt, tokenizer_file)
     before = {p.name: sorted(f.read_bytes() for f in p.iterdir())
-              for p in ck.list_checkpoints(run)}
+              for p in list_checkpoints(run)}
     calls = []
-    real_write = ck._write_bytes
+    real_write = _write_bytes
 
     def failing_write(path, data):
         calls.append(path)
@@ -294,15 +307,15 @@ def test_disk_full_mid_save_keeps_previous_checkpoints(tmp_path, tokenizer_file,
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(ck, "_write_bytes", failing_write)
+    monkeypatch.setattr(checkpoint_save, "_write_bytes", failing_write)
     for step in (3, 2):  # a new step, and replacing an existing one
         calls.clear()
         with pytest.raises(OutputError, match="disk full"):
             save(run, step, model, opt, tokenizer_file)
     assert {p.name: sorted(f.read_bytes() for f in p.iterdir())
-            for p in ck.list_checkpoints(run)} == before
+            for p in list_checkpoints(run)} == before
     assert hidden_entries(run) == []
-    ck.load_checkpoint(run / "step-0000002")
+    load_checkpoint(run / "step-0000002")
 
 
 def test_tensor_writer_failure_leaves_no_partial_folder(tmp_path, tokenizer_file, monkeypatch):
@@ -314,10 +327,10 @@ def test_tensor_writer_failure_leaves_no_partial_folder(tmp_path, tokenizer_file
         path.write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(ck, "_write_tensors", broken)
+    monkeypatch.setattr(checkpoint_save, "_write_tensors", broken)
     with pytest.raises(OutputError, match="disk full"):
         save(run, 2, model, None, tokenizer_file)
-    assert [p.name for p in ck.list_checkpoints(run)] == ["step-0000001"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000001"]
     assert hidden_entries(run) == []
 
 
@@ -345,7 +358,7 @@ def test_non_finite_tensors_are_refused_before_writing(tmp_path, tokenizer_file,
 def test_trainer_state_must_round_trip_through_json(tmp_path, tokenizer_file, state, rule):
     model, _ = make(0)
     with pytest.raises(CheckpointError, match=rule):
-        ck.save_checkpoint(tmp_path / "run", 1, model=model, optimizer=None,
+        save_checkpoint(tmp_path / "run", 1, model=model, optimizer=None,
                            trainer_state=state, config={}, tokenizer_file=tokenizer_file)
 
 
@@ -378,13 +391,13 @@ def test_latest_valid_falls_back_past_a_damaged_newest(tmp_path, tokenizer_file)
     run = tmp_path / "run"
     for step in (1, 2, 3):
         save(run, step, model, opt, tokenizer_file)
-    flip_byte(run / "step-0000003" / ck.MODEL_FILE, -1)
-    found, skipped = ck.find_latest_valid(run)
+    flip_byte(run / "step-0000003" / MODEL_FILE, -1)
+    found, skipped = find_latest_valid(run)
     assert found == run / "step-0000002"
     assert [(p.name, "sha256 mismatch for model.safetensors" in r) for p, r in skipped] == \
         [("step-0000003", True)]
     heard = []
-    assert ck.resolve_checkpoint(run, on_skip=lambda p, r: heard.append(p.name)) == found
+    assert resolve_checkpoint(run, on_skip=lambda p, r: heard.append(p.name)) == found
     assert heard == ["step-0000003"]
 
 
@@ -393,8 +406,8 @@ def test_resolve_accepts_run_and_step_folders(tmp_path, tokenizer_file):
     run = tmp_path / "run"
     for step in (7, 8):
         save(run, step, model, None, tokenizer_file)
-    assert ck.resolve_checkpoint(run) == run / "step-0000008"
-    assert ck.resolve_checkpoint(run / "step-0000007") == run / "step-0000007"
+    assert resolve_checkpoint(run) == run / "step-0000008"
+    assert resolve_checkpoint(run / "step-0000007") == run / "step-0000007"
 
 
 def test_resolve_refuses_with_a_hint(tmp_path):
@@ -404,7 +417,7 @@ def test_resolve_refuses_with_a_hint(tmp_path):
                        (tmp_path / "file", "not a checkpoint folder"),
                        (tmp_path / "missing", "checkpoint not found")]:
         with pytest.raises(CheckpointError, match=rule) as info:
-            ck.resolve_checkpoint(path)
+            resolve_checkpoint(path)
         assert info.value.hint
 
 
@@ -412,9 +425,9 @@ def test_all_damaged_is_reported(tmp_path, tokenizer_file):
     model, _ = make(0)
     run = tmp_path / "run"
     save(run, 1, model, None, tokenizer_file)
-    (run / "step-0000001" / ck.MANIFEST_FILE).unlink()
+    (run / "step-0000001" / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match="step-0000001: missing manifest.json"):
-        ck.resolve_checkpoint(run)
+        resolve_checkpoint(run)
 
 
 def test_list_checkpoints_ignores_symlinks_and_other_names(tmp_path, tokenizer_file):
@@ -424,8 +437,8 @@ def test_list_checkpoints_ignores_symlinks_and_other_names(tmp_path, tokenizer_f
     (run / "step-0000009").symlink_to(real, target_is_directory=True)
     (run / "step-12").mkdir()
     (run / "step-0000005").write_text("a file")
-    assert ck.list_checkpoints(run) == [real]
-    found, skipped = ck.find_latest_valid(run)
+    assert list_checkpoints(run) == [real]
+    found, skipped = find_latest_valid(run)
     assert found == real
     assert [(p.name, r) for p, r in skipped] == [
         ("step-0000009", "is a symlink, never followed"), ("step-0000005", "is not a folder")]
@@ -438,17 +451,17 @@ def test_clean_stale_temporaries(tmp_path, tokenizer_file):
     dead = 99_999_999  # above any pid_max: no such process
     stale = run / f".step-0000002{TEMP_MARKER}{dead}-abcd1234"
     stale.mkdir()
-    (stale / ck.MODEL_FILE).write_bytes(b"partial")
+    (stale / MODEL_FILE).write_bytes(b"partial")
     # A kill between the two renames of a same-step replacement: only the old copy is left.
     os.replace(run / "step-0000001", run / f".step-0000001{OLD_MARKER}{dead}-ffff0000")
-    removed = ck.clean_stale_temporaries(run)
+    removed = clean_stale_temporaries(run)
     assert stale in removed
     assert hidden_entries(run) == []
-    assert ck.find_latest_valid(run) == (run / "step-0000001", [])
-    assert ck.clean_stale_temporaries(tmp_path / "nothing-here") == []
+    assert find_latest_valid(run) == (run / "step-0000001", [])
+    assert clean_stale_temporaries(tmp_path / "nothing-here") == []
 
 
 def test_step_path_is_zero_padded():
-    assert ck.step_path(Path("run"), 100) == Path("run/step-0000100")
+    assert step_path(Path("run"), 100) == Path("run/step-0000100")
     with pytest.raises(CheckpointError):
-        ck.step_path(Path("run"), True)  # a bool is not a step
+        step_path(Path("run"), True)  # a bool is not a step

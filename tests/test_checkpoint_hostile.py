@@ -19,7 +19,20 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import fragment_llm.checkpoint.store as ck
+import fragment_llm.checkpoint.load as checkpoint_load
+from fragment_llm.checkpoint.layout import (
+    CONFIG_FILE,
+    KNOWN_FILES,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    TRAINER_STATE_FILE,
+    _step_of,
+)
+from fragment_llm.checkpoint.load import load_checkpoint, resolve_checkpoint
+from fragment_llm.checkpoint.records import Manifest
+from fragment_llm.checkpoint.save import build_manifest, save_checkpoint
+from fragment_llm.checkpoint.tensors import read_safetensors_header
 from fragment_llm.errors import CheckpointError
 
 VOCAB, DIM = 11, 4
@@ -44,7 +57,7 @@ def template(tmp_path_factory) -> Path:
     opt.step()
     tokenizer = tmp / "tok.json"
     tokenizer.write_text('{"merges": []}')
-    return ck.save_checkpoint(tmp / "run", 1, model=model, optimizer=opt,
+    return save_checkpoint(tmp / "run", 1, model=model, optimizer=opt,
                               trainer_state={"step": 1}, config={"vocab": VOCAB},
                               tokenizer_file=tokenizer)
 
@@ -56,13 +69,13 @@ def folder(template: Path, tmp_path: Path) -> Path:
 
 
 def reseal(folder: Path) -> None:
-    manifest = ck.build_manifest(folder, ck._step_of(folder), {})
-    (folder / ck.MANIFEST_FILE).write_text(manifest.to_json())
+    manifest = build_manifest(folder, _step_of(folder), {})
+    (folder / MANIFEST_FILE).write_text(manifest.to_json())
 
 
 def refused(folder: Path, rule: str) -> CheckpointError:
     with pytest.raises(CheckpointError, match=rule) as info:
-        ck.load_checkpoint(folder)
+        load_checkpoint(folder)
     return info.value
 
 
@@ -73,7 +86,7 @@ def st_blob(header: dict | bytes, data: bytes = b"", length: int | None = None) 
 
 
 def install_model(folder: Path, blob: bytes) -> None:
-    (folder / ck.MODEL_FILE).write_bytes(blob)
+    (folder / MODEL_FILE).write_bytes(blob)
     reseal(folder)
 
 
@@ -90,7 +103,7 @@ def f32(shape: list[int], begin: int) -> dict:
 # ------------------------------------------------------------------ flipped bytes
 
 
-@pytest.mark.parametrize("name", sorted(ck.KNOWN_FILES - {ck.MANIFEST_FILE}))
+@pytest.mark.parametrize("name", sorted(KNOWN_FILES - {MANIFEST_FILE}))
 @pytest.mark.parametrize("where", [0, 0.5, -1])
 def test_flipped_byte_in_each_file_is_refused(folder, name, where):
     path = folder / name
@@ -102,33 +115,33 @@ def test_flipped_byte_in_each_file_is_refused(folder, name, where):
 
 def test_every_flipped_byte_in_the_manifest_is_refused(folder):
     # The manifest is not hashed by anything else; its own checksum must catch these.
-    path = folder / ck.MANIFEST_FILE
+    path = folder / MANIFEST_FILE
     original = path.read_bytes()
     fd = os.open(path, os.O_WRONLY)
     try:
         for offset, byte in enumerate(original):
             os.pwrite(fd, bytes([byte ^ 0x01]), offset)
             with pytest.raises(CheckpointError, match="manifest"):
-                ck.load_checkpoint(folder)
+                load_checkpoint(folder)
             os.pwrite(fd, bytes([byte]), offset)
     finally:
         os.close(fd)
-    ck.load_checkpoint(folder)
+    load_checkpoint(folder)
 
 
 # ------------------------------------------------------------------------ manifest
 
 
 def edit_manifest(folder: Path, change) -> None:
-    path = folder / ck.MANIFEST_FILE
+    path = folder / MANIFEST_FILE
     doc = json.loads(path.read_text())
     change(doc)
-    doc["checksum"] = ck.Manifest.body_checksum(doc)  # a careful forger re-seals
+    doc["checksum"] = Manifest.body_checksum(doc)  # a careful forger re-seals
     path.write_text(json.dumps(doc))
 
 
 def test_missing_manifest(folder):
-    (folder / ck.MANIFEST_FILE).unlink()
+    (folder / MANIFEST_FILE).unlink()
     refused(folder, "missing manifest.json")
 
 
@@ -158,12 +171,12 @@ def test_manifest_version_as_string(folder):
 
 
 def test_manifest_nested_100000_deep(folder):
-    (folder / ck.MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    (folder / MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
     refused(folder, "nested deeper than")
 
 
 def test_manifest_duplicate_key(folder):
-    path = folder / ck.MANIFEST_FILE
+    path = folder / MANIFEST_FILE
     path.write_text(path.read_text().replace('"step": 1,', '"step": 1, "step": 1,'))
     refused(folder, "duplicate key 'step'")
 
@@ -184,12 +197,12 @@ def test_manifest_size_mismatch(folder):
 
 
 def test_manifest_lists_an_absent_file(folder):
-    (folder / ck.OPTIMIZER_FILE).unlink()
+    (folder / OPTIMIZER_FILE).unlink()
     refused(folder, "missing optimizer.safetensors")
 
 
 def test_missing_required_file(folder):
-    (folder / ck.CONFIG_FILE).unlink()
+    (folder / CONFIG_FILE).unlink()
     reseal(folder)
     refused(folder, "missing config.json")
 
@@ -204,9 +217,9 @@ def test_file_not_listed_in_manifest(folder):
 
 def test_symlinked_file_inside_the_folder(folder, tmp_path):
     outside = tmp_path / "outside.json"
-    outside.write_bytes((folder / ck.CONFIG_FILE).read_bytes())
-    (folder / ck.CONFIG_FILE).unlink()
-    (folder / ck.CONFIG_FILE).symlink_to(outside)
+    outside.write_bytes((folder / CONFIG_FILE).read_bytes())
+    (folder / CONFIG_FILE).unlink()
+    (folder / CONFIG_FILE).symlink_to(outside)
     refused(folder, "refusing to follow a symlink: config.json")
 
 
@@ -215,7 +228,7 @@ def test_step_folder_itself_a_symlink(folder, tmp_path):
     link.symlink_to(folder, target_is_directory=True)
     refused(link, "refusing to follow a symlink")
     with pytest.raises(CheckpointError, match="symlink"):
-        ck.resolve_checkpoint(link)
+        resolve_checkpoint(link)
 
 
 @pytest.mark.parametrize("name", ["evil.pkl", "model.pt", "weights.bin", "optimizer.pth",
@@ -231,19 +244,19 @@ def test_unknown_file(folder):
 
 
 def test_folder_in_place_of_a_file(folder):
-    (folder / ck.CONFIG_FILE).unlink()
-    (folder / ck.CONFIG_FILE).mkdir()
+    (folder / CONFIG_FILE).unlink()
+    (folder / CONFIG_FILE).mkdir()
     refused(folder, "config.json is not a regular file")
 
 
 def test_fifo_in_place_of_a_file_does_not_hang(folder):
-    (folder / ck.TRAINER_STATE_FILE).unlink()
-    os.mkfifo(folder / ck.TRAINER_STATE_FILE)
+    (folder / TRAINER_STATE_FILE).unlink()
+    os.mkfifo(folder / TRAINER_STATE_FILE)
     outcome: list[BaseException] = []
 
     def attempt():
         try:
-            ck.load_checkpoint(folder)
+            load_checkpoint(folder)
         except CheckpointError as exc:
             outcome.append(exc)
 
@@ -256,7 +269,7 @@ def test_fifo_in_place_of_a_file_does_not_hang(folder):
 
 def test_oversized_file_refused_before_hashing(folder):
     with pytest.raises(CheckpointError, match="file too large"):
-        ck.load_checkpoint(folder, max_bytes=64)
+        load_checkpoint(folder, max_bytes=64)
 
 
 # --------------------------------------------------------------- safetensors headers
@@ -373,9 +386,9 @@ def test_alias_pointing_nowhere(folder):
 
 
 def rewrite_model_tensors(folder: Path, change) -> None:
-    tensors = safetensors.torch.load((folder / ck.MODEL_FILE).read_bytes())
+    tensors = safetensors.torch.load((folder / MODEL_FILE).read_bytes())
     change(tensors)
-    safetensors.torch.save_file(tensors, folder / ck.MODEL_FILE, metadata=MODEL_META | {
+    safetensors.torch.save_file(tensors, folder / MODEL_FILE, metadata=MODEL_META | {
         "aliases": json.dumps({"head.weight": "wte.weight"})})
     reseal(folder)
 
@@ -386,13 +399,13 @@ def no_tensor_reads():
     def forbidden(*_args, **_kwargs):
         raise AssertionError("tensor data was read before the layout check")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ck, "_read_verified", forbidden)
+        patch.setattr(checkpoint_load, "_read_verified", forbidden)
         patch.setattr(safetensors.torch, "load", forbidden)
         yield
 
 
 def load_into(folder: Path, model: nn.Module, rule: str) -> None:
-    loaded = ck.load_checkpoint(folder)  # header and hashes are fine ...
+    loaded = load_checkpoint(folder)  # header and hashes are fine ...
     with no_tensor_reads(), pytest.raises(CheckpointError, match=rule):  # ... the target is not
         loaded.load_model_into(model)
 
@@ -425,7 +438,7 @@ def test_refused_model_is_left_untouched(folder):
 
 
 def test_file_replaced_after_verification(folder):
-    loaded = ck.load_checkpoint(folder)
+    loaded = load_checkpoint(folder)
     rewrite_model_tensors(folder, lambda t: t["ln.bias"].add_(1))  # re-sealed, but too late
     with pytest.raises(CheckpointError, match="model.safetensors changed since"):
         loaded.load_model_into(TinyLM())
@@ -435,8 +448,8 @@ def test_file_replaced_after_verification(folder):
 
 
 def rewrite_optimizer(folder: Path, tensors_change=None, layout_change=None) -> None:
-    path = folder / ck.OPTIMIZER_FILE
-    header = ck.read_safetensors_header(path)
+    path = folder / OPTIMIZER_FILE
+    header = read_safetensors_header(path)
     tensors = safetensors.torch.load(path.read_bytes())
     layout = json.loads(header.metadata["layout"])
     if tensors_change:
@@ -466,7 +479,7 @@ def test_optimizer_layout_bad_param_index(folder):
 
 def test_optimizer_for_a_different_model(folder):
     model = TinyLM(vocab=VOCAB + 2)
-    loaded = ck.load_checkpoint(folder)
+    loaded = load_checkpoint(folder)
     with no_tensor_reads(), \
             pytest.raises(CheckpointError, match="tensor .state.0.exp_avg. has shape"):
         loaded.load_optimizer_into(torch.optim.AdamW(model.parameters()))
@@ -474,13 +487,13 @@ def test_optimizer_for_a_different_model(folder):
 
 def test_optimizer_with_other_hyperparameter_keys(folder):
     model = TinyLM()
-    loaded = ck.load_checkpoint(folder)
+    loaded = load_checkpoint(folder)
     with pytest.raises(CheckpointError, match="param group 0 .* has keys"):
         loaded.load_optimizer_into(torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def test_optimizer_param_count_mismatch(folder):
-    loaded = ck.load_checkpoint(folder)
+    loaded = load_checkpoint(folder)
     with pytest.raises(CheckpointError, match="holds 3 parameters, the optimizer's holds 1"):
         loaded.load_optimizer_into(torch.optim.AdamW([nn.Parameter(torch.zeros(3))]))
 
@@ -488,7 +501,7 @@ def test_optimizer_param_count_mismatch(folder):
 # --------------------------------------------------------------------- JSON files
 
 
-@pytest.mark.parametrize("name", [ck.CONFIG_FILE, ck.TRAINER_STATE_FILE])
+@pytest.mark.parametrize("name", [CONFIG_FILE, TRAINER_STATE_FILE])
 @pytest.mark.parametrize("content,rule", [
     (b"[1, 2]", "must hold a JSON object"),
     (b'{"a": 1, "a": 2}', "duplicate key 'a'"),

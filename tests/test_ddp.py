@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 from test_train import FAST, MODEL, corpus  # noqa: F401 - corpus is a fixture
 
-import fragment_llm.checkpoint.store as ck
+from fragment_llm.checkpoint.layout import list_checkpoints
+from fragment_llm.checkpoint.load import find_latest_valid, load_checkpoint
 
 LAUNCH_TIMEOUT_S = 240
 
@@ -128,7 +129,7 @@ def test_last_step_being_a_checkpoint_step_ends_cleanly_under_torchrun(corpus, t
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "internal error" not in done.stderr
-    assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == ["step-0000004"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000004"]
 
 
 # ------------------------------------------------------------------------------ signals
@@ -146,12 +147,12 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp
                for r in ranks), [r.lines for r in ranks]
     step = saved_step(ranks[0].lines[0])
     assert saved_step(ranks[1].lines[0]) == step and 4 <= step < 40
-    latest, _ = ck.find_latest_valid(run)
+    latest, _ = find_latest_valid(run)
     assert latest is not None and latest.name == f"step-{step:07d}"
     resumed = launch(train_args(corpus, run, config, "--resume"), tmp_path / "resumed")
     assert wait_all(resumed) == [0, 0], [r.lines for r in resumed]
     assert_clean_lines(resumed)
-    assert ck.find_latest_valid(run)[0].name == "step-0000040"
+    assert find_latest_valid(run)[0].name == "step-0000040"
 
 
 SLOW_FINAL_EVALUATION = """
@@ -178,8 +179,8 @@ def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):  # noqa
     ranks[1].proc.send_signal(signal.SIGINT)
     assert wait_all(ranks) == [130, 130], [r.lines for r in ranks]
     assert_clean_lines(ranks)
-    latest, _ = ck.find_latest_valid(run)
-    assert latest is not None and 4 <= ck.load_checkpoint(latest).trainer_state["step"] < 400
+    latest, _ = find_latest_valid(run)
+    assert latest is not None and 4 <= load_checkpoint(latest).trainer_state["step"] < 400
 
 
 # ----------------------------------------------------------------- NaN and time budget
@@ -221,6 +222,6 @@ def test_time_budget_reached_on_one_rank_first(corpus, tmp_path):  # noqa: F811
                    {1: FAST_CLOCK})
     assert wait_all(ranks) == [0, 0], [r.lines for r in ranks]
     assert_clean_lines(ranks)
-    latest, _ = ck.find_latest_valid(run)
-    state = ck.load_checkpoint(latest).trainer_state
+    latest, _ = find_latest_valid(run)
+    state = load_checkpoint(latest).trainer_state
     assert state["elapsed_s"] >= 3.0 and state["step"] < 1000

@@ -29,15 +29,26 @@ from click.testing import CliRunner
 from safetensors import SafetensorError
 from test_train import FAST, MODEL, assert_same_weights, cli_train_config, final_weights
 
-import fragment_llm.checkpoint.store as ck
+import fragment_llm.checkpoint.load as checkpoint_load
+import fragment_llm.checkpoint.save as checkpoint_save
 import fragment_llm.data.processed as processed_module
 import fragment_llm.data.shards as data_module
+from fragment_llm.checkpoint.layout import MODEL_FILE, _step_entries
+from fragment_llm.checkpoint.load import (
+    CheckpointRemovedError,
+    _check_entries,
+    _verify_file,
+    find_latest_valid,
+    load_checkpoint,
+)
+from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.cli.app import cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig
 from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.processed import ProcessedCorpus
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.model.gpt import GPT
+from fragment_llm.safety.files import temp_name_for
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.tokenizer.train import train_tokenizer
 from fragment_llm.train.run import TrainRequest, run_training
@@ -237,8 +248,8 @@ def install_disk(disk: FullDisk, monkeypatch) -> None:
     monkeypatch.setattr(processed_module, "_parquet_writer", lambda path, level: (
         real_parquet_writer(DiskFile(open(path, "wb", buffering=0), disk), level)))
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    monkeypatch.setattr(ck, "open", lambda path, mode: DiskFile(open(path, mode), disk),
-                        raising=False)
+    monkeypatch.setattr(checkpoint_save, "open",
+                        lambda path, mode: DiskFile(open(path, mode), disk), raising=False)
 
 
 @dataclass(frozen=True)
@@ -287,7 +298,7 @@ STAGES = {
 
 def arm_during_checkpoint_saves(disk: FullDisk, monkeypatch) -> None:
     """Training writes more than checkpoints (metrics); only the save meets the full disk."""
-    real_save = ck.save_checkpoint
+    real_save = save_checkpoint
 
     def save(*args, **kwargs):
         disk.armed = True
@@ -297,7 +308,7 @@ def arm_during_checkpoint_saves(disk: FullDisk, monkeypatch) -> None:
             disk.armed = False
 
     disk.armed = False
-    monkeypatch.setattr(ck, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint_save, "save_checkpoint", save)
 
 
 def run_on_disk(stage: Stage, corpus: Corpus, work: Path, disk: FullDisk, runner: CliRunner):
@@ -546,9 +557,9 @@ def _kill_training(seed: int, corpus: Corpus, work: Path, reference: Reference,
     run = work / "run"
     run_then_kill(fragment_command(*train_args(corpus, run)), seed, baseline.seconds["train"],
                   lambda: (run / ".lock").exists(), work / "log")
-    latest, _skipped = ck.find_latest_valid(run)
+    latest, _skipped = find_latest_valid(run)
     if latest is not None:  # killed after the first checkpoint: it must load
-        Tokenizer.load(ck.load_checkpoint(latest).tokenizer_path)
+        Tokenizer.load(load_checkpoint(latest).tokenizer_path)
     # As if an earlier run had been killed saving step 2, which this run never writes:
     # only a clean-up at start removes it (saving step N cleans up after step N only).
     stale_temp(run, "step-0000002", directory=True)
@@ -612,15 +623,15 @@ def test_step_folder_swapped_for_a_symlink_after_listing(run_copy, monkeypatch):
     """Listing saw a real newest step; by the time it is opened it is a symlink to a valid
     copy elsewhere. It must be skipped, never followed, and the step before used."""
     run, elsewhere = run_copy
-    real_entries = ck._step_entries
+    real_entries = _step_entries
 
     def list_then_swap(run_dir):
         listed = real_entries(run_dir)
         swap_for_symlink(run / NEWEST, elsewhere / NEWEST)
         return listed
 
-    monkeypatch.setattr(ck, "_step_entries", list_then_swap)
-    found, skipped = ck.find_latest_valid(run)
+    monkeypatch.setattr(checkpoint_load, "_step_entries", list_then_swap)
+    found, skipped = find_latest_valid(run)
     assert found == run / FALLBACK
     assert [(p.name, "symlink" in why) for p, why in skipped] == [(NEWEST, True)]
 
@@ -629,15 +640,15 @@ def test_step_folder_swapped_for_a_symlink_during_verification(run_copy, monkeyp
     """The folder passed its own checks, then became a symlink before its files were
     listed: loading must refuse rather than accept what it verified through the link."""
     run, elsewhere = run_copy
-    real_check_entries = ck._check_entries
+    real_check_entries = _check_entries
 
     def swap_then_list(folder):
         swap_for_symlink(folder, elsewhere / folder.name)
         return real_check_entries(folder)
 
-    monkeypatch.setattr(ck, "_check_entries", swap_then_list)
+    monkeypatch.setattr(checkpoint_load, "_check_entries", swap_then_list)
     with pytest.raises(CheckpointError, match="replaced while being verified"):
-        ck.load_checkpoint(run / NEWEST)
+        load_checkpoint(run / NEWEST)
 
 
 def test_step_pruned_while_being_loaded_is_gone_not_damaged(run_copy, monkeypatch):
@@ -645,48 +656,48 @@ def test_step_pruned_while_being_loaded_is_gone_not_damaged(run_copy, monkeypatc
     loader reads it: whatever read failed, the step is reported removed, and resolving
     a run folder passes over it without calling it damaged."""
     run, elsewhere = run_copy
-    real_check_entries = ck._check_entries
+    real_check_entries = _check_entries
 
     def prune_then_list(folder):
         if folder.name == NEWEST:
-            os.replace(folder, ck.temp_name_for(folder))  # as `_prune` does
+            os.replace(folder, temp_name_for(folder))  # as `_prune` does
         return real_check_entries(folder)
 
-    monkeypatch.setattr(ck, "_check_entries", prune_then_list)
-    with pytest.raises(ck.CheckpointRemovedError, match="removed while being verified"):
-        ck.load_checkpoint(run / NEWEST)
+    monkeypatch.setattr(checkpoint_load, "_check_entries", prune_then_list)
+    with pytest.raises(CheckpointRemovedError, match="removed while being verified"):
+        load_checkpoint(run / NEWEST)
     shutil.copytree(elsewhere / NEWEST, run / NEWEST)
-    assert ck.find_latest_valid(run) == (run / FALLBACK, [])
+    assert find_latest_valid(run) == (run / FALLBACK, [])
 
 
 def test_checkpoint_file_swapped_for_a_symlink_after_listing(run_copy, monkeypatch):
     run, elsewhere = run_copy
-    real_check_entries = ck._check_entries
+    real_check_entries = _check_entries
 
     def list_then_swap(folder):
         names = real_check_entries(folder)
-        (folder / ck.MODEL_FILE).unlink()
-        (folder / ck.MODEL_FILE).symlink_to(elsewhere / NEWEST / ck.MODEL_FILE)
+        (folder / MODEL_FILE).unlink()
+        (folder / MODEL_FILE).symlink_to(elsewhere / NEWEST / MODEL_FILE)
         return names
 
-    monkeypatch.setattr(ck, "_check_entries", list_then_swap)
+    monkeypatch.setattr(checkpoint_load, "_check_entries", list_then_swap)
     with pytest.raises(CheckpointError, match="symlink|size mismatch"):
-        ck.load_checkpoint(run / NEWEST)
+        load_checkpoint(run / NEWEST)
 
 
 def test_checkpoint_file_rewritten_after_hashing_is_refused(run_copy, monkeypatch):
     """model.safetensors is overwritten with an earlier step's (same size, other weights)
     right after its sha256 was checked: the weights loaded must be the verified ones."""
     run, _ = run_copy
-    real_verify = ck._verify_file
+    real_verify = _verify_file
 
     def verify_then_rewrite(path, entry, max_bytes):
         real_verify(path, entry, max_bytes)
-        if path.name == ck.MODEL_FILE:
-            path.write_bytes((run / FALLBACK / ck.MODEL_FILE).read_bytes())
+        if path.name == MODEL_FILE:
+            path.write_bytes((run / FALLBACK / MODEL_FILE).read_bytes())
 
-    monkeypatch.setattr(ck, "_verify_file", verify_then_rewrite)
-    checkpoint = ck.load_checkpoint(run / NEWEST)
+    monkeypatch.setattr(checkpoint_load, "_verify_file", verify_then_rewrite)
+    checkpoint = load_checkpoint(run / NEWEST)
     model = GPT(ModelConfig(**{**MODEL, "vocab_size": 320}))
     with pytest.raises(CheckpointError, match="changed since its manifest"):
         checkpoint.load_model_into(model)

@@ -43,7 +43,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fragment_llm.checkpoint.store as ck
+from fragment_llm.checkpoint.layout import (
+    CONFIG_FILE,
+    KNOWN_FILES,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    TRAINER_STATE_FILE,
+)
+from fragment_llm.checkpoint.load import load_checkpoint, resolve_checkpoint
+from fragment_llm.checkpoint.records import Manifest
+from fragment_llm.checkpoint.rng import capture_rng_state, restore_rng_state
+from fragment_llm.checkpoint.save import build_manifest, save_checkpoint
+from fragment_llm.checkpoint.tensors import read_safetensors_header
 from fragment_llm.config import (
     STAGE_TABLES,
     ChatConfig,
@@ -336,18 +348,18 @@ def checkpoint_template(tmp_path_factory) -> Path:
     opt.step()
     tokenizer = tmp / "tok.json"
     tokenizer.write_text(json.dumps(TOKENIZER_DOC))
-    return ck.save_checkpoint(tmp / "run", 1, model=model, optimizer=opt,
-                              trainer_state={"step": 1, "rng": ck.capture_rng_state()},
+    return save_checkpoint(tmp / "run", 1, model=model, optimizer=opt,
+                              trainer_state={"step": 1, "rng": capture_rng_state()},
                               config={"vocab": VOCAB, "n_embd": DIM}, tokenizer_file=tokenizer)
 
 
 def reseal(folder: Path) -> None:
-    (folder / ck.MANIFEST_FILE).write_text(ck.build_manifest(folder, 1, {}).to_json())
+    (folder / MANIFEST_FILE).write_text(build_manifest(folder, 1, {}).to_json())
 
 
 def seal_manifest(doc: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):  # an edit may have made the body unhashable
-        doc["checksum"] = ck.Manifest.body_checksum(doc)
+        doc["checksum"] = Manifest.body_checksum(doc)
 
 
 def split_safetensors(blob: bytes) -> tuple[dict[str, Any], bytes]:
@@ -376,15 +388,15 @@ def hostile_safetensors(draw: st.DrawFn, blob: bytes) -> bytes:
 
 
 FOLDER_EDITS = ["json", "json", "safetensors", "safetensors", "manifest", "remove", "add"]
-JSON_FILES = [ck.CONFIG_FILE, ck.TRAINER_STATE_FILE]
-TENSOR_FILES = [ck.MODEL_FILE, ck.OPTIMIZER_FILE]
+JSON_FILES = [CONFIG_FILE, TRAINER_STATE_FILE]
+TENSOR_FILES = [MODEL_FILE, OPTIMIZER_FILE]
 
 
 def vandalise_checkpoint(draw: st.DrawFn, folder: Path) -> None:
     """One hostile edit of a copied step folder, re-sealed unless the manifest is the target."""
     edit = draw(st.sampled_from(FOLDER_EDITS))
     if edit == "manifest":
-        path = folder / ck.MANIFEST_FILE
+        path = folder / MANIFEST_FILE
         path.write_bytes(draw(hostile_json(json.loads(path.read_text()), seal=seal_manifest)))
         return
     if edit == "json":
@@ -394,7 +406,7 @@ def vandalise_checkpoint(draw: st.DrawFn, folder: Path) -> None:
         path = folder / draw(st.sampled_from(TENSOR_FILES))
         path.write_bytes(draw(hostile_safetensors(path.read_bytes())))
     elif edit == "remove":
-        (folder / draw(st.sampled_from(sorted(ck.KNOWN_FILES)))).unlink()
+        (folder / draw(st.sampled_from(sorted(KNOWN_FILES)))).unlink()
     else:
         name = draw(st.sampled_from(["model.pt", "notes.txt", "extra.json", ".hidden"]))
         (folder / name).write_bytes(b"{}")
@@ -405,7 +417,7 @@ def vandalise_checkpoint(draw: st.DrawFn, folder: Path) -> None:
 
 def load_checkpoint_fully(folder: Path) -> None:
     """What a resume does with a step folder: verify, read every tensor, take a step."""
-    checkpoint = ck.load_checkpoint(folder)
+    checkpoint = load_checkpoint(folder)
     model, opt = tiny_model_and_optimizer()
     checkpoint.load_model_into(model)
     if checkpoint.has_optimizer:
@@ -425,8 +437,8 @@ def test_checkpoint_loaders_only_raise_checkpoint_errors(checkpoint_template, sc
         folder = Path(shutil.copytree(checkpoint_template, tmp / "run" / "step-0000001"))
         vandalise_checkpoint(data.draw, folder)
         refused_or_loaded(folder, load_checkpoint_fully, folder)
-        refused_or_loaded(folder, ck.read_safetensors_header, folder / ck.MODEL_FILE)
-        refused_or_loaded(tmp / "run", ck.resolve_checkpoint, tmp / "run")
+        refused_or_loaded(folder, read_safetensors_header, folder / MODEL_FILE)
+        refused_or_loaded(tmp / "run", resolve_checkpoint, tmp / "run")
 
 
 @contextlib.contextmanager
@@ -444,14 +456,14 @@ def global_rng_kept() -> Iterator[None]:
 @budget(0.5)
 @given(data=st.data())
 def test_restore_rng_state_only_raises_checkpoint_errors(data):
-    state = json.loads(json.dumps(ck.capture_rng_state()))
+    state = json.loads(json.dumps(capture_rng_state()))
     raw = data.draw(hostile_json(state))
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError):  # the JSON loader's job (fuzzed above)
         return
     with global_rng_kept():
-        refused_or_loaded("trainer_state.json", ck.restore_rng_state, doc)
+        refused_or_loaded("trainer_state.json", restore_rng_state, doc)
 
 
 # ----------------------------------------------------------------------- processed
@@ -946,7 +958,7 @@ def test_safetensors_dtype_of_the_wrong_json_type_is_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
     with pytest.raises(CheckpointError, match="has dtype \\['F32'\\], not one of"):
-        ck.read_safetensors_header(path)
+        read_safetensors_header(path)
 
 
 @pytest.mark.parametrize(("key", "value"), [("lr", "0.01"), ("betas", {"__tuple__": [0.9]}),
@@ -955,7 +967,7 @@ def test_optimizer_hyperparameter_the_optimizer_cannot_use_is_refused(
         checkpoint_template, tmp_path, key, value):
     # These loaded, then the resumed run's first step raised TypeError/ValueError/KeyError.
     folder = Path(shutil.copytree(checkpoint_template, tmp_path / "run" / "step-0000001"))
-    path = folder / ck.OPTIMIZER_FILE
+    path = folder / OPTIMIZER_FILE
     header, body = split_safetensors(path.read_bytes())
     layout = json.loads(header["__metadata__"]["layout"])
     layout["param_groups"][0][key] = value
@@ -963,7 +975,7 @@ def test_optimizer_hyperparameter_the_optimizer_cannot_use_is_refused(
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
     reseal(folder)
-    checkpoint = ck.load_checkpoint(folder)
+    checkpoint = load_checkpoint(folder)
     model, opt = tiny_model_and_optimizer()
     with pytest.raises(CheckpointError, match=f"param group 0 .* has {key} = "):
         checkpoint.load_optimizer_into(opt)
@@ -980,9 +992,9 @@ def hostile_key_cases(tmp_path: Path, checkpoint: Path, processed: Path,
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text(json.dumps({**TOKENIZER_DOC, "special_tokens": {KEY: "x"}}))
     step = Path(shutil.copytree(checkpoint, tmp_path / "run" / "step-0000001"))
-    manifest = json.loads((step / ck.MANIFEST_FILE).read_text())
-    manifest["files"][KEY] = manifest["files"].pop(ck.CONFIG_FILE)
-    (step / ck.MANIFEST_FILE).write_text(json.dumps(manifest))
+    manifest = json.loads((step / MANIFEST_FILE).read_text())
+    manifest["files"][KEY] = manifest["files"].pop(CONFIG_FILE)
+    (step / MANIFEST_FILE).write_text(json.dumps(manifest))
     folder = Path(shutil.copytree(processed, tmp_path / "processed"))
     doc = json.loads((folder / MANIFEST_NAME).read_text())
     (folder / MANIFEST_NAME).write_text(json.dumps({**doc, "counts": {**doc["counts"], KEY: 1}}))
@@ -992,7 +1004,7 @@ def hostile_key_cases(tmp_path: Path, checkpoint: Path, processed: Path,
     return {"config": (config, lambda: load_stage_config(ModelConfig, "model", config, {})),
             "config table": (config, lambda: read_config_file(config)),
             "tokenizer": (tokenizer, lambda: Tokenizer.load(tokenizer)),
-            "checkpoint": (step, lambda: ck.load_checkpoint(step)),
+            "checkpoint": (step, lambda: load_checkpoint(step)),
             "processed": (folder, lambda: ProcessedCorpus.open(folder)),
             "tokens": (shards, lambda: TokenShards.open(shards))}
 

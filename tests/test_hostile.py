@@ -19,7 +19,7 @@ import pytest
 from torch import nn
 
 import fragment_llm.evaluate as evaluate
-from fragment_llm.checkpoint.store import save_checkpoint
+from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.cli.app import cli
 from fragment_llm.config import (
     GenerateConfig,

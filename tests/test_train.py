@@ -572,16 +572,18 @@ def short_run(corpus, tmp_path_factory) -> Path:
 def resealed_copy(short_run: Path, tmp_path: Path, name: str, edit) -> Path:
     """A copy of `short_run` whose step folder's `name` was edited by `edit(doc)` and
     re-sealed, as a forger who rewrites the manifest too would. Returns the run folder."""
-    import fragment_llm.checkpoint.store as ck
+    from fragment_llm.checkpoint.layout import MANIFEST_FILE
+    from fragment_llm.checkpoint.load import load_checkpoint
+    from fragment_llm.checkpoint.save import build_manifest
 
     out = Path(shutil.copytree(short_run, tmp_path / "short")) / "run"
     folder = out / "step-0000002"
-    provenance = ck.load_checkpoint(folder).provenance
+    provenance = load_checkpoint(folder).provenance
     doc = json.loads((folder / name).read_text())
     edit(doc)
     (folder / name).write_text(json.dumps(doc))
-    manifest = ck.build_manifest(folder, 2, provenance)
-    (folder / ck.MANIFEST_FILE).write_text(manifest.to_json())
+    manifest = build_manifest(folder, 2, provenance)
+    (folder / MANIFEST_FILE).write_text(manifest.to_json())
     return out
 
 

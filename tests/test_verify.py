@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fragment_llm.checkpoint.store as ck
+import fragment_llm.checkpoint.load as checkpoint_load
+from fragment_llm.checkpoint.layout import MODEL_FORMAT
+from fragment_llm.checkpoint.load import load_checkpoint, resolve_checkpoint
+from fragment_llm.checkpoint.records import model_config_sha256
+from fragment_llm.checkpoint.save import _prune, build_manifest
+from fragment_llm.checkpoint.tensors import model_tensors
 from fragment_llm.cli.app import cli
 from fragment_llm.config import ModelConfig, PreprocessConfig, TokenizerConfig, TrainConfig
 from fragment_llm.data.preprocess import run_preprocess
@@ -144,7 +149,7 @@ def reseal(step: Path) -> None:
     """Rewrite a step's manifest over its current files, keeping its provenance: only the
     provenance can then tell that something changed."""
     old = json.loads((step / "manifest.json").read_text())
-    manifest = ck.build_manifest(step, old["step"], old["provenance"])
+    manifest = build_manifest(step, old["step"], old["provenance"])
     (step / "manifest.json").write_text(manifest.to_json())
 
 
@@ -164,8 +169,8 @@ def forge_model_config(step: Path, **values) -> None:
     edit_model_config(step, **values)
     model = json.loads((step / "config.json").read_text())["model"]
     old = json.loads((step / "manifest.json").read_text())
-    provenance = {**old["provenance"], "model_config_sha256": ck.model_config_sha256(model)}
-    manifest = ck.build_manifest(step, old["step"], provenance)
+    provenance = {**old["provenance"], "model_config_sha256": model_config_sha256(model)}
+    manifest = build_manifest(step, old["step"], provenance)
     (step / "manifest.json").write_text(manifest.to_json())
 
 
@@ -270,7 +275,7 @@ def test_chat_falls_back_from_an_edited_newest_step(copy, runner):
     # Every file hash holds after the reseal; only the provenance shows the edit, and a
     # run folder must then resolve to the older step, as `verify` reports it.
     edit_model_config(copy / STEP, dropout=0.25)
-    assert ck.resolve_checkpoint(copy / "checkpoints") == copy / "checkpoints/step-0000002"
+    assert resolve_checkpoint(copy / "checkpoints") == copy / "checkpoints/step-0000002"
     result = runner.invoke(cli, ["generate", "--checkpoint", str(copy / "checkpoints"),
                                  "--prompt", "ROMEO:", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
@@ -384,7 +389,7 @@ def test_input_files_not_present_make_the_chain_incomplete(tmp_path, runner):
 
 def prune_to_newest(run: Path) -> None:
     """What a trainer with keep_checkpoints = 1 does after saving step 4."""
-    ck._prune(run, 1, 4)
+    _prune(run, 1, 4)
 
 
 @pytest.mark.parametrize("when", ["after the listing", "while reading its tokenizer copy"])
@@ -396,14 +401,14 @@ def test_a_step_pruned_while_being_verified_is_removed_not_damaged(copy, runner,
 
     run, old = copy / "checkpoints", copy / "checkpoints/step-0000002"
     if when == "after the listing":
-        real = ck.load_checkpoint
+        real = load_checkpoint
 
         def prune_first(path, **kwargs):
             if path == old:
                 prune_to_newest(run)
             return real(path, **kwargs)
 
-        monkeypatch.setattr(ck, "load_checkpoint", prune_first)
+        monkeypatch.setattr(checkpoint_load, "load_checkpoint", prune_first)
     else:
         real = verify_module._load_tokenizer
 
@@ -518,9 +523,9 @@ def forge_deep_long_model(step: Path) -> None:
 
     model = json.loads((step / "config.json").read_text())["model"]
     model.update(n_layer=256, n_embd=32, n_head=2, mlp_hidden=8, block_size=131072)
-    tensors, aliases = ck.model_tensors(GPT(ModelConfig(**model)))
+    tensors, aliases = model_tensors(GPT(ModelConfig(**model)))
     safetensors.torch.save_file(tensors, step / "model.safetensors", metadata={
-        "format": ck.MODEL_FORMAT, "aliases": json.dumps(aliases)})
+        "format": MODEL_FORMAT, "aliases": json.dumps(aliases)})
     (step / "optimizer.safetensors").unlink()
     forge_model_config(step, **model)
 
@@ -579,7 +584,7 @@ def test_non_finite_weights_are_refused(copy, runner, value):
     assert verified.exit_code == 1 and "holds NaN or inf" in error_line(verified)
     # As with any damaged step, a run folder falls back to the previous one.
     assert verify(copy / "checkpoints").latest_valid == copy / "checkpoints/step-0000002"
-    assert ck.resolve_checkpoint(copy / "checkpoints") == copy / "checkpoints/step-0000002"
+    assert resolve_checkpoint(copy / "checkpoints") == copy / "checkpoints/step-0000002"
 
 
 def test_non_finite_optimizer_state_is_refused_for_resume(copy, runner):
@@ -587,6 +592,6 @@ def test_non_finite_optimizer_state_is_refused_for_resume(copy, runner):
     poison(step / "optimizer.safetensors", float("nan"))
     reseal(step)
     with pytest.raises(CheckpointError, match="holds NaN or inf.*optimizer.safetensors"):
-        ck.load_checkpoint(step)
+        load_checkpoint(step)
     verified = run_verify(runner, step)
     assert verified.exit_code == 1 and "optimizer.safetensors" in error_line(verified)

@@ -296,13 +296,13 @@ def _remove_killed_runs_temporaries(out: Path) -> None:
     """Half-written or half-pruned step folders of a killed run. Saving step N only
     cleans up after step N, so a step this run never writes again would keep its
     leftovers forever. Called holding the lock: no live trainer is writing here."""
-    from fragment_llm.checkpoint.store import clean_stale_temporaries
+    from fragment_llm.checkpoint.layout import clean_stale_temporaries
 
     clean_stale_temporaries(out)
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
-    from fragment_llm.checkpoint.store import latest_valid_checkpoint
+    from fragment_llm.checkpoint.load import latest_valid_checkpoint
 
     latest, damaged = latest_valid_checkpoint(request.out)
     for path, reason in damaged:
@@ -319,7 +319,7 @@ def _restore(trainer: Trainer, checkpoint) -> None:
     checkpoint.load_model_into(trainer.model)
     checkpoint.load_optimizer_into(trainer.optimizer)
     trainer.load_state_dict(checkpoint.trainer_state)
-    from fragment_llm.checkpoint.store import restore_rng_state
+    from fragment_llm.checkpoint.rng import restore_rng_state
 
     restore_rng_state(checkpoint.trainer_state["rng"])
 
@@ -450,7 +450,7 @@ class TrainLoop:
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint; every rank waits for it and learns the outcome."""
-        from fragment_llm.checkpoint.store import step_path
+        from fragment_llm.checkpoint.layout import step_path
 
         trainer = self.trainer
         run_on_main(trainer.env, trainer.device, self._write_checkpoint)
@@ -458,7 +458,8 @@ class TrainLoop:
         self.checkpoint = step_path(self.request.out, trainer.step)
 
     def _write_checkpoint(self) -> None:
-        from fragment_llm.checkpoint.store import capture_rng_state, save_checkpoint
+        from fragment_llm.checkpoint.rng import capture_rng_state
+        from fragment_llm.checkpoint.save import save_checkpoint
 
         if self.failure is not None:  # a metrics write failed: stop here, with everyone
             raise self.failure
@@ -486,7 +487,7 @@ class TrainLoop:
                                    if self.request.resumed else [])}
 
     def _provenance(self) -> dict[str, str]:
-        from fragment_llm.checkpoint.store import model_config_sha256
+        from fragment_llm.checkpoint.records import model_config_sha256
 
         shards = self.trainer.shards
         return {"tokenizer_sha256": self.tokenizer.sha256,
