@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,6 +32,9 @@ class StageConfig(BaseModel):
     quietly reading them as 1 and 2 (an int is still a valid float)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+Stage = TypeVar("Stage", bound=StageConfig)
 
 
 class PreprocessConfig(StageConfig):
@@ -137,9 +140,9 @@ def _explain(model: type[StageConfig], table: str, exc: ValidationError,
                        hint=hint)
 
 
-def resolve(model: type[StageConfig], table: str, file_tables: dict[str, dict[str, Any]],
+def resolve(model: type[Stage], table: str, file_tables: dict[str, dict[str, Any]],
             config_path: Path | None, overrides: dict[str, Any],
-            base: dict[str, Any] | None = None) -> Any:
+            base: dict[str, Any] | None = None) -> Stage:
     """Build a stage config: `base` (e.g. a preset) < the file's [table] < CLI flags.
 
     Flags whose value is None were not given and do not override anything.
@@ -159,8 +162,8 @@ def resolve(model: type[StageConfig], table: str, file_tables: dict[str, dict[st
         raise _explain(model, table, exc, sources) from None
 
 
-def load_stage_config(model: type[StageConfig], table: str, config_path: Path | None,
-                      overrides: dict[str, Any]) -> Any:
+def load_stage_config(model: type[Stage], table: str, config_path: Path | None,
+                      overrides: dict[str, Any]) -> Stage:
     """The usual entry point for a verb: read `--config` (if any), then `resolve`."""
     tables = read_config_file(config_path) if config_path is not None else {}
     return resolve(model, table, tables, config_path, overrides)

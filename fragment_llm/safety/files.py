@@ -23,7 +23,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 from fragment_llm.errors import FragmentError, OutputError
 from fragment_llm.safety.signals import uninterrupted
@@ -32,6 +32,10 @@ TEMP_MARKER = ".fragment-tmp-"
 OLD_MARKER = ".fragment-old-"
 HASH_CHUNK = 1 << 20
 HINT_OVERWRITE = "pass --overwrite to replace it, or choose another --out"
+
+# What json.loads returns. Untrusted documents are checked field by field (or by pydantic)
+# before anything reads them as a narrower type.
+JsonValue = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
 
 ErrorFactory = Callable[[str], FragmentError]
 
@@ -113,8 +117,8 @@ def json_depth(text: str) -> int:
     return deepest
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+def _refuse_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
+    result: dict[str, JsonValue] = {}
     for key, value in pairs:
         if key in result:
             raise ValueError(f"duplicate key {key!r}")
@@ -122,12 +126,12 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
 def parse_json_guarded(data: bytes | str, where: str, error: type[FragmentError],
-                       max_depth: int = 64) -> Any:
+                       max_depth: int = 64) -> JsonValue:
     """Parse untrusted JSON: strict UTF-8, bounded nesting, no duplicate keys, no NaN.
 
     Every failure becomes `error("<rule>, in <where>")`, never a RecursionError or
@@ -149,7 +153,7 @@ def parse_json_guarded(data: bytes | str, where: str, error: type[FragmentError]
 
 
 def load_json_file(path: Path, max_bytes: int, error: type[FragmentError],
-                   max_depth: int = 64) -> Any:
+                   max_depth: int = 64) -> JsonValue:
     return parse_json_guarded(read_capped(path, max_bytes, error), str(path), error, max_depth)
 
 
@@ -324,7 +328,7 @@ def atomic_write_text(target: Path, text: str, *, replace: bool = True) -> None:
     atomic_write_bytes(target, text.encode("utf-8"), replace=replace)
 
 
-def dump_json(obj: Any) -> str:
+def dump_json(obj: JsonValue) -> str:
     """The one JSON style for artifacts: sorted keys, ASCII-safe, stable across runs."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
 

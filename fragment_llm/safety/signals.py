@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from typing import Any
+from types import FrameType
 
 
 class Terminated(BaseException):  # noqa: N818 - named like KeyboardInterrupt, its twin
@@ -64,7 +64,7 @@ def uninterrupted() -> Iterator[None]:
             raise exc
 
 
-def _on_signal(signum: int, frame: Any) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     if os.getpid() != _owner_pid:
         # A worker forked from us inherited this handler: behave as it would without
         # it (Pool.terminate() must end it, not make it unwind our code in its copy).

@@ -38,8 +38,9 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, islice, repeat
+from multiprocessing.pool import Pool
 from operator import add
-from typing import Any, Final
+from typing import Final
 
 from fragment_llm.events import ProgressFn, no_progress
 from fragment_llm.safety.signals import uninterrupted
@@ -382,7 +383,7 @@ def encode_in_worker(text: str) -> list[int]:
     return _WORKER_ENCODER.encode(text)
 
 
-def encoder_pool(spec: SplitPattern, merges: list[Merge], workers: int) -> Any:
+def encoder_pool(spec: SplitPattern, merges: list[Merge], workers: int) -> Pool:
     """A `multiprocessing.Pool` of `workers` encoders (map `encode_in_worker` with it).
 
     Workers rebuild the encoder from the merges and the pattern (nothing else crosses),

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from multiprocessing.queues import Queue
 
 from fragment_llm.errors import TokenizerError
 from fragment_llm.events import ProgressFn, no_progress
@@ -230,8 +230,9 @@ class _Helpers:
                  context: multiprocessing.context.BaseContext) -> None:
         self.tally = tally
         with uninterrupted():  # multiprocessing's constructors must not be split by a signal
-            self.tasks: Any = context.Queue(maxsize=2 * helpers)  # never read the corpus ahead
-            self.results: Any = context.Queue()
+            # Bounded, so the corpus is never read ahead of the helpers.
+            self.tasks: Queue[list[str] | None] = context.Queue(maxsize=2 * helpers)
+            self.results: Queue[tuple[str, object]] = context.Queue()
         args = (tally.splitter.spec, tally.max_chunk_chars, self.tasks, self.results)
         self.procs = [context.Process(target=_helper_main, args=args, daemon=True)
                       for _ in range(helpers)]
@@ -308,7 +309,8 @@ class _Helpers:
                                  hint="retry with --workers 1")
 
 
-def _helper_main(spec: SplitPattern, max_chunk_chars: int, tasks: Any, results: Any) -> None:
+def _helper_main(spec: SplitPattern, max_chunk_chars: int, tasks: Queue[list[str] | None],
+                 results: Queue[tuple[str, object]]) -> None:
     """A helper process: count blocks until told to stop, then send its Counter once."""
     die_with_parent()
     try:

@@ -28,7 +28,7 @@ import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -350,7 +350,7 @@ def _splitter_for_config(config: TokenizerConfig) -> Splitter:
     return Splitter.named(config.pattern)
 
 
-def _check_header(data: Any, where: str) -> None:
+def _check_header(data: object, where: str) -> None:
     if not isinstance(data, Mapping):
         raise TokenizerError(f"not a tokenizer file (expected a JSON object){where}")
     if data.get("format") != FORMAT:
@@ -361,7 +361,7 @@ def _check_header(data: Any, where: str) -> None:
                              f"fragment-llm reads version {VERSION}{where}")
 
 
-def _validate_schema(data: Any, where: str) -> TokenizerFile:
+def _validate_schema(data: object, where: str) -> TokenizerFile:
     try:
         return TokenizerFile.model_validate(data)
     except ValidationError as exc:
@@ -422,14 +422,14 @@ def _check_specials(file: TokenizerFile, n_merges: int, where: str) -> None:
                              f"{expected}{where}")
 
 
-def _as_merge(pair: Any) -> Merge:
+def _as_merge(pair: object) -> Merge:
     if (isinstance(pair, Sequence) and len(pair) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
         return (pair[0], pair[1])
     raise TokenizerError(f"every merge must be a pair of integer ids, got {pair!r}")
 
 
-def _first_bad(ids: list[Any], vocab_size: int) -> Any:
+def _first_bad(ids: list[object], vocab_size: int) -> object:
     for token_id in ids:
         if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
             return token_id
