@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
-from fragment_llm.cli.app import FLAGS
+from fragment_llm.cli.common import FLAGS
 
 CI_EXAMPLES = 100
 

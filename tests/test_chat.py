@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from test_config import extremes, numeric_fields  # the same walk over every range
 
 from fragment_llm.checkpoint.save import save_checkpoint
-from fragment_llm.cli.app import ChatTerminal, cli
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.chat import ChatTerminal
 from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
 from fragment_llm.errors import TokenizerError
 from fragment_llm.evaluate import load_trained

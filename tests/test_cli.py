@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fragment_llm import __version__
-from fragment_llm.cli.app import EXIT_INTERNAL, EXIT_INTERRUPTED, cli
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.common import EXIT_INTERNAL, EXIT_INTERRUPTED
 from fragment_llm.errors import InputDataError
 
 

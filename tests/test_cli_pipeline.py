@@ -24,7 +24,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from fragment_llm.cli.app import FLAGS, cli
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.common import FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "raw"

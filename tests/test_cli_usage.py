@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-from fragment_llm.cli.app import EXIT_INTERNAL, EXIT_USAGE, FLAGS, cli
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.common import EXIT_INTERNAL, EXIT_USAGE, FLAGS
 from fragment_llm.safety.text import strip_unsafe
 
 # Arguments a shell glob over hostile file names can hand us: an OSC title change and a

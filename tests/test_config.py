@@ -152,7 +152,8 @@ def test_every_number_is_accepted_in_range_and_refused_outside(tmp_path, table, 
 
 def numeric_flags() -> list[tuple[str, str]]:
     """(verb, --flag) for every option of every verb that takes a number."""
-    from fragment_llm.cli.app import ByteSize, Duration, cli
+    from fragment_llm.cli.app import cli
+    from fragment_llm.cli.train import ByteSize, Duration
 
     numeric = (click.types.IntParamType, click.types.FloatParamType, ByteSize, Duration)
     return [(name, option.opts[0]) for name, command in sorted(cli.commands.items())

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fragment_llm.cli.app import FLAGS, cli
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.common import FLAGS
 from fragment_llm.config import TokenizerConfig
 from fragment_llm.errors import TokenizerError
 from fragment_llm.export.hf_tokenizer import to_hf_dict

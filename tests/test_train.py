@@ -16,7 +16,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from fragment_llm.cli.app import FLAGS, cli
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.common import FLAGS
 from fragment_llm.config import (
     DEFAULT_PRESET,
     MODEL_PRESETS,

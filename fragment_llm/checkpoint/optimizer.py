@@ -28,8 +28,6 @@ from fragment_llm.safety.files import (
 from fragment_llm.safety.text import escape_for_display
 
 _TUPLE_TAG = "__tuple__"
-
-
 _TENSOR_TAG = "__tensor__"
 
 
