@@ -110,6 +110,8 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class TrainSummary:
+    """What a run did, for the CLI's summary table and `--json`."""
+
     out: Path
     steps: int
     tokens: int
@@ -228,9 +230,14 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
 
 
 def _open_run_folder(out: Path, stack: contextlib.ExitStack) -> None:
+    from fragment_llm.checkpoint.layout import clean_stale_temporaries
+
     make_dirs(out, hint="choose another --out")
     stack.enter_context(RunLock(out))
-    _remove_killed_runs_temporaries(out)
+    # Half-written or half-pruned step folders of a killed run: saving step N only
+    # cleans up after step N, so a step this run never writes again would keep its
+    # leftovers forever. Safe now that we hold the lock: no live trainer writes here.
+    clean_stale_temporaries(out)
 
 
 def _with_capped_workers(request: TrainRequest, vocab_size: int,
@@ -276,15 +283,6 @@ def _probe(trainer: Trainer, steps: int = 2) -> float:
         trainer.train_step()
     trainer.stream.cursor = snapshot
     return (time.perf_counter() - start) / steps
-
-
-def _remove_killed_runs_temporaries(out: Path) -> None:
-    """Half-written or half-pruned step folders of a killed run. Saving step N only
-    cleans up after step N, so a step this run never writes again would keep its
-    leftovers forever. Called holding the lock: no live trainer is writing here."""
-    from fragment_llm.checkpoint.layout import clean_stale_temporaries
-
-    clean_stale_temporaries(out)
 
 
 def _find_resume_point(request: TrainRequest, env: DistEnv,
