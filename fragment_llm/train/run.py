@@ -398,8 +398,8 @@ class TrainLoop:
         return interrupt.requested or trainer.step >= cfg.max_steps or out_of_time
 
     def _after_step(self, result: StepResult, seconds: float) -> None:
-        """Log the step (with a periodic evaluation's figures, when one is due) to
-        metrics.jsonl every `log_every` steps, and report it."""
+        """Report the step, and log it to metrics.jsonl: every `log_every` steps, the
+        first, and any with a periodic evaluation (whose figures join its line)."""
         cfg, trainer = self.request.train, self.trainer
         event = StepEvent(step=trainer.step, train_loss=result.loss, lr=result.lr,
                           grad_norm=result.grad_norm, skipped=not result.finite,
