@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,16 @@ from fragment_llm.config import (
 from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.shards import TokenShards, eval_batches
 from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
+from fragment_llm.events import (
+    CheckpointEvent,
+    EvalEvent,
+    NoteEvent,
+    PlanEvent,
+    ProbeEvent,
+    ProgressEvent,
+    StepEvent,
+    TrainEvent,
+)
 from fragment_llm.model.gpt import GPT
 from fragment_llm.model.size import CPU_RUNTIME, plan_memory
 from fragment_llm.tokenizer.tokenizer import Tokenizer
@@ -170,6 +182,39 @@ def test_a_run_ends_on_an_evaluation_of_the_whole_held_out_split(corpus, tmp_pat
     assert last_two[1] == summary.val_loss != last_two[0]
 
 
+STEP_KEYS = {"step", "train_loss", "lr", "grad_norm", "skipped", "tokens_per_s", "elapsed_s",
+             "progress"}
+
+
+def test_a_run_sends_its_events_in_order_and_logs_them_as_metrics(corpus, tmp_path):
+    """A step's metrics.jsonl line is its `StepEvent` (with the figures of an evaluation
+    made at that step), and an evaluation logged alone is its `EvalEvent`."""
+    events: list[TrainEvent] = []
+    out = tmp_path / "run"
+    run_training(request(corpus, out, max_steps=6, eval_every=3, checkpoint_every=4,
+                         log_every=2), events.append)
+    assert isinstance(events[0], ProgressEvent)
+    shown = [(type(e).__name__, getattr(e, "step", None)) for e in events
+             if not isinstance(e, ProgressEvent)]
+    assert shown == [("PlanEvent", 0), ("StepEvent", 1), ("StepEvent", 2), ("EvalEvent", 3),
+                     ("StepEvent", 3), ("StepEvent", 4), ("CheckpointEvent", 4),
+                     ("StepEvent", 5), ("EvalEvent", 6), ("StepEvent", 6),
+                     ("EvalEvent", 6), ("CheckpointEvent", 6)]  # the final evaluation
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], set(x)) for x in lines] == [
+        (1, STEP_KEYS), (2, STEP_KEYS), (3, STEP_KEYS | {"val_loss", "val_bpb"}),
+        (4, STEP_KEYS), (6, STEP_KEYS | {"val_loss", "val_bpb"}),
+        (6, {"step", "val_loss", "val_bpb"})]
+    steps = {e.step: e for e in events if isinstance(e, StepEvent)}
+    evals = [e for e in events if isinstance(e, EvalEvent)]
+    assert lines[1] == dataclasses.asdict(steps[2])
+    assert lines[2] == {**dataclasses.asdict(steps[3]), "val_loss": evals[0].val_loss,
+                        "val_bpb": evals[0].val_bpb}
+    assert lines[-1] == dataclasses.asdict(evals[-1])
+    checkpoint = events[-1]
+    assert isinstance(checkpoint, CheckpointEvent) and checkpoint.path == out / "step-0000006"
+
+
 def test_metrics_file_planted_as_a_symlink_is_never_written_through(corpus, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -195,7 +240,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted(corpus, tmp_path):
     run_training(request(corpus, tmp_path / "full"), lambda e: None)
 
     def interrupt_at_step_5(event):
-        if event.kind == "step" and event.step == 5:
+        if isinstance(event, StepEvent) and event.step == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
     summary = run_training(request(corpus, tmp_path / "cut"), interrupt_at_step_5)
@@ -276,10 +321,10 @@ def test_memory_plan_counts_the_process_on_a_cpu_and_covers_the_measured_peak():
 def test_dry_run_reports_a_plan_and_writes_nothing(corpus, tmp_path):
     events = []
     run_training(request(corpus, tmp_path / "dry"), events.append, dry_run=True)
-    kinds = {e.kind for e in events}
-    assert {"plan", "probe"} <= kinds
-    plan = next(e for e in events if e.kind == "plan").values
-    assert plan["parameters"] > 0 and plan["tokens_per_step"] == 4 * 32
+    kinds = {type(e) for e in events}
+    assert {PlanEvent, ProbeEvent} <= kinds
+    plan = next(e for e in events if isinstance(e, PlanEvent))
+    assert plan.parameters > 0 and plan.tokens_per_step == 4 * 32
     assert not (tmp_path / "dry").exists()
 
 
@@ -518,7 +563,7 @@ def test_resume_may_extend_the_budget_and_records_the_change(corpus, tiny_cut, r
 
 def interrupt_at(step: int):
     def on_event(event):
-        if event.kind == "step" and event.step == step:
+        if isinstance(event, StepEvent) and event.step == step:
             os.kill(os.getpid(), signal.SIGINT)
     return on_event
 
@@ -637,16 +682,36 @@ def test_run_budget_follows_the_bound_that_ends_the_run():
 
 def test_the_bar_of_a_time_bound_run_shows_the_time_budget():
     from fragment_llm.cli.display import TrainDisplay
-    from fragment_llm.train.run import TrainEvent
 
     display = TrainDisplay(True, max_steps=3000)
-    display(TrainEvent("plan", 0, {"max_steps": 3000, "max_time_s": 180.0}))
+    display(PlanEvent(parameters=1, non_embedding_parameters=1, flops_per_token=6,
+                      memory_bytes=1, tokens_per_step=128, device="cpu", precision="fp32",
+                      world_size=1, train_tokens=1, val_tokens=1, max_steps=3000,
+                      max_time_s=180.0, step=0, elapsed_s=0.0))
     with display:
-        display(TrainEvent("step", 4, {"train_loss": 5.0, "lr": 1e-3, "tokens_per_s": 1e3,
-                                       "elapsed_s": 4.0}))
+        display(StepEvent(step=4, train_loss=5.0, lr=1e-3, grad_norm=1.0, skipped=False,
+                          tokens_per_s=1e3, elapsed_s=4.0, progress=4 / 180))
         task = display.bars.tasks[0]
     assert task.fields["status"].startswith("step 4/~180 (time limit 0:03:00)")
     assert task.fields["eta"] == "0:02:56" and task.percentage == pytest.approx(100 * 4 / 180)
+
+
+def test_the_display_shows_each_kind_of_event(capsys):
+    from fragment_llm.cli.display import TrainDisplay
+
+    shown = (ProgressEvent("tokenizing", 0, 3), ProgressEvent("tokenizing", 2, 3),
+             NoteEvent("resumed from run/step-0000004"), ProbeEvent(seconds_per_step=0.25),
+             EvalEvent(step=4, val_loss=1.23456, val_bpb=0.5),
+             CheckpointEvent(step=4, path=Path("run/step-0000004")))
+    assert {type(event) for event in shown} | {PlanEvent, StepEvent} == set(
+        typing.get_args(TrainEvent))
+    display = TrainDisplay(True, max_steps=10)
+    for event in shown:
+        display(event)
+    assert capsys.readouterr().err.splitlines() == [
+        "tokenizing the corpus (3 documents)...", "resumed from run/step-0000004",
+        "step 4: val loss 1.2346, val bits/byte 0.5000", "step 4: checkpoint run/step-0000004"]
+    assert display.probe == 0.25 and display.plan == {}
 
 
 def test_dry_run_prints_the_estimated_training_time(corpus, tiny_flags, tiny_cut, runner,

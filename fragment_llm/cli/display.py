@@ -8,6 +8,7 @@ with markup off, so neither terminal escapes nor rich markup in data can act.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -26,7 +27,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fragment_llm.events import ProgressFn, no_progress
+from fragment_llm.events import (
+    CheckpointEvent,
+    EvalEvent,
+    NoteEvent,
+    PlanEvent,
+    ProbeEvent,
+    ProgressEvent,
+    ProgressFn,
+    StepEvent,
+    TrainEvent,
+    no_progress,
+)
 from fragment_llm.safety.text import escape_for_display
 
 # The stderr console carries diagnostics, progress and summaries; stdout stays for results.
@@ -171,9 +183,9 @@ class TrainDisplay:
         self.task: TaskID | None = None
         self.max_steps = max_steps
         self.max_time_s: float | None = None
-        self.plan: dict[str, object] = {}
-        self.last_eval: dict[str, float] = {}
-        self.probe = 0.0
+        self.plan_event: PlanEvent | None = None
+        self.probe = 0.0  # the dry run's seconds per step
+        self._said: str | None = None  # the last tokenizing line, printed once
 
     def __enter__(self) -> TrainDisplay:
         return self
@@ -182,62 +194,55 @@ class TrainDisplay:
         if self.task is not None:
             self.bars.stop()
 
-    def __call__(self, event) -> None:
-        handler = getattr(self, f"_on_{event.kind}", None)
-        if handler is not None:
-            handler(event)
+    def __call__(self, event: TrainEvent) -> None:
+        match event:
+            case PlanEvent():
+                self.plan_event = event
+                self.max_steps, self.max_time_s = event.max_steps, event.max_time_s
+            case ProbeEvent():
+                self.probe = event.seconds_per_step
+            case NoteEvent():
+                self._print(event.message)
+            case ProgressEvent():
+                said = f"tokenizing the corpus ({event.total} documents)..."
+                if said != self._said:
+                    self._said = said
+                    self._print(said)
+            case StepEvent():
+                self._on_step(event)
+            case EvalEvent():
+                self._print(f"step {event.step}: val loss {event.val_loss:.4f}, "
+                            f"val bits/byte {event.val_bpb:.4f}")
+            case CheckpointEvent():
+                self._print(f"step {event.step}: checkpoint {event.path}")
+
+    @property
+    def plan(self) -> dict[str, object]:
+        """The plan as `fragment train --json` and the summary table show it ({} before
+        the run sent one)."""
+        return dataclasses.asdict(self.plan_event) if self.plan_event else {}
+
+    def planned(self) -> Budget:
+        """The planned run (or its rest, on resume) at the probe's seconds per step."""
+        plan = self.plan_event
+        return run_budget(self.max_steps, self.max_time_s, plan.step if plan else 0,
+                          plan.elapsed_s if plan else 0.0, self.probe)
 
     def _print(self, text: str) -> None:
         if self.enabled:
             err_console.print(Text(safe(text, 2000)))
 
-    def _on_plan(self, event) -> None:
-        self.plan = dict(event.values)
-        self.max_steps = int(event.values.get("max_steps", self.max_steps))
-        self.max_time_s = event.values.get("max_time_s")
-
-    def _on_probe(self, event) -> None:
-        self.probe = float(event.values["seconds_per_step"])
-
-    def planned(self) -> Budget:
-        """The planned run (or its rest, on resume) at the probe's seconds per step."""
-        step = int(self.plan.get("step", 0))
-        return run_budget(self.max_steps, self.max_time_s, step,
-                          float(self.plan.get("elapsed_s", 0.0)), self.probe)
-
-    def _on_note(self, event) -> None:
-        self._print(str(event.values.get("message", "")))
-
-    def _on_checkpoint(self, event) -> None:
-        self._print(f"step {event.step}: checkpoint {event.values['path']}")
-
-    def _on_eval(self, event) -> None:
-        self.last_eval = dict(event.values)
-        self._print(f"step {event.step}: val loss {event.values['val_loss']:.4f}, "
-                    f"val bits/byte {event.values['val_bpb']:.4f}")
-
-    def _on_progress(self, event) -> None:
-        values = event.values
-        self._print_once(f"tokenizing the corpus ({values['total']} documents)...")
-
-    def _print_once(self, text: str) -> None:
-        if getattr(self, "_said", None) != text:
-            self._said = text
-            self._print(text)
-
-    def _on_step(self, event) -> None:
+    def _on_step(self, event: StepEvent) -> None:
         if not self.enabled:
             return
-        values = event.values
         if self.task is None:
             self.bars.start()
             self.task = self.bars.add_task("train", total=1.0, status="", eta="")
-        elapsed = float(values.get("elapsed_s", 0.0))
-        budget = run_budget(self.max_steps, self.max_time_s, event.step, elapsed,
-                            elapsed / event.step if event.step else None)
+        budget = run_budget(self.max_steps, self.max_time_s, event.step, event.elapsed_s,
+                            event.elapsed_s / event.step if event.step else None)
         limit = f" (time limit {clock(self.max_time_s)})" if budget.bound == "time" else ""
-        status = (f"{budget.describe(event.step)}{limit}  loss {values['train_loss']:.4f}  "
-                  f"lr {values['lr']:.2e}  {values['tokens_per_s']:,.0f} tok/s  "
+        status = (f"{budget.describe(event.step)}{limit}  loss {event.train_loss:.4f}  "
+                  f"lr {event.lr:.2e}  {event.tokens_per_s:,.0f} tok/s  "
                   f"rss {_rss_mib():,.0f} MiB")
         self.bars.update(self.task, completed=budget.fraction, status=status,
                          eta=clock(budget.eta_s))

@@ -1,8 +1,10 @@
-"""The training loop: setup, `train_step`, `evaluate`, checkpoint hooks, exact resume.
+"""A training run: from a `TrainRequest` to a `TrainSummary`.
 
-Owns device/precision choice, the learning-rate schedule, gradient accumulation,
-AMP, DDP wiring, NaN handling, Ctrl-C and the run-folder lock. It does not print:
-progress goes out through `on_event(TrainEvent)`, and `metrics.jsonl` is the record.
+Owns setup (resume point, tokenizer, token shards, memory check, the `Trainer`), the
+loop around it (when to log, evaluate, checkpoint and stop) and `metrics.jsonl`. One
+step is fragment_llm/train/trainer.py's; device, DDP, lock and signals are runtime.py's.
+It does not print: progress goes out through `on_event(TrainEvent)` (the kinds are in
+fragment_llm/events.py), and `metrics.jsonl` is the record.
 Exact resume: with the same settings, on CPU in fp32, a run resumed from a checkpoint
 ends with the same weights, bit for bit, as one that never stopped. Everything the
 next step depends on (weights, optimizer moments, data cursor, RNG states, step,
@@ -19,9 +21,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +39,16 @@ from fragment_llm.errors import (
     ConfigError,
     DatasetError,
     TrainingError,
+)
+from fragment_llm.events import (
+    CheckpointEvent,
+    EvalEvent,
+    EventFn,
+    NoteEvent,
+    PlanEvent,
+    ProbeEvent,
+    ProgressEvent,
+    StepEvent,
 )
 from fragment_llm.model.gpt import count_parameters, flops_per_token
 from fragment_llm.model.size import MemoryPlan, default_memory_limit, plan_memory
@@ -65,6 +77,10 @@ from fragment_llm.verify import (
     tokens_links,
 )
 
+if TYPE_CHECKING:
+    from fragment_llm.checkpoint.load import Checkpoint
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -92,20 +108,10 @@ class TrainRequest:
     resumed: ResumedSettings | None = None
 
 
-@dataclass
-class TrainEvent:
-    """One thing worth showing: kind is "plan", "step", "eval", "checkpoint" or "note"."""
-
-    kind: str
-    step: int
-    values: dict[str, Any] = field(default_factory=dict)
-
-
-EventFn = Callable[[TrainEvent], None]
-
-
 @dataclass(frozen=True)
 class TrainSummary:
+    """What a run did, for the CLI's summary table and `--json`."""
+
     out: Path
     steps: int
     tokens: int
@@ -117,21 +123,6 @@ class TrainSummary:
     interrupted: bool
     parameters: int
     terminated: bool = False  # the interruption was a SIGTERM (exit 143, not 130)
-
-
-# ----------------------------------------------------------------- device & precision
-
-
-# --------------------------------------------------------------------------- schedule
-
-
-# ------------------------------------------------------------------------ distributed
-
-
-# ----------------------------------------------------------------------- run-folder lock
-
-
-# ------------------------------------------------------------------------------ trainer
 
 
 # ----------------------------------------------------------------------- orchestration
@@ -154,7 +145,7 @@ def prepare_shards(request: TrainRequest, env: DistEnv, vocab_size: int,
     if env.is_main:
         try:
             folder = build_token_shards(build, lambda phase, done, total: on_event(
-                TrainEvent("progress", 0, {"phase": phase, "done": done, "total": total})))
+                ProgressEvent(phase, done, total)))
         except BaseException as exc:  # Ctrl-C and SIGTERM too: the others wait for us
             if env.world == 1:
                 raise
@@ -225,13 +216,12 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
         _restore(trainer, resume_from)
         if request.resumed is not None and request.resumed.budget_extended:
             trainer.extend_budget(request.resumed.recorded)
-    on_event(TrainEvent("plan", trainer.step, _plan_values(trainer, plan, device, precision)))
+    on_event(_plan_event(trainer, plan, device, precision))
     if dry_run:
-        on_event(TrainEvent("probe", trainer.step, {"seconds_per_step": _probe(trainer)}))
+        on_event(ProbeEvent(seconds_per_step=_probe(trainer)))
         return _summary(request, trainer, None, None, interrupted=False, seconds=0.0)
     if resume_from is not None:
-        on_event(TrainEvent("note", trainer.step,
-                            {"message": f"resumed from {resume_from.path}"}))
+        on_event(NoteEvent(f"resumed from {resume_from.path}"))
     with contextlib.ExitStack() as stack:
         interrupt = stack.enter_context(InterruptFlag())
         run_on_main(env, device, lambda: _open_run_folder(request.out, stack))
@@ -240,9 +230,14 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
 
 
 def _open_run_folder(out: Path, stack: contextlib.ExitStack) -> None:
+    from fragment_llm.checkpoint.layout import clean_stale_temporaries
+
     make_dirs(out, hint="choose another --out")
     stack.enter_context(RunLock(out))
-    _remove_killed_runs_temporaries(out)
+    # Half-written or half-pruned step folders of a killed run: saving step N only
+    # cleans up after step N, so a step this run never writes again would keep its
+    # leftovers forever. Safe now that we hold the lock: no live trainer writes here.
+    clean_stale_temporaries(out)
 
 
 def _with_capped_workers(request: TrainRequest, vocab_size: int,
@@ -252,13 +247,13 @@ def _with_capped_workers(request: TrainRequest, vocab_size: int,
     cap = cap_workers(request.train.workers, tokenizer_bytes(vocab_size))
     if cap.note is None:
         return request
-    on_event(TrainEvent("note", 0, {"message": cap.note}))
+    on_event(NoteEvent(cap.note))
     return dataclasses.replace(request, train=request.train.model_copy(
         update={"workers": cap.count}))
 
 
-def _check_shard_chain(request: TrainRequest, tokenizer: Any, shards: TokenShards,
-                       resume_from: Any) -> None:
+def _check_shard_chain(request: TrainRequest, tokenizer: Tokenizer, shards: TokenShards,
+                       resume_from: Checkpoint | None) -> None:
     """The same link checks as `fragment verify`: the shards were built from this
     tokenizer (their manifest is unedited), and a resumed run uses the shards it began on."""
     require(tokens_links(shards, tokenizer, str(request.tokenizer)), DatasetError,
@@ -267,18 +262,16 @@ def _check_shard_chain(request: TrainRequest, tokenizer: Any, shards: TokenShard
         require(resume_links(resume_from, tokenizer, shards), CheckpointError, HINT_RESUME)
 
 
-def _plan_values(trainer: Trainer, plan: MemoryPlan, device: torch.device,
-                 precision: str) -> dict[str, Any]:
-    cfg = trainer.model.config
-    return {"parameters": count_parameters(trainer.model),
-            "non_embedding_parameters": count_parameters(trainer.model, exclude_embeddings=True),
-            "flops_per_token": flops_per_token(cfg), "memory_bytes": plan.total,
-            "tokens_per_step": trainer.tokens_per_step, "device": str(device),
-            "precision": precision, "world_size": trainer.env.world,
-            "train_tokens": trainer.shards.manifest.train.tokens,
-            "val_tokens": trainer.shards.manifest.val.tokens,
-            "max_steps": trainer.config.max_steps, "max_time_s": trainer.config.max_time_s,
-            "step": trainer.step, "elapsed_s": trainer.elapsed}
+def _plan_event(trainer: Trainer, plan: MemoryPlan, device: torch.device,
+                precision: str) -> PlanEvent:
+    return PlanEvent(
+        parameters=count_parameters(trainer.model),
+        non_embedding_parameters=count_parameters(trainer.model, exclude_embeddings=True),
+        flops_per_token=flops_per_token(trainer.model.config), memory_bytes=plan.total,
+        tokens_per_step=trainer.tokens_per_step, device=str(device), precision=precision,
+        world_size=trainer.env.world, train_tokens=trainer.shards.manifest.train.tokens,
+        val_tokens=trainer.shards.manifest.val.tokens, max_steps=trainer.config.max_steps,
+        max_time_s=trainer.config.max_time_s, step=trainer.step, elapsed_s=trainer.elapsed)
 
 
 def _probe(trainer: Trainer, steps: int = 2) -> float:
@@ -292,25 +285,15 @@ def _probe(trainer: Trainer, steps: int = 2) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _remove_killed_runs_temporaries(out: Path) -> None:
-    """Half-written or half-pruned step folders of a killed run. Saving step N only
-    cleans up after step N, so a step this run never writes again would keep its
-    leftovers forever. Called holding the lock: no live trainer is writing here."""
-    from fragment_llm.checkpoint.layout import clean_stale_temporaries
-
-    clean_stale_temporaries(out)
-
-
-def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
+def _find_resume_point(request: TrainRequest, env: DistEnv,
+                       on_event: EventFn) -> Checkpoint | None:
     from fragment_llm.checkpoint.load import latest_valid_checkpoint
 
     latest, damaged = latest_valid_checkpoint(request.out)
     for path, reason in damaged:
-        on_event(TrainEvent("note", 0, {"message": f"skipping damaged checkpoint {path}: "
-                                                   f"{reason}"}))
+        on_event(NoteEvent(f"skipping damaged checkpoint {path}: {reason}"))
     if latest is None:
-        on_event(TrainEvent("note", 0, {"message": f"no checkpoint in {request.out}; "
-                                                   "starting from scratch"}))
+        on_event(NoteEvent(f"no checkpoint in {request.out}; starting from scratch"))
         return None
     return latest
 
@@ -345,7 +328,7 @@ class TrainLoop:
     (`run_on_main`, or a metrics failure held until the next `_should_stop`).
     """
 
-    def __init__(self, request: TrainRequest, trainer: Trainer, tokenizer: Any,
+    def __init__(self, request: TrainRequest, trainer: Trainer, tokenizer: Tokenizer,
                  model_config: ModelConfig, on_event: EventFn) -> None:
         self.request, self.trainer, self.tokenizer = request, trainer, tokenizer
         self.model_config, self.on_event = model_config, on_event
@@ -415,16 +398,22 @@ class TrainLoop:
         return interrupt.requested or trainer.step >= cfg.max_steps or out_of_time
 
     def _after_step(self, result: StepResult, seconds: float) -> None:
-        cfg, step = self.request.train, self.trainer.step
-        values = {"step": step, "train_loss": result.loss, "lr": result.lr,
-                  "grad_norm": result.grad_norm, "skipped": not result.finite,
-                  "tokens_per_s": self.trainer.tokens_per_step / max(seconds, 1e-9),
-                  "elapsed_s": self.trainer.elapsed, "progress": self.trainer.progress}
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            values.update(self._evaluate(log=False))
-        if step % cfg.log_every == 0 or step == 1 or "val_loss" in values:
-            self._hold_failure(lambda: self.metrics.write(values))
-        self.on_event(TrainEvent("step", step, values))
+        """Report the step, and log it to metrics.jsonl: every `log_every` steps, the
+        first, and any with a periodic evaluation (whose figures join its line)."""
+        cfg, trainer = self.request.train, self.trainer
+        event = StepEvent(step=trainer.step, train_loss=result.loss, lr=result.lr,
+                          grad_norm=result.grad_norm, skipped=not result.finite,
+                          tokens_per_s=trainer.tokens_per_step / max(seconds, 1e-9),
+                          elapsed_s=trainer.elapsed, progress=trainer.progress)
+        record: dict[str, Any] = dataclasses.asdict(event)
+        evaluation = None
+        if cfg.eval_every and event.step % cfg.eval_every == 0:
+            evaluation = self._evaluate(log=False)
+        if evaluation is not None:
+            record.update(val_loss=evaluation.val_loss, val_bpb=evaluation.val_bpb)
+        if event.step % cfg.log_every == 0 or event.step == 1 or evaluation is not None:
+            self._hold_failure(lambda: self.metrics.write(record))
+        self.on_event(event)
 
     def _final_evaluation(self, interrupted: bool) -> None:
         """The number a run ends on: `final_eval_blocks` spread over the held-out split.
@@ -437,16 +426,17 @@ class TrainLoop:
             return
         self._evaluate(max_blocks=cfg.final_eval_blocks)
 
-    def _evaluate(self, log: bool = True, max_blocks: int | None = None) -> dict[str, float]:
+    def _evaluate(self, log: bool = True, max_blocks: int | None = None) -> EvalEvent | None:
+        """Evaluate, report it, and with `log` write its own metrics.jsonl line."""
         self.evaluation = self.trainer.evaluate(max_blocks)
         self.metrics.last_eval_step = self.trainer.step
         if self.evaluation is None:
-            return {}
-        values = {"val_loss": self.evaluation[0], "val_bpb": self.evaluation[1]}
+            return None
+        event = EvalEvent(self.trainer.step, *self.evaluation)
         if log:
-            self._hold_failure(lambda: self.metrics.write({"step": self.trainer.step, **values}))
-        self.on_event(TrainEvent("eval", self.trainer.step, values))
-        return values
+            self._hold_failure(lambda: self.metrics.write(dataclasses.asdict(event)))
+        self.on_event(event)
+        return event
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint; every rank waits for it and learns the outcome."""
@@ -470,7 +460,7 @@ class TrainLoop:
             optimizer=trainer.optimizer, trainer_state=state, config=self._config_record(),
             tokenizer_file=self.request.tokenizer, provenance=self._provenance(),
             keep_last=self.request.train.keep_checkpoints)
-        self.on_event(TrainEvent("checkpoint", trainer.step, {"path": str(path)}))
+        self.on_event(CheckpointEvent(trainer.step, path))
 
     def _config_record(self) -> dict[str, Any]:
         evaluation = self.evaluation
