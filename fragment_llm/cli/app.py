@@ -749,7 +749,7 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
     """
     from fragment_llm.config import GenerateConfig, load_stage_config
     from fragment_llm.evaluate import load_trained
-    from fragment_llm.inference.chat import complete, read_prompt
+    from fragment_llm.inference.text import complete, read_prompt
 
     if (prompt_text is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT, --prompt - or --prompt-file")
@@ -916,8 +916,8 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
     _use_threads(settings.threads)
     trained = load_trained(checkpoint_path)
     terminal = ChatTerminal.for_this_process()
-    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config,
-                          confirm=terminal.confirm)
+    session = ChatSession(trained.model, trained.tokenizer, settings,
+                          trained.checkpoint.config.get("chat_format"), confirm=terminal.confirm)
     _show(summary_table("fragment chat", banner_rows(trained)))
     # readline only for a terminal: a pipe is read line by line, with no editing
     save_history = (enable_line_editing(settings.history) if terminal.interactive
