@@ -89,6 +89,27 @@ def test_one_engine_serves_many_generations(model):
     assert list(engine.generate([9, 9, 9], GREEDY)) == first
 
 
+def test_generations_in_a_row_equal_fresh_engines(model):
+    """One loaded model serves one request after another (a server's engine): each
+    generation starts from a fresh cache and sampler, whatever the one before it did:
+    ran to its limit, slid its window, was abandoned, or failed on its logits."""
+    sampled = GenerateConfig(temperature=1.0, top_k=None, repetition_penalty=1.3,
+                             max_new_tokens=40, seed=11)
+    prompts = [[1, 2, 3], [i % VOCAB for i in range(2 * BLOCK)], [7], [4, 4]]
+    fresh = [list(Engine(model).generate(p, sampled)) for p in prompts]
+    engine = Engine(model)
+    assert [list(engine.generate(p, sampled)) for p in prompts] == fresh
+    abandoned = engine.generate([5, 6], sampled)
+    next(iter(abandoned))
+    assert list(engine.generate(prompts[0], sampled)) == fresh[0]
+    decode = engine.decode
+    engine.decode = lambda token: decode(token) * float("nan")
+    with pytest.raises(CheckpointError):
+        list(engine.generate(prompts[1], sampled))
+    del engine.decode
+    assert list(engine.generate(prompts[1], sampled)) == fresh[1]
+
+
 # ------------------------------------------------------------------ sliding window
 
 
@@ -147,10 +168,16 @@ def test_a_generation_runs_once_and_only_while_it_owns_the_cache(model):
     list(run)
     with pytest.raises(RuntimeError):
         iter(run)
-    old, new = engine.generate([1], GREEDY), engine.generate([2], GREEDY)
-    with pytest.raises(RuntimeError):
+    # Made in one order, run in the other, one after another: both run whole.
+    made_first, made_second = engine.generate([1], GREEDY), engine.generate([2], GREEDY)
+    assert list(made_second) == generate_ids(model, [2], GREEDY)
+    assert list(made_first) == generate_ids(model, [1], GREEDY)
+    # Interleaved: once another has started, the first may not go on with its cache.
+    old, new = iter(engine.generate([1], GREEDY)), iter(engine.generate([2], GREEDY))
+    next(old), next(new)
+    with pytest.raises(RuntimeError, match="another generation started"):
         list(old)
-    assert len(list(new)) == GREEDY.max_new_tokens
+    assert len(list(new)) == GREEDY.max_new_tokens - 1
 
 
 @pytest.mark.parametrize("prompt", [[], [VOCAB], [-1], [1, 2.0]])

@@ -38,7 +38,7 @@ from fragment_llm.errors import (
     ProcessedDataError,
     PromptError,
 )
-from fragment_llm.inference.chat import read_prompt
+from fragment_llm.inference.text import read_prompt
 from fragment_llm.safety.files import sha256_bytes
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.train.run import TrainRequest, run_training

@@ -174,8 +174,8 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
     use_threads(settings.threads)
     trained = load_trained(checkpoint_path)
     terminal = ChatTerminal.for_this_process()
-    session = ChatSession(trained.model, trained.tokenizer, settings, trained.checkpoint.config,
-                          confirm=terminal.confirm)
+    session = ChatSession(trained.model, trained.tokenizer, settings,
+                          trained.checkpoint.config.get("chat_format"), confirm=terminal.confirm)
     show(summary_table("fragment chat", banner_rows(trained)))
     # readline only for a terminal: a pipe is read line by line, with no editing
     save_history = (enable_line_editing(settings.history) if terminal.interactive

@@ -45,7 +45,7 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
     """
     from fragment_llm.config import GenerateConfig, load_stage_config
     from fragment_llm.evaluate import load_trained
-    from fragment_llm.inference.chat import complete, read_prompt
+    from fragment_llm.inference.text import complete, read_prompt
 
     if (prompt_text is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT, --prompt - or --prompt-file")

@@ -1,20 +1,16 @@
-"""Text around the engine: prompts in, safe text out, and the chat REPL's logic.
+"""The chat: a session that turns input lines into replies, and the REPL that drives it.
 
-This module owns everything about text that generate.py does not know:
-- prompts: sanitised (`sanitize_prompt`), length-capped in characters and tokens, and
-  encoded with `Tokenizer.encode`, so text spelling `<|endoftext|>` stays text;
-- conversations: turns rendered with the chat special tokens when the checkpoint was
-  trained on chat data (its config.json says `"chat_format": "special_tokens"`), else
-  as a plain `User: ... / Assistant: ...` transcript a base model can continue; the
-  oldest turns are dropped when the context window is full (the system prompt stays);
-- output: ids -> `StreamDecoder` (never half a UTF-8 character) -> `OutputSanitizer`
-  (no control character or escape sequence) -> stop strings, in `TextStream`;
-- the REPL: `ChatSession` turns one input line into a `Reply` and knows no terminal
-  (it asks questions through a `confirm` callback); `run_repl` drives it through a
-  `ChatIO` (the CLI's terminal, or a test's script), and nothing one message or
-  command causes ends the session.
+This module owns:
+- `ChatSession`: the conversation, its /commands and its answers; `handle(line) ->
+  Reply`, with no terminal (it asks questions through a `confirm` callback). Turns are
+  rendered by the checkpoint's chat template (tokenizer/chat_template.py), the oldest
+  dropped when the context window is full (the system prompt stays);
+- `run_repl`: read, answer, repeat, through a `ChatIO` (the CLI's terminal, or a test's
+  script); nothing one message or command causes ends the session;
+- readline history, and the rows of the chat's banner.
 
-It does not own the terminal (cli.py renders with rich) or sampling (generate.py).
+It does not own the terminal (cli/ renders with rich), sampling (engine.py), prompt
+checks and safe output text (text.py), or how turns become ids (chat_template.py).
 """
 
 from __future__ import annotations
@@ -22,289 +18,29 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import ValidationError
 
-from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ChatConfig, GenerateConfig
 from fragment_llm.errors import FragmentError, OutputError, PromptError
-from fragment_llm.inference.engine import Engine, GenerationStats
-from fragment_llm.safety.files import (
-    HINT_OVERWRITE,
-    atomic_write_text,
-    os_error_reason,
-    read_capped,
-)
-from fragment_llm.safety.text import OutputSanitizer, escape_for_display, sanitize_prompt
-from fragment_llm.tokenizer.tokenizer import Tokenizer
+from fragment_llm.inference.engine import Engine, Generation, GenerationStats
+from fragment_llm.inference.text import TextStream, check_prompt, special_ids, stream_text
+from fragment_llm.model.gpt import count_parameters
+from fragment_llm.safety.files import HINT_OVERWRITE, atomic_write_text, os_error_reason
+from fragment_llm.safety.text import escape_for_display
+from fragment_llm.tokenizer.chat_template import Conversation, Turn, render_prompt, template_for
 
-SPECIAL_TOKENS_FORMAT = SPECIAL_TOKENS_CHAT_FORMAT  # the checkpoint config's "chat_format"
+if TYPE_CHECKING:
+    from fragment_llm.checkpoint.trained import Trained
+    from fragment_llm.config import ChatConfig
+    from fragment_llm.model.gpt import GPT
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
+
 HISTORY_FILE = Path("~/.cache/fragment-llm/chat_history")
 HISTORY_LENGTH = 1000
-
-# ---------------------------------------------------------------------------- prompts
-
-
-def check_prompt(text: str, settings: GenerateConfig, tokenizer: Tokenizer) -> str:
-    """The prompt as the model will see it, or PromptError naming the cap it breaks.
-
-    Sanitised first (`'hi\\x1b[2J\\r\\n' -> 'hi\\n'`), so the caps measure what is kept.
-    May return "" (the caller decides whether an empty prompt is an error).
-    """
-    clean = sanitize_prompt(text)
-    if len(clean) > settings.max_prompt_chars:
-        raise PromptError(f"the prompt is {len(clean):,} characters; the limit is "
-                          f"{settings.max_prompt_chars:,}",
-                          hint="shorten it, or raise max_prompt_chars in the config")
-    tokens = len(tokenizer.encode(clean))
-    if tokens > settings.max_prompt_tokens:
-        raise PromptError(f"the prompt is {tokens:,} tokens; the limit is "
-                          f"{settings.max_prompt_tokens:,}",
-                          hint="shorten it, or raise max_prompt_tokens in the config")
-    return clean
-
-
-def read_prompt(text: str | None, path: Path | None, settings: GenerateConfig) -> str:
-    """`--prompt TEXT`, `--prompt -` (stdin) or `--prompt-file FILE`, as strict UTF-8.
-
-    Input is read with a byte cap (4 bytes per allowed character) so a huge file or
-    stream is refused without being held in memory.
-    """
-    cap = 4 * settings.max_prompt_chars
-    if path is not None:
-        data, where = read_capped(path, cap, PromptError), str(path)
-    elif text == "-":
-        data, where = sys.stdin.buffer.read(cap + 1), "standard input"
-        if len(data) > cap:
-            raise PromptError(f"the prompt on standard input is over {cap:,} bytes",
-                              hint="shorten it, or raise max_prompt_chars in the config")
-    else:
-        return text or ""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PromptError(f"the prompt is not valid UTF-8 (byte {exc.start}), in {where}"
-                          ) from None
-
-
-# ------------------------------------------------------------------------ text stream
-
-
-class TextStream:
-    """Token ids in, printable text out: UTF-8 whole, sanitised, cut at a stop string.
-
-    Text that might be the start of a stop string is held back until it is known not
-    to be one, so a stop string is never printed, even split across tokens.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
-        self._decoder = tokenizer.stream_decoder()
-        self._clean = OutputSanitizer()
-        self._stops = tuple(s for s in stop_strings if s)
-        self._held = ""
-        self.stopped = False
-
-    def feed(self, token: int) -> str:
-        return self._cut(self._clean.feed(self._decoder.feed(token)))
-
-    def finish(self) -> str:
-        """The rest: pending bytes (U+FFFD if incomplete), held-back text."""
-        if self.stopped:
-            return ""
-        tail = self._cut(self._clean.feed(self._decoder.flush()) + self._clean.flush())
-        held, self._held = self._held, ""
-        return tail + ("" if self.stopped else held)
-
-    def _cut(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        text = self._held + text
-        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self.stopped, self._held = True, ""
-            return text[:min(hits)]
-        keep = _stop_prefix_length(text, self._stops)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
-
-
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins a stop string.
-
-    `('hello\\nUs', ['\\nUser:']) -> 3`.
-    """
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
-
-
-# ------------------------------------------------------------------------ completion
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    stats: GenerationStats
-
-    def as_json(self) -> dict[str, Any]:
-        """`fragment generate --json`: exactly these five keys."""
-        stats = self.stats
-        return {"text": self.text, "new_tokens": stats.new_tokens,
-                "prompt_tokens": stats.prompt_tokens, "tokens_per_s": stats.tokens_per_s,
-                "time_to_first_token_s": stats.time_to_first_token_s}
-
-
-def complete(model: Any, tokenizer: Tokenizer, prompt: str, settings: GenerateConfig,
-             on_text: Callable[[str], None] | None = None) -> Completion:
-    """Continue `prompt` as a document would (after `<|endoftext|>`), up to a special
-    token, a stop string or a limit; `on_text` hears each safe piece as it is generated.
-    PromptError for an empty or over-long prompt."""
-    clean = check_prompt(prompt, settings, tokenizer)
-    if not clean.strip():
-        raise PromptError("the prompt is empty (after removing control characters)",
-                          hint="pass some text with --prompt, --prompt-file or --prompt -")
-    ids = [tokenizer.eot_id, *tokenizer.encode(clean)]
-    run = Engine(model).generate(ids, settings, stop_ids=special_ids(tokenizer))
-    pieces = list(_stream_text(run, TextStream(tokenizer, settings.stop), on_text))
-    return Completion("".join(pieces), run.stats)
-
-
-def special_ids(tok: Tokenizer) -> set[int]:
-    """Every special token ends a text: `<|end|>` or `<|endoftext|>` by design, and the
-    others (`<|user|>`, ...) would only start a turn nobody asked for."""
-    return set(tok.special_tokens.values())
-
-
-def _stream_text(tokens: Iterable[int], stream: TextStream,
-                 on_text: Callable[[str], None] | None = None) -> Iterator[str]:
-    """Non-empty safe pieces of text for `tokens`, until they end or a stop string."""
-    for token in tokens:
-        piece = stream.feed(token)
-        if piece:
-            if on_text:
-                on_text(piece)
-            yield piece
-        if stream.stopped:
-            break
-    tail = stream.finish()
-    if tail:
-        if on_text:
-            on_text(tail)
-        yield tail
-
-
-# ---------------------------------------------------------------------- conversation
-
-
-@dataclass(frozen=True)
-class Turn:
-    role: Literal["user", "assistant"]
-    text: str
-
-
-@dataclass
-class Conversation:
-    system: str | None = None
-    turns: list[Turn] = field(default_factory=list)
-
-    def transcript(self) -> str:
-        """Plain text for /save: one block per turn."""
-        blocks = [f"system: {self.system}"] if self.system else []
-        blocks += [f"{turn.role}: {turn.text}" for turn in self.turns]
-        return "# fragment chat transcript\n\n" + "\n\n".join(blocks) + "\n"
-
-
-class ChatTemplate(Protocol):
-    """How a conversation becomes ids, and which text ends an answer (besides any
-    special token, which always does)."""
-
-    stop_strings: tuple[str, ...]
-
-    def system(self, tok: Tokenizer, text: str) -> list[int]: ...
-    def turn(self, tok: Tokenizer, turn: Turn) -> list[int]: ...
-    def answer_start(self, tok: Tokenizer) -> list[int]: ...
-
-
-class SpecialTokenTemplate:
-    """`<|system|>S<|end|><|user|>U<|end|><|assistant|>A<|end|>...<|assistant|>`.
-
-    Only `special_id` makes the markers: text typed by the user that spells one is
-    encoded as ordinary text and cannot close a turn or open another.
-    """
-
-    stop_strings: tuple[str, ...] = ()
-
-    def system(self, tok: Tokenizer, text: str) -> list[int]:
-        return _wrap(tok, "<|system|>", text)
-
-    def turn(self, tok: Tokenizer, turn: Turn) -> list[int]:
-        return _wrap(tok, f"<|{turn.role}|>", turn.text)
-
-    def answer_start(self, tok: Tokenizer) -> list[int]:
-        return [tok.special_id("<|assistant|>")]
-
-
-def _wrap(tok: Tokenizer, marker: str, text: str) -> list[int]:
-    return [tok.special_id(marker), *tok.encode(text), tok.special_id("<|end|>")]
-
-
-class TranscriptTemplate:
-    """`S\\n\\nUser: U\\nAssistant: A\\n...User: U\\nAssistant:`: text a base model,
-    trained on documents only, can continue. The answer ends where the model starts
-    the next `User:` line."""
-
-    stop_strings: tuple[str, ...] = ("\nUser:",)
-
-    def system(self, tok: Tokenizer, text: str) -> list[int]:
-        return tok.encode(f"{text}\n\n")
-
-    def turn(self, tok: Tokenizer, turn: Turn) -> list[int]:
-        return tok.encode(f"{turn.role.capitalize()}: {turn.text}\n")
-
-    def answer_start(self, tok: Tokenizer) -> list[int]:
-        return tok.encode("Assistant:")
-
-
-def template_for(checkpoint_config: Mapping[str, Any]) -> ChatTemplate:
-    """Special tokens only for checkpoints that say they were trained with them."""
-    if checkpoint_config.get("chat_format") == SPECIAL_TOKENS_FORMAT:
-        return SpecialTokenTemplate()
-    return TranscriptTemplate()
-
-
-def render(conversation: Conversation, template: ChatTemplate, tok: Tokenizer,
-           budget: int) -> list[int]:
-    """Ids for the whole conversation plus the answer's start, in at most `budget`.
-
-    Whole turns are dropped oldest first (a user turn with its answer), the system
-    prompt always stays; if the system prompt and the last user turn alone do not
-    fit, PromptError.
-    """
-    head = [tok.eot_id] + (template.system(tok, conversation.system)
-                           if conversation.system else [])
-    tail = template.answer_start(tok)
-    rendered = [template.turn(tok, turn) for turn in conversation.turns]
-    first = 0
-    while sum(map(len, rendered[first:])) + len(head) + len(tail) > budget:
-        if first >= len(rendered) - 1:
-            size = len(head) + len(tail) + len(rendered[-1]) if rendered else len(head)
-            raise PromptError(f"the system prompt and this message need {size:,} tokens; "
-                              f"the model's context holds {budget:,} before its answer",
-                              hint="send a shorter message, or shorten /system")
-        first += 2 if conversation.turns[first].role == "user" else 1
-        first = min(first, len(rendered) - 1)
-    return [*head, *(i for ids in rendered[first:] for i in ids), *tail]
-
-
-# ------------------------------------------------------------------------------ REPL
 
 PROMPT = "you> "
 HELP = """commands:
@@ -342,24 +78,24 @@ class Reply:
     """
 
     message: str = ""
-    answer: Iterator[str] | None = None
+    answer: Generator[str, None, None] | None = None
     exit: bool = False
 
 
 class ChatSession:
     """The chat's state and commands; no terminal. `handle(line) -> Reply`.
 
-    `confirm(question)` asks the person at the terminal (True or False), or says there
-    is nobody to ask (None); it must never read the stream the messages come from, or a
-    piped line could answer for the user.
+    `chat_format` is the checkpoint config's "chat_format" (which template renders the
+    turns). `confirm(question)` asks the person at the terminal (True or False), or
+    says there is nobody to ask (None); it must never read the stream the messages come
+    from, or a piped line could answer for the user.
     """
 
-    def __init__(self, model: Any, tokenizer: Tokenizer, settings: ChatConfig,
-                 checkpoint_config: Mapping[str, Any] | None = None,
-                 confirm: Confirm = no_terminal) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ChatConfig,
+                 chat_format: str | None = None, confirm: Confirm = no_terminal) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
-        self.template = template_for(checkpoint_config or {})
+        self.template = template_for(chat_format)
         self.engine = Engine(model)
         self.conversation = Conversation()
         self.confirm = confirm
@@ -386,13 +122,13 @@ class ChatSession:
     def _checked(self, text: str) -> str:
         return check_prompt(text, self.settings, self.tokenizer)
 
-    def _answer(self, text: str) -> Iterator[str]:
+    def _answer(self, text: str) -> Generator[str, None, None]:
         """Validate eagerly (render), then stream; the turn pair is recorded at the end."""
         budget = self.engine.window - min(self.settings.max_new_tokens, self.engine.window // 2)
         turns = self.conversation.turns
         turns.append(Turn("user", text))
         try:
-            ids = render(self.conversation, self.template, self.tokenizer, budget)
+            ids = render_prompt(self.conversation, self.template, self.tokenizer, budget)
             run = self.engine.generate(ids, self.settings, special_ids(self.tokenizer))
         except BaseException:
             turns.pop()  # not sent: the conversation stays as it was
@@ -400,11 +136,11 @@ class ChatSession:
         self.last_stats = run.stats
         return self._stream(run, turns)
 
-    def _stream(self, run: Any, turns: list[Turn]) -> Iterator[str]:
+    def _stream(self, run: Generation, turns: list[Turn]) -> Generator[str, None, None]:
         shown: list[str] = []
         stream = TextStream(self.tokenizer, self.template.stop_strings)
         try:
-            for piece in _stream_text(run, stream):
+            for piece in stream_text(run, stream):
                 piece = piece if shown else piece.lstrip()  # "Assistant: hi" -> "hi"
                 if piece:
                     yield piece
@@ -441,7 +177,7 @@ class ChatSession:
         lines = [f"{key} = {_shown(key, getattr(self.settings, key))}" for key in SETTABLE]
         system = self.conversation.system
         lines += [f"system prompt = {escape_for_display(system, 200) if system else 'none'}",
-                  f"format = {format_name(self.template)}",
+                  f"format = {self.template.title}",
                   f"context window = {self.engine.window:,} tokens"]
         return Reply("\n".join(lines))
 
@@ -462,7 +198,9 @@ class ChatSession:
         path = save_target(arg)
         shown = _name(path)
         exists = check_save_target(path)
-        if exists or _hidden(arg):
+        # hidden: a part of the name as typed starts with a dot (`~/.bashrc`, `.config/x`)
+        if exists or any(part.startswith(".") and part not in (".", "..")
+                         for part in Path(arg).parts):
             question = "exists; replace it?" if exists else "is a hidden file; write it?"
             answer = self.confirm(f"{shown} {question} [y/N] ")
             if answer is None:
@@ -504,12 +242,6 @@ def _shown(key: str, value: object) -> str:
     if _OFF_AT.get(key) == value:
         return f"{text} (off)"
     return f"{text} s" if key == "max_time_s" else text
-
-
-def format_name(template: ChatTemplate) -> str:
-    if isinstance(template, SpecialTokenTemplate):
-        return "chat special tokens"
-    return "plain transcript (base model)"
 
 
 def _parse_assignment(word: str) -> tuple[str, str | None]:
@@ -554,11 +286,6 @@ def _name(path: Path | str) -> str:
     """A file name for a one-line message: escaped, and short enough to leave room for
     the reason after it."""
     return escape_for_display(str(path), 200)
-
-
-def _hidden(arg: str) -> bool:
-    """Whether a part of the name as typed is hidden: `~/.bashrc`, `.config/x`."""
-    return any(part.startswith(".") and part not in (".", "..") for part in Path(arg).parts)
 
 
 def check_save_target(path: Path) -> bool:
@@ -642,7 +369,7 @@ def run_repl(session: ChatSession, io: ChatIO) -> int:
             return 0
 
 
-def _show_answer(answer: Iterator[str], io: ChatIO) -> None:
+def _show_answer(answer: Generator[str, None, None], io: ChatIO) -> None:
     """Stream one answer; Ctrl-C stops it. An error is shown after the answer's line is
     ended (a FragmentError here, anything else raised to `run_repl`)."""
     interrupted, problem = False, None
@@ -656,11 +383,10 @@ def _show_answer(answer: Iterator[str], io: ChatIO) -> None:
         problem = exc
     finally:
         with contextlib.suppress(Exception):
-            answer.close()  # type: ignore[attr-defined]  # records the partial answer
+            answer.close()  # records the partial answer
         io.end_answer(interrupted)
     if problem is not None:
         io.message(_explain(problem))
-
 
 
 # ------------------------------------------------------------------ line editing
@@ -702,10 +428,8 @@ def _safe_history_path(path: Path) -> bool:
         return False
 
 
-def banner_rows(trained: Any) -> list[tuple[str, object]]:
+def banner_rows(trained: Trained) -> list[tuple[str, object]]:
     """The chat banner: what model this is and how good it was at training's end."""
-    from fragment_llm.model.gpt import count_parameters
-
     model = trained.model
     bpb = trained.val_bpb
     return [("checkpoint", trained.checkpoint.path),
@@ -714,4 +438,4 @@ def banner_rows(trained: Any) -> list[tuple[str, object]]:
             ("val bits/byte", "-" if bpb is None else f"{bpb:.4f}"),
             ("device", str(trained.device)),
             ("context window", f"{model.config.block_size} tokens"),
-            ("format", format_name(template_for(trained.checkpoint.config)))]
+            ("format", template_for(trained.checkpoint.config.get("chat_format")).title)]

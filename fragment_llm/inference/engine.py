@@ -5,13 +5,17 @@ then one position per new token), sampling (temperature, top-k, top-p, repetitio
 penalty, a seeded `torch.Generator`), the hard limits (new tokens, wall-clock time) and
 the sliding window past `block_size`. It knows nothing of text: stop *ids*
 (`<|endoftext|>`, `<|end|>`) are passed in, and stop *strings* are the caller's job
-(decode as the ids arrive and break out of the loop). chat.py does the text.
+(decode as the ids arrive and break out of the loop). text.py and chat.py do the text.
 
     engine = Engine(model)                                  # one cache, reused
     run = engine.generate(prompt_ids, GenerateConfig(temperature=0), stop_ids={eot_id})
     for token in run:                                       # break to stop early
         ...
     run.stats.tokens_per_s
+
+One engine serves any number of generations, one after another (a chat's answers, a
+server's requests): each starts from a fresh cache and its own sampler, so it gives the
+ids a new engine would.
 
 Speed at batch 1 on a CPU comes from doing nothing per token but the model's forward
 over one position and sampling its logits: no recompute of the prefix, no
@@ -23,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +35,8 @@ from torch import Tensor
 from fragment_llm.config import GenerateConfig
 from fragment_llm.errors import CheckpointError, PromptError
 from fragment_llm.model.gpt import GPT, KVCache
+
+StopReason = Literal["stop_id", "max_new_tokens", "max_time", "caller"]
 
 
 @dataclass
@@ -46,7 +53,7 @@ class GenerationStats:
     decode_s: float = 0.0  # time inside the engine for every later token
     decode_steps: int = 0
     window_slides: int = 0  # times the oldest tokens were dropped to stay in block_size
-    stop_reason: str = "caller"
+    stop_reason: StopReason = "caller"
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -87,17 +94,14 @@ class Sampler:
         if self.settings.temperature == 0.0:
             token = int(logits.argmax())
         else:
-            token = self._draw(self._scaled(logits))
+            # Shifted so the largest is 0 before the division, every temperature in range
+            # works: a tiny one (1e-50) sends the others to -inf (greedy, its limit)
+            # instead of the largest to +inf and softmax to NaN; a huge one flattens
+            # towards uniform. Softmax is unchanged by the shift.
+            token = self._draw((logits - logits.max()) / self.settings.temperature)
         if self.seen is not None:
             self.seen[token] = True
         return token
-
-    def _scaled(self, logits: Tensor) -> Tensor:
-        """Logits divided by the temperature, shifted so the largest is 0 first: every
-        temperature in range then works. A tiny one (1e-50) sends the others to -inf
-        (greedy, its limit) instead of the largest to +inf and softmax to NaN; a huge
-        one flattens towards uniform. Softmax is unchanged by the shift."""
-        return (logits - logits.max()) / self.settings.temperature
 
     def _penalise(self, logits: Tensor) -> Tensor:
         """CTRL (Keskar et al. 2019): seen tokens' logits shrink towards "less likely"
@@ -127,9 +131,11 @@ class Sampler:
 
 
 class Engine:
-    """Generates from one model at batch 1, reusing one KV cache for every call.
+    """Generates from one model at batch 1, reusing one KV cache for every generation.
 
-    One generation runs at a time: starting another abandons the previous one.
+    Generations may be made in any order and run one after another, each from a fresh
+    cache. The cache belongs to the one that started running last: starting another
+    abandons the previous one, which is refused if it is resumed.
     """
 
     def __init__(self, model: GPT) -> None:
@@ -137,7 +143,7 @@ class Engine:
         self.cache = KVCache.for_model(model, batch_size=1)
         device = model.wte.weight.device
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # (B=1, T=1)
-        self._owner: Generation | None = None
+        self._running: Generation | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -150,12 +156,8 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], settings: GenerateConfig,
                  stop_ids: Collection[int] = ()) -> Generation:
-        """A lazy generation: iterate it for new ids (stop ids are not yielded)."""
-        ids = self._checked(prompt_ids)
-        self._owner = Generation(self, ids, settings, frozenset(stop_ids))
-        return self._owner
-
-    def _checked(self, prompt_ids: Sequence[int]) -> list[int]:
+        """A lazy generation: iterate it for new ids (stop ids are not yielded). The
+        prompt is checked now; nothing runs until the first id is asked for."""
         ids = list(prompt_ids)
         if not ids:
             raise PromptError("the prompt is empty: generation needs at least one token")
@@ -163,7 +165,7 @@ class Engine:
         if bad is not None:
             raise PromptError(f"prompt token id {bad!r} is outside the model's vocabulary "
                               f"[0, {self.vocab_size})")
-        return ids
+        return Generation(self, ids, settings, frozenset(stop_ids))
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> Tensor:
@@ -202,7 +204,7 @@ class Generation:
         return self._run()
 
     def _run(self) -> Iterator[int]:
-        self._check_owner()
+        self.engine._running = self  # the cache is ours from here; prefill resets it
         stats, limit = self.stats, self.settings.max_new_tokens
         started = time.perf_counter()
         deadline = started + self.settings.max_time_s
@@ -219,17 +221,13 @@ class Generation:
 
     def _step(self, token: int) -> int:
         """Feed `token`, sample the next one; timed as decode."""
-        self._check_owner()
+        if self.engine._running is not self:  # the cache holds another one's context
+            raise RuntimeError("another generation started on this engine since this one")
         started = time.perf_counter()
         next_token = self._sampler(self._advance(token))
         self.stats.decode_s += time.perf_counter() - started
         self.stats.decode_steps += 1
         return next_token
-
-    def _check_owner(self) -> None:
-        # The engine's one cache holds the newest generation's context, not ours.
-        if self.engine._owner is not self:
-            raise RuntimeError("another generation started on this engine since this one")
 
     def _advance(self, token: int) -> Tensor:
         """Logits after `token`, sliding the window first if the cache is full."""
