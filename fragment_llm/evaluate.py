@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.events import ProgressFn, no_progress
-from fragment_llm.model.gpt import GPT, bits_per_byte
+from fragment_llm.model.gpt import GPT
+from fragment_llm.model.loss import bits_per_byte
 from fragment_llm.model.size import check_inference_memory
 from fragment_llm.safety.text import escape_for_display
 
@@ -93,9 +94,9 @@ def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
 def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
     """Compare sizes before building: config.json is checked against model.safetensors
     (whose size is capped) so a hostile config cannot make us allocate a huge model."""
-    from fragment_llm.model.gpt import count_parameters
+    from fragment_llm.model.size import count_parameters
 
-    expected = count_parameters(config)  # counted on the meta device: nothing allocated
+    expected = count_parameters(config)  # from the config: nothing allocated
     stored = sum(math.prod(spec.shape) for spec in checkpoint.model_header.tensors.values())
     if expected != stored:
         raise CheckpointError(f"config.json describes {expected:,} parameters but "

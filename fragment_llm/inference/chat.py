@@ -704,7 +704,7 @@ def _safe_history_path(path: Path) -> bool:
 
 def banner_rows(trained: Any) -> list[tuple[str, object]]:
     """The chat banner: what model this is and how good it was at training's end."""
-    from fragment_llm.model.gpt import count_parameters
+    from fragment_llm.model.size import count_parameters
 
     model = trained.model
     bpb = trained.val_bpb

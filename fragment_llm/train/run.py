@@ -38,8 +38,13 @@ from fragment_llm.errors import (
     DatasetError,
     TrainingError,
 )
-from fragment_llm.model.gpt import count_parameters, flops_per_token
-from fragment_llm.model.size import MemoryPlan, default_memory_limit, plan_memory
+from fragment_llm.model.size import (
+    MemoryPlan,
+    count_parameters,
+    default_memory_limit,
+    flops_per_token,
+    plan_memory,
+)
 from fragment_llm.safety.files import atomic_write_text, make_dirs, translate_os_errors
 from fragment_llm.safety.signals import uninterrupted
 from fragment_llm.safety.workers import cap_workers, tokenizer_bytes
