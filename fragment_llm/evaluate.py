@@ -80,7 +80,7 @@ def load_trained(path: Path, device: torch.device | None = None,
 def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
     """The checkpoint's [model] config, or one line naming the field and the rule."""
     try:
-        return ModelConfig.model_validate(checkpoint.config.get("model"))
+        config = ModelConfig.model_validate(checkpoint.config.get("model"))
     except ValidationError as exc:
         error = exc.errors()[0]
         # Escaped: the key names come from the file and must not break the line.
@@ -89,6 +89,12 @@ def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
                               f"{checkpoint.path / 'config.json'}",
                               hint="use another checkpoint; this config.json was not written "
                                    "by `fragment train`") from None
+    if config.vocab_size is None:  # "the tokenizer's" in a [model] table; training records it
+        raise CheckpointError(f"invalid model config: model.vocab_size: Field required, in "
+                              f"{checkpoint.path / 'config.json'}",
+                              hint="use another checkpoint; this config.json was not written "
+                                   "by `fragment train`")
+    return config
 
 
 def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:

@@ -353,6 +353,19 @@ def test_count_from_the_config_equals_the_built_model_for_every_option(preset, m
                 config, exclude)
 
 
+def test_vocab_size_comes_only_from_the_tokenizer():
+    config = ModelConfig(**TINY).model_copy(update={"vocab_size": None})
+    assert ModelConfig().vocab_size is None  # no default of its own
+    with pytest.raises(ModelError, match="no vocab_size"):
+        GPT(config)
+    with pytest.raises(ModelError, match="no vocab_size"):
+        count_parameters(config)
+    with pytest.raises(ModelError, match="no vocab_size"):
+        flops_per_token(config)
+    assert count_parameters(config, exclude_embeddings=True) == count_parameters(
+        make(), exclude_embeddings=True)
+
+
 def test_untied_head_and_learned_positions_count_as_embeddings():
     tied = make(positions="learned")
     untied = make(positions="learned", tie_embeddings=False)

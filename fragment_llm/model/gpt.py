@@ -176,19 +176,19 @@ class GPT(nn.Module):
                 + NORMS[config.norm].parameter_count(config))  # + norm_f
         if exclude_embeddings:
             return body
-        tables = (1 if config.tie_embeddings else 2) * config.vocab_size * config.n_embd
+        tables = (1 if config.tie_embeddings else 2) * vocab_size_of(config) * config.n_embd
         return body + tables + POSITIONS[config.positions].parameter_count(config)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(vocab_size_of(config), config.n_embd)
         self.positions = POSITIONS[config.positions](config)
         self.drop = dropout(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = NORMS[config.norm](config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(
-            config.n_embd, config.vocab_size, bias=False)
+            config.n_embd, vocab_size_of(config), bias=False)
         # Trade compute for memory in training: keep only each block's input and redo
         # the block's forward during backward (the trainer's --activation-checkpointing).
         self.activation_checkpointing = False
@@ -242,3 +242,11 @@ class GPT(nn.Module):
             raise ModelError(f"batch of {B} sequences does not match the KV cache's "
                              f"{cache.batch_size}")
 
+
+def vocab_size_of(config: ModelConfig) -> int:
+    """The config's vocab_size, which a model cannot do without. None in a [model] table
+    means "the tokenizer's": training fills it in before anything is built or sized."""
+    if config.vocab_size is None:
+        raise ModelError("the model config has no vocab_size",
+                         hint="set it from the tokenizer: vocab_size=tokenizer.vocab_size")
+    return config.vocab_size

@@ -29,7 +29,7 @@ import torch
 
 from fragment_llm.config import ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError
-from fragment_llm.model.gpt import GPT
+from fragment_llm.model.gpt import GPT, vocab_size_of
 from fragment_llm.safety.workers import SAFE_FRACTION
 from fragment_llm.safety.workers import available_memory as host_available_memory
 
@@ -67,7 +67,7 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
     """
     T = config.block_size if seq_len is None else seq_len
     matmul_params = count_parameters(config, exclude_embeddings=True)
-    matmul_params += config.vocab_size * config.n_embd
+    matmul_params += vocab_size_of(config) * config.n_embd
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * T
 
 
@@ -110,7 +110,7 @@ def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
                 device_type: str = "cpu") -> MemoryPlan:
     params = count_parameters(model)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    logits = 3 * train.batch_size * model.block_size * model.vocab_size * 4
+    logits = 3 * train.batch_size * model.block_size * vocab_size_of(model) * 4
     # The allocator keeps freed logits-sized blocks that later, differently sized
     # requests cannot reuse: half a copy of the logits covers what was measured.
     # On CUDA the limit is VRAM, where the process does not live; on a CPU or MPS
@@ -133,7 +133,7 @@ def plan_inference(model: ModelConfig, device_type: str = "cpu",
     position's logits and their log-softmax. Either way the weights count twice: the
     verified file's bytes are held while they are copied into the model.
     """
-    T, C, V = model.block_size, model.n_embd, model.vocab_size
+    T, C, V = model.block_size, model.n_embd, vocab_size_of(model)
     params = count_parameters(model)
     tables = {"rope": T * model.head_dim * 8,  # cos, sin (fp32) and their complex table
               "sinusoidal": T * C * 4}.get(model.positions, 0)

@@ -143,6 +143,14 @@ class TrainSummary:
 
 
 def _effective_model_config(request: TrainRequest, vocab_size: int) -> ModelConfig:
+    """The [model] config with the tokenizer's vocabulary, its only source: a vocab_size
+    given in [model] must agree with it, or the run is refused naming both."""
+    given = request.model.vocab_size
+    if given is not None and given != vocab_size:
+        came = request.given.model.get("vocab_size") if request.given else None
+        raise ConfigError(f"model.vocab_size is {given} in {came.source if came else 'the request'}"
+                          f", but the tokenizer {request.tokenizer} has {vocab_size} tokens",
+                          hint="leave vocab_size out of [model]: it comes from the tokenizer")
     try:
         return ModelConfig.model_validate({**request.model.model_dump(), "vocab_size": vocab_size})
     except ValueError as exc:
