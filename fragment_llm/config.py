@@ -177,11 +177,15 @@ MlpName = Literal["swiglu", "gelu"]
 class ModelConfig(StageConfig):
     """The GPT's shape and components (see docs/model.md). Defaults are the `small` preset.
 
-    `vocab_size` is not chosen by hand: training sets it from the tokenizer.
+    `vocab_size` has no default of its own: the tokenizer is its only source. None (the
+    default) means "the tokenizer's", filled in by training; a [model] vocab_size that
+    disagrees with the tokenizer is refused (train/run.py). A checkpoint's config.json
+    records the number, and a model cannot be built or sized without it.
     """
 
-    vocab_size: int = Field(8192, ge=256, le=1 << 20,
-                            description="token ids are 0..vocab_size-1; set from the tokenizer")
+    vocab_size: int | None = Field(None, ge=256, le=1 << 20,
+                                   description="token ids are 0..vocab_size-1; None = the "
+                                               "tokenizer's (the only source)")
     n_layer: int = Field(6, ge=1, le=256, description="transformer blocks")
     n_head: int = Field(4, ge=1, le=256, description="query heads per block")
     n_kv_head: int | None = Field(None, ge=1, le=256,
@@ -233,7 +237,8 @@ class ModelConfig(StageConfig):
 
 
 # Named sets of [model] keys; a config file and flags override them (vocab_size comes from
-# the tokenizer). Parameter counts at vocab 8192, with tied embeddings (docs/model.md):
+# the tokenizer, so no preset names it). Parameter counts at vocab 8192, with tied
+# embeddings (docs/model.md):
 #   tiny   0.85M non-embedding,  1.9M total: tests and the quick start
 #   small   4.8M non-embedding,  6.9M total (9.0M at the default vocab 16384): the default
 #   base   39.6M non-embedding, 44.9M total
@@ -329,7 +334,8 @@ class GivenSettings:
     def collect(cls, preset: str | None, file_tables: dict[str, dict[str, Any]],
                 config_path: Path | None, flags: dict[str, str]) -> GivenSettings:
         """`flags` maps each [train] key given on the command line to its flag's name.
-        `vocab_size` is never chosen: it comes from the tokenizer."""
+        A [model] vocab_size given in the file is kept here: it must agree with the
+        tokenizer (train/run.py) and, on resume, with the run (train/resume.py)."""
         tables = {}
         for table, presets in (("model", MODEL_PRESETS), ("train", TRAIN_PRESETS)):
             given = {key: Given(f"--preset {preset}", from_preset=True)
@@ -337,7 +343,6 @@ class GivenSettings:
             given.update({key: Given(str(config_path)) for key in file_tables.get(table, {})})
             if table == "train":
                 given.update({key: Given(flag) for key, flag in flags.items()})
-            given.pop("vocab_size", None)
             tables[table] = given
         return cls(**tables)
 

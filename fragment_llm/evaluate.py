@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError, DatasetError
 from fragment_llm.events import ProgressFn, no_progress
-from fragment_llm.model.gpt import GPT, bits_per_byte
+from fragment_llm.model.gpt import GPT
+from fragment_llm.model.loss import bits_per_byte
 from fragment_llm.model.size import check_inference_memory
 from fragment_llm.safety.text import escape_for_display
 
@@ -79,7 +80,7 @@ def load_trained(path: Path, device: torch.device | None = None,
 def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
     """The checkpoint's [model] config, or one line naming the field and the rule."""
     try:
-        return ModelConfig.model_validate(checkpoint.config.get("model"))
+        config = ModelConfig.model_validate(checkpoint.config.get("model"))
     except ValidationError as exc:
         error = exc.errors()[0]
         # Escaped: the key names come from the file and must not break the line.
@@ -88,14 +89,20 @@ def checkpoint_model_config(checkpoint: Any) -> ModelConfig:
                               f"{checkpoint.path / 'config.json'}",
                               hint="use another checkpoint; this config.json was not written "
                                    "by `fragment train`") from None
+    if config.vocab_size is None:  # "the tokenizer's" in a [model] table; training records it
+        raise CheckpointError(f"invalid model config: model.vocab_size: Field required, in "
+                              f"{checkpoint.path / 'config.json'}",
+                              hint="use another checkpoint; this config.json was not written "
+                                   "by `fragment train`")
+    return config
 
 
 def _refuse_size_mismatch(config: ModelConfig, checkpoint: Any) -> None:
     """Compare sizes before building: config.json is checked against model.safetensors
     (whose size is capped) so a hostile config cannot make us allocate a huge model."""
-    from fragment_llm.model.gpt import count_parameters
+    from fragment_llm.model.size import count_parameters
 
-    expected = count_parameters(config)  # counted on the meta device: nothing allocated
+    expected = count_parameters(config)  # from the config: nothing allocated
     stored = sum(math.prod(spec.shape) for spec in checkpoint.model_header.tensors.values())
     if expected != stored:
         raise CheckpointError(f"config.json describes {expected:,} parameters but "

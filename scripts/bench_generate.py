@@ -31,7 +31,8 @@ import torch
 
 from fragment_llm.config import MODEL_PRESETS, GenerateConfig, ModelConfig
 from fragment_llm.inference.engine import Engine
-from fragment_llm.model.gpt import GPT, count_parameters
+from fragment_llm.model.gpt import GPT
+from fragment_llm.model.size import count_parameters
 
 VOCAB = 8192
 ROOT = Path(__file__).resolve().parents[1]

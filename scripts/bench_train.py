@@ -9,7 +9,7 @@ rounds, and `median` is the median over rounds of ours / HF within one round.
 With `--paired N` (speed only) all contenders share one process and take one step each
 in turn, N times: a neighbour's burst then lands on steps seconds apart rather than
 minutes, so `median` (of the per-turn ratios) is the steadiest ratio on a shared VM.
-MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model.gpt
+MFU is measured tokens/s x FLOPs per token (6N + attention, fragment_llm.model.size
 .flops_per_token) over the matmul peak of the same precision measured in this same run.
 
     .venv/bin/python scripts/bench_train.py                  # tiny, small, base
@@ -68,7 +68,9 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8,
 
 def build(kind: str, preset: str):
     from fragment_llm.config import MODEL_PRESETS, ModelConfig
-    from fragment_llm.model.gpt import GPT, flops_per_token, lm_loss
+    from fragment_llm.model.gpt import GPT
+    from fragment_llm.model.loss import lm_loss
+    from fragment_llm.model.size import flops_per_token
 
     dims = {**MODEL_PRESETS[preset], "vocab_size": VOCAB}
     if kind == "ours-gpt2":  # our code, GPT-2's components: the closest like-for-like

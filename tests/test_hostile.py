@@ -247,6 +247,8 @@ SMALL = {"vocab_size": TOKENIZER_VOCAB, "n_layer": 1, "n_head": 2, "n_embd": 16,
     ({**SMALL, "n_layer": -1}, "greater than or equal to 1"),
     ({**SMALL, "activation": "relu"}, "Extra inputs are not permitted"),
     ("not a table", "valid dictionary"),
+    ({**SMALL, "vocab_size": None}, "model.vocab_size: Field required"),
+    ({k: v for k, v in SMALL.items() if k != "vocab_size"}, "model.vocab_size: Field required"),
 ])
 def test_checkpoint_model_config_that_breaks_the_rules(tmp_path, tokenizer_file, model_config,
                                                        rule):

@@ -15,16 +15,10 @@ from pydantic import ValidationError
 
 from fragment_llm.config import MODEL_PRESETS, ModelConfig, TokenizerConfig, load_stage_config
 from fragment_llm.errors import ConfigError, ModelError
-from fragment_llm.model.gpt import (
-    GPT,
-    MLPS,
-    NORMS,
-    POSITIONS,
-    KVCache,
-    count_parameters,
-    flops_per_token,
-    lm_loss,
-)
+from fragment_llm.model.components import MLPS, NORMS, POSITIONS
+from fragment_llm.model.gpt import GPT, KVCache
+from fragment_llm.model.loss import lm_loss
+from fragment_llm.model.size import count_parameters, flops_per_token
 
 V, T = 256, 16
 TINY = {"vocab_size": V, "n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": T}
@@ -228,7 +222,7 @@ def test_lm_loss_is_exact_where_the_target_probability_underflows():
 
 
 def test_hand_written_norm_and_swiglu_backwards_match_autograd():
-    from fragment_llm.model.gpt import _RMSNormFunction, _SwiGLUFunction
+    from fragment_llm.model.components import _RMSNormFunction, _SwiGLUFunction
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
     gain = torch.empty(16, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_()
@@ -329,6 +323,47 @@ def test_count_of_a_config_equals_count_of_its_model(variant):
     model = make(*variant)
     for exclude in (False, True):
         assert count_parameters(model.config, exclude) == count_parameters(model, exclude)
+
+
+def every_option(preset: str) -> list[ModelConfig]:
+    """The preset under every value ModelConfig allows for its parts: each registry's keys,
+    multi-head, grouped-query and multi-query attention, tied or untied, the default or an
+    explicit MLP width; dropout (no parameters) on every other one."""
+    base, fields = MODEL_PRESETS[preset], ModelConfig.model_fields
+    choices = [get_args(fields[name].annotation) for name in ("positions", "norm", "mlp")]
+    options = itertools.product(*choices, (None, 1, base["n_head"] // 2), (True, False),
+                                (None, 100))
+    return [ModelConfig(**{**base, "vocab_size": 16_003, "positions": positions, "norm": norm,
+                           "mlp": mlp, "n_kv_head": kv, "tie_embeddings": tie,
+                           "mlp_hidden": hidden, "dropout": 0.1 * (i % 2)})
+            for i, (positions, norm, mlp, kv, tie, hidden) in enumerate(options)]
+
+
+@pytest.mark.parametrize("preset", list(MODEL_PRESETS))
+def test_count_from_the_config_equals_the_built_model_for_every_option(preset, monkeypatch):
+    """The one source of sizes, the parts' own parameter_count, against a model built on
+    the meta device (shapes, no memory). Init only writes values, which meta tensors do
+    not have, and is most of the time a meta build takes: skipped."""
+    monkeypatch.setattr(GPT, "_init_weights", lambda self: None)
+    for config in every_option(preset):
+        with torch.device("meta"):
+            model = GPT(config)
+        for exclude in (False, True):
+            assert count_parameters(config, exclude) == count_parameters(model, exclude), (
+                config, exclude)
+
+
+def test_vocab_size_comes_only_from_the_tokenizer():
+    config = ModelConfig(**TINY).model_copy(update={"vocab_size": None})
+    assert ModelConfig().vocab_size is None  # no default of its own
+    with pytest.raises(ModelError, match="no vocab_size"):
+        GPT(config)
+    with pytest.raises(ModelError, match="no vocab_size"):
+        count_parameters(config)
+    with pytest.raises(ModelError, match="no vocab_size"):
+        flops_per_token(config)
+    assert count_parameters(config, exclude_embeddings=True) == count_parameters(
+        make(), exclude_embeddings=True)
 
 
 def test_untied_head_and_learned_positions_count_as_embeddings():

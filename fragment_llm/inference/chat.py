@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from fragment_llm.errors import FragmentError, OutputError, PromptError
 from fragment_llm.inference.engine import Engine, Generation, GenerationStats
 from fragment_llm.inference.text import TextStream, check_prompt, special_ids, stream_text
-from fragment_llm.model.gpt import count_parameters
+from fragment_llm.model.size import count_parameters
 from fragment_llm.safety.files import HINT_OVERWRITE, atomic_write_text, os_error_reason
 from fragment_llm.safety.text import escape_for_display
 from fragment_llm.tokenizer.chat_template import Conversation, Turn, render_prompt, template_for

@@ -1,6 +1,11 @@
-"""Estimate a training run's (or a loaded checkpoint's) peak memory before allocating.
+"""What a model costs, read off its config: parameters, training FLOPs, peak memory.
 
-The estimate is deliberately simple and a little pessimistic: fp32 weights, gradients
+Nothing here builds a model. `count_parameters(config)` sums the counts each part of the
+GPT states for itself (model/gpt.py, model/components.py), rather than building the
+model on the `meta` device: that imports torch's meta kernels, 77 MiB of RSS in a chat
+process, and a hostile checkpoint's config is sized here before anything is built.
+
+The memory estimate is deliberately simple and a little pessimistic: fp32 weights, gradients
 and two AdamW moments, plus activations per layer as in Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", eq. 2), and the
 logits, which dominate for small models with large vocabularies. On a CPU the process
@@ -24,7 +29,7 @@ import torch
 
 from fragment_llm.config import ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError
-from fragment_llm.model.gpt import count_parameters
+from fragment_llm.model.gpt import GPT, vocab_size_of
 from fragment_llm.safety.workers import SAFE_FRACTION
 from fragment_llm.safety.workers import available_memory as host_available_memory
 
@@ -33,6 +38,37 @@ MiB = 1 << 20
 # Python, torch, pyarrow and our modules take ~270 MiB of RSS before any tensor (measured);
 # the rest is headroom for the data pipeline, the display and the evaluations.
 CPU_RUNTIME = 480 << 20
+
+
+def count_parameters(model: GPT | ModelConfig, exclude_embeddings: bool = False) -> int:
+    """Trainable parameters of a model, or of the model a config describes.
+
+    `exclude_embeddings` leaves out the token and learned-position tables and an untied
+    lm_head, so the count is the same tied or untied: Kaplan et al.'s non-embedding N.
+    """
+    if isinstance(model, ModelConfig):
+        return GPT.parameter_count(model, exclude_embeddings)
+    skip = set()
+    if exclude_embeddings:  # the same tables GPT.parameter_count leaves out
+        skip = {"wte.weight", "lm_head.weight"}
+        skip |= {f"positions.{name}" for name, _ in model.positions.named_parameters()}
+    return sum(p.numel() for name, p in model.named_parameters() if name not in skip)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N' + 12 L C T.
+
+    N' = non-embedding parameters + vocab * n_embd (the output matmul, tied or not; the
+    input lookup is free). 6 = 2 per multiply-add times 3 (forward, two backward matmuls).
+    12 L C T counts attention scores and weighted sums (2 matmuls of T x C per token per
+    layer, forward 4 L C T, times 3), with T = seq_len (default block_size), ignoring
+    the causal half saved, as PaLM does (Chowdhery et al. 2022). Norms and activations
+    are left out.
+    """
+    T = config.block_size if seq_len is None else seq_len
+    matmul_params = count_parameters(config, exclude_embeddings=True)
+    matmul_params += vocab_size_of(config) * config.n_embd
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * T
 
 
 @dataclass(frozen=True)
@@ -74,7 +110,7 @@ def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
                 device_type: str = "cpu") -> MemoryPlan:
     params = count_parameters(model)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    logits = 3 * train.batch_size * model.block_size * model.vocab_size * 4
+    logits = 3 * train.batch_size * model.block_size * vocab_size_of(model) * 4
     # The allocator keeps freed logits-sized blocks that later, differently sized
     # requests cannot reuse: half a copy of the logits covers what was measured.
     # On CUDA the limit is VRAM, where the process does not live; on a CPU or MPS
@@ -97,17 +133,17 @@ def plan_inference(model: ModelConfig, device_type: str = "cpu",
     position's logits and their log-softmax. Either way the weights count twice: the
     verified file's bytes are held while they are copied into the model.
     """
-    T, C = model.block_size, model.n_embd
+    T, C, V = model.block_size, model.n_embd, vocab_size_of(model)
     params = count_parameters(model)
     tables = {"rope": T * model.head_dim * 8,  # cos, sin (fp32) and their complex table
               "sinusoidal": T * C * 4}.get(model.positions, 0)
     if eval_batch is None:
         kv = 2 * model.n_layer * model.kv_heads * T * model.head_dim * 4
         activations = layer_activation_bytes(model, 1, 4) + T * T  # + the bool mask
-        cache, logits = tables + kv, 2 * model.vocab_size * 4
+        cache, logits = tables + kv, 2 * V * 4
     else:
         activations = layer_activation_bytes(model, eval_batch, 4)
-        cache, logits = tables, 2 * eval_batch * T * model.vocab_size * 4
+        cache, logits = tables, 2 * eval_batch * T * V * 4
     return MemoryPlan(parameters=params, weights=8 * params, gradients=0, optimizer=0,
                       activations=activations, logits=logits,
                       runtime=CPU_RUNTIME if device_type != "cuda" else 0, cache=cache)

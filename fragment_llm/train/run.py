@@ -50,8 +50,13 @@ from fragment_llm.events import (
     ProgressEvent,
     StepEvent,
 )
-from fragment_llm.model.gpt import count_parameters, flops_per_token
-from fragment_llm.model.size import MemoryPlan, default_memory_limit, plan_memory
+from fragment_llm.model.size import (
+    MemoryPlan,
+    count_parameters,
+    default_memory_limit,
+    flops_per_token,
+    plan_memory,
+)
 from fragment_llm.safety.files import atomic_write_text, make_dirs, translate_os_errors
 from fragment_llm.safety.signals import uninterrupted
 from fragment_llm.safety.workers import cap_workers, tokenizer_bytes
@@ -129,6 +134,14 @@ class TrainSummary:
 
 
 def _effective_model_config(request: TrainRequest, vocab_size: int) -> ModelConfig:
+    """The [model] config with the tokenizer's vocabulary, its only source: a vocab_size
+    given in [model] must agree with it, or the run is refused naming both."""
+    given = request.model.vocab_size
+    if given is not None and given != vocab_size:
+        came = request.given.model.get("vocab_size") if request.given else None
+        raise ConfigError(f"model.vocab_size is {given} in {came.source if came else 'the request'}"
+                          f", but the tokenizer {request.tokenizer} has {vocab_size} tokens",
+                          hint="leave vocab_size out of [model]: it comes from the tokenizer")
     try:
         return ModelConfig.model_validate({**request.model.model_dump(), "vocab_size": vocab_size})
     except ValueError as exc:

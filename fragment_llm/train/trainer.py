@@ -19,7 +19,8 @@ from fragment_llm.data.shards import (
 from fragment_llm.errors import (
     TrainingError,
 )
-from fragment_llm.model.gpt import GPT, bits_per_byte, lm_loss
+from fragment_llm.model.gpt import GPT
+from fragment_llm.model.loss import bits_per_byte, lm_loss
 from fragment_llm.safety.signals import uninterrupted
 from fragment_llm.train.runtime import (
     DistEnv,
