@@ -8,7 +8,7 @@ read), rejects binary content and invalid UTF-8, splits it into documents by for
                   length-checked before parsing, and a bad line is skipped and counted;
 - `.parquet`      column `config.text_field`, after the footer's declared sizes were
                   checked against the caps, 64 rows at a time within a decoded-bytes
-                  budget (`processed.decoded_batches`);
+                  budget (`parquet_decode.decoded_batches`);
 
 then cleans (`cleaning.py`), filters by length and hashes each document. Whatever the
 file holds, it returns a `FileResult` (kept, or rejected with a `Reason`): nothing a
@@ -32,17 +32,15 @@ from typing import Any
 
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.cleaning import CleaningCounts, clean_text
-from fragment_llm.data.processed import (
-    MAX_DOC_BYTES,
-    MAX_MALFORMED_LISTED,
+from fragment_llm.data.parquet_decode import (
     MAX_PARQUET_FOOTER_BYTES,
     DecodeLimit,
-    Reason,
-    Status,
     decoded_batches,
+    first_line,
     open_parquet_bytes,
     parquet_errors,
 )
+from fragment_llm.data.processed import MAX_DOC_BYTES, MAX_MALFORMED_LISTED, Reason, Status
 from fragment_llm.errors import InputDataError
 from fragment_llm.safety.files import (
     _refuse_constant,
@@ -281,7 +279,7 @@ def _parse_record(text: str, max_depth: int) -> Any:
     except RecursionError:
         raise ValueError(f"JSON nested deeper than max_json_depth={max_depth}") from None
     except ValueError as exc:  # JSONDecodeError, duplicate key, NaN
-        raise ValueError(f"invalid JSON: {_first_line(exc)}") from None
+        raise ValueError(f"invalid JSON: {first_line(exc)}") from None
     # Walking the parsed record visits only its containers: a flat record costs ~1 us.
     if isinstance(record, dict | list) and _depth(record) > max_depth:
         raise ValueError(f"JSON nested deeper than max_json_depth={max_depth}")
@@ -342,7 +340,7 @@ def _open_parquet(data: bytes, config: PreprocessConfig) -> Any:
         _check_declared_sizes(parquet.metadata, leaf, config)
         return open_parquet_bytes(data, parquet.metadata)
     except parquet_errors() as exc:
-        raise _Rejected(Reason.PARQUET_INVALID, f"unreadable Parquet: {_first_line(exc)}") \
+        raise _Rejected(Reason.PARQUET_INVALID, f"unreadable Parquet: {first_line(exc)}") \
             from None
 
 
@@ -403,15 +401,10 @@ def _batch_texts(column: Any, first_row: int, config: PreprocessConfig) -> list[
             raw = column.cast(pa.large_binary()).to_pylist()
     except parquet_errors() as exc:
         raise _Rejected(Reason.PARQUET_INVALID, f"rows after {first_row} unreadable: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     return [None if value is None else
             _decode(value, config.invalid_utf8, where=f" in row {first_row + row}")
             for row, value in enumerate(raw, start=1)]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:MAX_DETAIL_CHARS] if lines else type(exc).__name__
 
 
 READERS: dict[str, Callable[[bytes, _Documents, PreprocessConfig], None]] = {
