@@ -15,7 +15,8 @@ file holds, it returns a `FileResult` (kept, or rejected with a `Reason`): nothi
 file can contain makes it raise. It runs in this process or in a helper process, so
 it only takes and returns plain picklable data.
 
-It does not walk folders, deduplicate or write anything (see `preprocess.py`).
+It does not walk folders (`discovery.py`), deduplicate or write anything
+(`preprocess.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.cleaning import CleaningCounts, clean_text
@@ -48,6 +49,10 @@ from fragment_llm.safety.files import (
     open_regular,
     translate_os_errors,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SUPPORTED = ", ".join(KINDS)
@@ -273,7 +278,7 @@ def _read_jsonl_line(line: bytes, number: int, offset: int, docs: _Documents,
         docs.malformed(number, value.problem)
 
 
-def _parse_record(text: str, max_depth: int) -> Any:
+def _parse_record(text: str, max_depth: int) -> object:
     try:  # the C parser stops at Python's recursion limit: no crash, a RecursionError
         record = _JSON.decode(text)
     except RecursionError:
@@ -286,7 +291,7 @@ def _parse_record(text: str, max_depth: int) -> Any:
     return record
 
 
-def _depth(value: Any) -> int:
+def _depth(value: object) -> int:
     """Nesting depth of parsed JSON, iteratively: `{"a": [1, [2]]} -> 3`, `"[[["` -> 0."""
     deepest = 0
     stack = [(value, 1)]
@@ -305,7 +310,7 @@ class _Problem:
     problem: str
 
 
-def _text_field(record: Any, name: str) -> str | _Problem:
+def _text_field(record: object, name: str) -> str | _Problem:
     if not isinstance(record, dict):
         return _Problem(f"a JSON {type(record).__name__}, not an object")
     if name not in record:
@@ -332,7 +337,7 @@ def _read_parquet(data: bytes, docs: _Documents, config: PreprocessConfig) -> No
                 docs.add(value)
 
 
-def _open_parquet(data: bytes, config: PreprocessConfig) -> Any:
+def _open_parquet(data: bytes, config: PreprocessConfig) -> pq.ParquetFile:
     _check_parquet_footer(data)
     try:
         parquet = open_parquet_bytes(data)
@@ -354,7 +359,7 @@ def _check_parquet_footer(data: bytes) -> None:
                         f"for a {len(data)}-byte file (truncated?)")
 
 
-def _text_leaf(parquet: Any, name: str) -> int:
+def _text_leaf(parquet: pq.ParquetFile, name: str) -> int:
     """The Parquet column index of top-level string column `name`."""
     import pyarrow as pa
 
@@ -374,7 +379,8 @@ def _text_leaf(parquet: Any, name: str) -> int:
     return paths.index(name)
 
 
-def _check_declared_sizes(metadata: Any, leaf: int, config: PreprocessConfig) -> None:
+def _check_declared_sizes(metadata: pq.FileMetaData, leaf: int,
+                          config: PreprocessConfig) -> None:
     """Refuse, before decompressing anything, what the footer says would exceed the caps:
     a few KB of Parquet can declare a column of hundreds of MB."""
     cap = config.max_file_bytes
@@ -390,7 +396,8 @@ def _check_declared_sizes(metadata: Any, leaf: int, config: PreprocessConfig) ->
                             f"uncompressed bytes by row group {index}; max_file_bytes is {cap}")
 
 
-def _batch_texts(column: Any, first_row: int, config: PreprocessConfig) -> list[str | None]:
+def _batch_texts(column: pa.Array, first_row: int,
+                 config: PreprocessConfig) -> list[str | None]:
     import pyarrow as pa
 
     try:

@@ -53,6 +53,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 SHARD_NAME = re.compile(r"(train|val)-\d{5}\.bin")
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MB of uint16 per shard: small enough to fsync often
 ENCODE_CHUNK_DOCS = 16
+ENCODE_WINDOW_DOCS = 256  # documents in flight at once: bounds memory whatever the corpus
 
 
 # --------------------------------------------------------------------------- manifest
@@ -90,6 +91,11 @@ class TokensManifest(BaseModel):
     val: SplitEntry
 
 
+def dump_manifest(manifest: TokensManifest) -> str:
+    """The manifest's file text (safety.files.dump_json: sorted keys, ASCII)."""
+    return dump_json(manifest.model_dump(mode="json"))
+
+
 def cache_key(processed_sha256: str, tokenizer_sha256: str, val_fraction: float) -> str:
     """Name of the cache folder: changes whenever an input of the shards changes."""
     text = f"{TOKENS_VERSION}:{processed_sha256}:{tokenizer_sha256}:{val_fraction!r}"
@@ -119,81 +125,6 @@ def is_validation(doc_sha256: str, val_fraction: float) -> bool:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-class _ShardWriter:
-    """Accumulates token arrays for one split and writes fixed-size shards into `folder`."""
-
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.folder, self.split, self.dtype = folder, split, dtype
-        self.shard_tokens = shard_tokens
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.shards: list[ShardEntry] = []
-        self.documents = self.tokens = self.text_bytes = 0
-
-    def add(self, ids: np.ndarray, text_bytes: int) -> None:
-        self.pending.append(ids)
-        self.pending_tokens += len(ids)
-        self.documents += 1
-        self.tokens += len(ids)
-        self.text_bytes += text_bytes
-        if self.pending_tokens >= self.shard_tokens:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending_tokens:
-            return
-        data = np.concatenate(self.pending).astype(self.dtype).astype(self.dtype.newbyteorder("<"))
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        raw = data.tobytes()
-        atomic_write_bytes(self.folder / name, raw)
-        self.shards.append(ShardEntry(file=name, tokens=len(data), sha256=sha256_bytes(raw)))
-        self.pending, self.pending_tokens = [], 0
-
-    def entry(self) -> SplitEntry:
-        self.flush()
-        return SplitEntry(documents=self.documents, tokens=self.tokens,
-                          text_bytes=self.text_bytes, shards=self.shards)
-
-
-ENCODE_WINDOW_DOCS = 256  # documents in flight at once: bounds memory whatever the corpus
-
-
-def _windows(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
-    window: list[tuple[str, str]] = []
-    for item in items:
-        window.append(item)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def _encode_all(tokenizer: Tokenizer, docs: Iterable[tuple[str, str]], workers: int,
-                total_chars: int) -> Iterator[tuple[str, str, list[int]]]:
-    """Encode (text, split) documents in order, on `workers` processes when more than one
-    and the corpus is large enough to repay starting them.
-
-    Works a window at a time (Pool.imap would read its whole input ahead). The workers
-    are `bpe.encoder_pool`'s: they hold the merges, not torch (a process importing
-    torch costs ~150 MiB), and they end with this process.
-    """
-    from fragment_llm.tokenizer.bpe import MIN_PARALLEL_CHARS, encode_in_worker, encoder_pool
-    from fragment_llm.tokenizer.pretokenize import SplitPattern
-
-    if workers <= 1 or total_chars < MIN_PARALLEL_CHARS:
-        for text, split in docs:
-            yield text, split, tokenizer.encode(text)
-        return
-    spec = SplitPattern(tokenizer.pattern_name, tokenizer.pattern)
-    with encoder_pool(spec, tokenizer.merges, workers) as pool:
-        for window in _windows(docs, ENCODE_WINDOW_DOCS):
-            encoded = pool.map(encode_in_worker, [text for text, _ in window],
-                               chunksize=ENCODE_CHUNK_DOCS)
-            for (text, split), ids in zip(window, encoded, strict=True):
-                yield text, split, ids
 
 
 @dataclass(frozen=True)
@@ -286,6 +217,78 @@ def _forced_validation_doc(corpus: ProcessedCorpus, val_fraction: float) -> str 
     return smallest if count >= 2 else None
 
 
+class _ShardWriter:
+    """Accumulates token arrays for one split and writes fixed-size shards into `folder`."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.shard_tokens = shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[ShardEntry] = []
+        self.documents = self.tokens = self.text_bytes = 0
+
+    def add(self, ids: np.ndarray, text_bytes: int) -> None:
+        self.pending.append(ids)
+        self.pending_tokens += len(ids)
+        self.documents += 1
+        self.tokens += len(ids)
+        self.text_bytes += text_bytes
+        if self.pending_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_tokens:
+            return
+        data = np.concatenate(self.pending).astype(self.dtype).astype(self.dtype.newbyteorder("<"))
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        raw = data.tobytes()
+        atomic_write_bytes(self.folder / name, raw)
+        self.shards.append(ShardEntry(file=name, tokens=len(data), sha256=sha256_bytes(raw)))
+        self.pending, self.pending_tokens = [], 0
+
+    def entry(self) -> SplitEntry:
+        self.flush()
+        return SplitEntry(documents=self.documents, tokens=self.tokens,
+                          text_bytes=self.text_bytes, shards=self.shards)
+
+
+def _windows(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    window: list[tuple[str, str]] = []
+    for item in items:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _encode_all(tokenizer: Tokenizer, docs: Iterable[tuple[str, str]], workers: int,
+                total_chars: int) -> Iterator[tuple[str, str, list[int]]]:
+    """Encode (text, split) documents in order, on `workers` processes when more than one
+    and the corpus is large enough to repay starting them.
+
+    Works a window at a time (Pool.imap would read its whole input ahead). The workers
+    are `bpe.encoder_pool`'s: they hold the merges, not torch (a process importing
+    torch costs ~150 MiB), and they end with this process.
+    """
+    from fragment_llm.tokenizer.bpe import MIN_PARALLEL_CHARS, encode_in_worker, encoder_pool
+    from fragment_llm.tokenizer.pretokenize import SplitPattern
+
+    if workers <= 1 or total_chars < MIN_PARALLEL_CHARS:
+        for text, split in docs:
+            yield text, split, tokenizer.encode(text)
+        return
+    spec = SplitPattern(tokenizer.pattern_name, tokenizer.pattern)
+    with encoder_pool(spec, tokenizer.merges, workers) as pool:
+        for window in _windows(docs, ENCODE_WINDOW_DOCS):
+            encoded = pool.map(encode_in_worker, [text for text, _ in window],
+                               chunksize=ENCODE_CHUNK_DOCS)
+            for (text, split), ids in zip(window, encoded, strict=True):
+                yield text, split, ids
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -361,7 +364,3 @@ def _check_ids(array: np.ndarray, vocab_size: int, path: Path) -> None:
         if top >= vocab_size:
             raise DatasetError(f"token id {top} is not below the vocab size {vocab_size}, "
                                f"in {path}")
-
-
-def dump_manifest(manifest: TokensManifest) -> str:
-    return dump_json(manifest.model_dump(mode="json"))
