@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +182,7 @@ def evaluate_held_out(path: Path, tokens: Path, max_blocks: int | None = None,
                       progress: ProgressFn = no_progress) -> EvalResult:
     """Loss and bits per byte on the run's own held-out split, measured as training's
     final evaluation measures it (same blocks, batches and formula): the same figure."""
-    from fragment_llm.data.shards import eval_batches
+    from fragment_llm.data.batches import eval_batches
 
     trained = load_trained(path, evaluating=True)
     shards = held_out_shards(trained, tokens)
@@ -220,20 +219,12 @@ def _token_stream(processed: Path, tokenizer: Any, want: int,
     return np.concatenate(pieces), text_bytes
 
 
-def _consecutive_blocks(tokens: np.ndarray, block: int, count: int,
-                        batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `count` blocks of `tokens` as (inputs, targets) batches."""
-    for first in range(0, count, batch):
-        rows = [tokens[k * block:k * block + block + 1]
-                for k in range(first, min(count, first + batch))]
-        data = torch.from_numpy(np.stack(rows))
-        yield data[:, :-1], data[:, 1:]
-
-
 def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = None,
                        progress: ProgressFn = no_progress) -> EvalResult:
     """Mean next-token loss over the first `max_blocks` blocks of the documents of
     `processed`, in order (training text included), and bits per byte."""
+    from fragment_llm.data.batches import consecutive_batches
+
     trained = load_trained(path, evaluating=True)
     block = trained.model.config.block_size
     max_blocks = max_blocks or _final_eval_blocks(trained)
@@ -244,7 +235,7 @@ def evaluate_documents(path: Path, processed: Path, max_blocks: int | None = Non
         raise DatasetError(f"fewer than {block + 1} tokens in {processed}",
                            hint="evaluate on more text")
     batch = _run_number(trained.checkpoint.config, "batch_size", 8)
-    batches = _consecutive_blocks(tokens, block, usable, batch)
+    batches = consecutive_batches(tokens, block, batch, usable)
     loss = _mean_loss(trained.model, batches, usable, progress)
     bytes_covered = text_bytes * min(1.0, (usable * block + 1) / len(tokens))
     bpb = bits_per_byte(loss, usable * block, bytes_covered)

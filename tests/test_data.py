@@ -10,17 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fragment_llm.data.shards import (
-    MANIFEST,
+from fragment_llm.data.batches import (
     TokenBlockDataset,
-    TokenShards,
+    TokenSplit,
     TokenStream,
-    cache_key,
+    consecutive_batches,
     eval_batches,
-    is_validation,
     permuted_index,
+    slice_block,
     spread_indices,
 )
+from fragment_llm.data.shards import MANIFEST, TokenShards, cache_key, is_validation
 from fragment_llm.errors import DatasetError
 from fragment_llm.safety.files import sha256_bytes
 
@@ -123,6 +123,31 @@ def test_eval_batches_sample_the_whole_split_not_its_first_blocks(tmp_path):
     folder = write_shards(tmp_path / "tok", [np.arange(100)], [np.zeros(161), np.ones(161)])
     firsts = [int(x[0, 0]) for x, _ in eval_batches(TokenShards.open(folder).val, 16, 1, 4)]
     assert firsts == [0, 0, 1, 1]
+
+
+def test_the_order_is_pinned():
+    """The permutation is part of every saved run's position: an exact resume of a run
+    started by an earlier release needs these very numbers."""
+    assert [permuted_index(i, 10, 1, 0) for i in range(10)] == [3, 4, 6, 7, 2, 9, 0, 1, 5, 8]
+    assert [permuted_index(i, 1000, 7, 3) for i in range(8)] == [241, 789, 640, 265, 920,
+                                                                 376, 282, 677]
+
+
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(1, 9), st.integers(0, 60))
+def test_every_order_cuts_blocks_the_same_way(length, block_size, batch_size, count):
+    """One slicer: a split's blocks, the first blocks of a flat array and the targets of
+    every batch are `slice_block`s, shifted by one."""
+    tokens = np.arange(length, dtype=np.uint16)
+    split = TokenSplit((tokens,))
+    count = min(count, split.num_blocks(block_size))
+    starts = split.block_starts(block_size)
+    expected = [tokens[k * block_size:(k + 1) * block_size + 1].tolist() for k in range(count)]
+    assert [split.block(k, block_size, starts).tolist() for k in range(count)] == expected
+    assert [slice_block(tokens, k, block_size).tolist() for k in range(count)] == expected
+    batches = list(consecutive_batches(tokens, block_size, batch_size, count))
+    assert all(x.dtype == y.dtype == torch.int64 for x, y in batches)
+    assert [row for x, _ in batches for row in x.tolist()] == [e[:-1] for e in expected]
+    assert [row for _, y in batches for row in y.tolist()] == [e[1:] for e in expected]
 
 
 @given(st.integers(0, 100_000), st.integers(1, 5_000))

@@ -31,7 +31,7 @@ from test_train import FAST, MODEL, assert_same_weights, cli_train_config, final
 
 import fragment_llm.checkpoint.load as checkpoint_load
 import fragment_llm.checkpoint.save as checkpoint_save
-import fragment_llm.data.processed as processed_module
+import fragment_llm.data.processed_writer as processed_writer
 import fragment_llm.data.shards as data_module
 from fragment_llm.checkpoint.layout import MODEL_FILE, _step_entries
 from fragment_llm.checkpoint.load import (
@@ -223,7 +223,7 @@ def install_disk(disk: FullDisk, monkeypatch) -> None:
     """Route every artifact write through `disk`: safeio's atomic writes (os.fdopen),
     pyarrow's shard writer, safetensors' save_file and the checkpoint's JSON files."""
     real_fdopen, real_fsync = os.fdopen, os.fsync
-    real_parquet_writer = processed_module._parquet_writer
+    real_parquet_writer = processed_writer._parquet_writer
     serialize = safetensors.torch.save
 
     def fdopen(fd, mode="r", *args, **kwargs):
@@ -245,7 +245,7 @@ def install_disk(disk: FullDisk, monkeypatch) -> None:
 
     monkeypatch.setattr(os, "fdopen", fdopen)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(processed_module, "_parquet_writer", lambda path, level: (
+    monkeypatch.setattr(processed_writer, "_parquet_writer", lambda path, level: (
         real_parquet_writer(DiskFile(open(path, "wb", buffering=0), disk), level)))
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(checkpoint_save, "open",

@@ -67,11 +67,12 @@ from fragment_llm.config import (
     load_stage_config,
     read_config_file,
 )
+from fragment_llm.data.batches import TokenStream, eval_batches
 from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.processed import MANIFEST_NAME, ProcessedCorpus
 from fragment_llm.data.readers import FileResult, FileTask, read_input_file
 from fragment_llm.data.shards import MANIFEST as TOKENS_MANIFEST
-from fragment_llm.data.shards import TokenShards, TokenStream, eval_batches
+from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import CheckpointError, ConfigError, FragmentError, ProcessedDataError
 from fragment_llm.safety.files import sha256_bytes
 from fragment_llm.safety.text import (

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 
 import fragment_llm.data.preprocess as preprocess
 import fragment_llm.data.processed as processed_module
+import fragment_llm.data.processed_writer as processed_writer
+import fragment_llm.data.read_pool as read_pool
 import fragment_llm.data.readers as readers
 import fragment_llm.data.shards as data_module
 import fragment_llm.export.hf_tokenizer as hf_export
@@ -257,7 +259,7 @@ def test_preprocess_refuses_a_listing_too_large_before_reading(raw, runner, monk
         (raw / f"image{index:03d}.jpg").write_bytes(b"\xff\xd8")
     monkeypatch.setattr(preprocess, "MAX_MANIFEST_BYTES", 20_000)
     read = []
-    monkeypatch.setattr(preprocess, "read_input_file",
+    monkeypatch.setattr(read_pool, "read_input_file",
                         lambda *args: read.append(args) or readers.read_input_file(*args))
     result = runner.invoke(cli, ["-q", "preprocess", str(raw), "--out",
                                  str(raw.parent / "out")])
@@ -287,13 +289,18 @@ def test_the_real_manifest_cap_is_the_readers(monkeypatch):
     assert preprocess.MAX_MANIFEST_BYTES is processed_module.MAX_MANIFEST_BYTES
 
 
+def test_the_shard_writers_caps_are_the_readers():
+    assert processed_writer.MAX_SHARDS is processed_module.MAX_SHARDS
+    assert processed_writer.MAX_SHARD_FILE_BYTES is processed_module.MAX_SHARD_FILE_BYTES
+
+
 def test_preprocess_refuses_more_shards_than_readers_accept(raw, runner, monkeypatch,
                                                             tmp_path):
     for index in range(3):  # ~1.3 MB each: one shard each at shard_max_bytes = 1 MiB
         (raw / f"big{index}.txt").write_text(f"{index} " + TEXT * 44)
     config = tmp_path / "c.toml"
     config.write_text("[preprocess]\nshard_max_bytes = 1048576\n")
-    monkeypatch.setattr(processed_module, "MAX_SHARDS", 2)
+    monkeypatch.setattr(processed_writer, "MAX_SHARDS", 2)
     result = runner.invoke(cli, ["-q", "preprocess", str(raw), "--out", str(tmp_path / "out"),
                                  "--config", str(config)])
     refused(result, "would need more than 2 shards")
@@ -302,7 +309,7 @@ def test_preprocess_refuses_more_shards_than_readers_accept(raw, runner, monkeyp
 
 def test_preprocess_refuses_a_shard_file_readers_would_refuse(raw, runner, monkeypatch,
                                                               tmp_path):
-    monkeypatch.setattr(processed_module, "MAX_SHARD_FILE_BYTES", 1000)
+    monkeypatch.setattr(processed_writer, "MAX_SHARD_FILE_BYTES", 1000)
     result = runner.invoke(cli, ["-q", "preprocess", str(raw), "--out", str(tmp_path / "out")])
     refused(result, "readers refuse shards over 1,000")
     assert not (tmp_path / "out").exists()

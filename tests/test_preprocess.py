@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import fragment_llm.data.preprocess as preprocess
+import fragment_llm.data.read_pool as read_pool
 from fragment_llm.cli.app import cli
 from fragment_llm.config import PreprocessConfig
-from fragment_llm.data.preprocess import discover, run_preprocess
+from fragment_llm.data.discovery import discover
+from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.processed import MANIFEST_NAME, ProcessedCorpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +94,8 @@ def test_worker_processes_give_the_same_shards(mixed, tmp_path, monkeypatch):
     for i in range(20):  # enough files for the pool to interleave them
         (mixed / f"extra{i:02d}.txt").write_text(paragraph(100 + i) * (i + 1))
     run([mixed], tmp_path / "one")
-    monkeypatch.setattr(preprocess, "POOL_MIN_BYTES", 0)
-    monkeypatch.setattr(preprocess, "BATCH_FILES", 2)  # many small batches to share out
+    monkeypatch.setattr(read_pool, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(read_pool, "BATCH_FILES", 2)  # many small batches to share out
     slow_here, spooled = _slow_main_reads(monkeypatch)
     run([mixed], tmp_path / "two", workers=2)
     assert spooled and slow_here  # both this process and the helper read files
@@ -109,7 +111,7 @@ def _slow_main_reads(monkeypatch) -> tuple[list[str], list[str]]:
     """Slow this process's own reads so the helper (still starting) gets files too, and
     record which files each side read."""
     here, spooled = [], []
-    real_read, real_take = preprocess.read_input_file, preprocess._take_blob
+    real_read, real_take = read_pool.read_input_file, preprocess.take_blob
 
     def read(task, config):
         time.sleep(0.1)
@@ -121,8 +123,8 @@ def _slow_main_reads(monkeypatch) -> tuple[list[str], list[str]]:
             spooled.append(result.spool)
         return real_take(result)
 
-    monkeypatch.setattr(preprocess, "read_input_file", read)
-    monkeypatch.setattr(preprocess, "_take_blob", take)
+    monkeypatch.setattr(read_pool, "read_input_file", read)
+    monkeypatch.setattr(preprocess, "take_blob", take)
     return here, spooled
 
 

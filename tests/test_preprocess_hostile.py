@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 import fragment_llm.data.preprocess as preprocess
-import fragment_llm.data.processed as processed
+import fragment_llm.data.processed_writer as processed_writer
+import fragment_llm.data.read_pool as read_pool
 import fragment_llm.data.readers as readers
 from fragment_llm.cli.app import cli
 from fragment_llm.data.processed import MANIFEST_NAME
@@ -167,7 +168,7 @@ def test_file_changing_while_read(raw, tmp_path, monkeypatch):
         return (size, mtime + len(calls), ino, dev)  # as if written between the fstats
 
     monkeypatch.setattr(readers, "_signature", signature)
-    monkeypatch.setattr(preprocess, "read_input_file", _only_for("growing.txt"))
+    monkeypatch.setattr(read_pool, "read_input_file", _only_for("growing.txt"))
     report = preprocess.run_preprocess([raw], tmp_path / "out",
                                        preprocess.PreprocessConfig(workers=1))
     assert_rejected(report.manifest.model_dump(mode="json"), "growing.txt",
@@ -176,7 +177,7 @@ def test_file_changing_while_read(raw, tmp_path, monkeypatch):
 
 def _only_for(name: str):
     """read_input_file, with the monkeypatched `_signature` active for `name` only."""
-    real_read, patched = preprocess.read_input_file, readers._signature
+    real_read, patched = read_pool.read_input_file, readers._signature
 
     def read(task, config):
         readers._signature = patched if task.source == name else _real_signature
@@ -451,7 +452,7 @@ def test_failure_mid_run_keeps_the_previous_output(runner, raw, monkeypatch):
         def write_table(self, *args, **kwargs):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(processed, "_parquet_writer", lambda *args: FullDisk())
+    monkeypatch.setattr(processed_writer, "_parquet_writer", lambda *args: FullDisk())
     result = runner.invoke(cli, ["preprocess", str(raw), "--out", str(out), "--overwrite"])
     assert_refused(result, "disk full")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -466,7 +467,7 @@ def test_ctrl_c_keeps_the_previous_output(runner, raw, monkeypatch):
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(preprocess, "read_input_file", interrupt)
+    monkeypatch.setattr(read_pool, "read_input_file", interrupt)
     result = runner.invoke(cli, ["preprocess", str(raw), "--out", str(out), "--overwrite"])
     assert result.exit_code == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -30,8 +30,9 @@ from fragment_llm.config import (
     TrainConfig,
     resolve,
 )
+from fragment_llm.data.batches import eval_batches
 from fragment_llm.data.preprocess import run_preprocess
-from fragment_llm.data.shards import TokenShards, eval_batches
+from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from fragment_llm.events import (
     CheckpointEvent,

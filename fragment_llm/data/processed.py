@@ -1,4 +1,4 @@
-"""The processed-folder format (`data/processed/`): its manifest schema, writer and reader.
+"""The processed-folder format (`data/processed/`): its manifest schema and its reader.
 
 This module owns the contract between `fragment preprocess`, which writes the folder,
 and the tokenizer and training stages, which read it:
@@ -8,14 +8,15 @@ and the tokenizer and training stages, which read it:
     DIR/shard-00001.parquet    `text`, `source` (path relative to its input root) and
     ...                        `sha256` (hex digest of the cleaned text's UTF-8 bytes)
 
-`ShardWriter` writes the shards (bounded in size, a row group every few MB) and
-`manifest_json` the manifest's bytes. `ProcessedCorpus.open(folder)` treats the folder
-as hostile: the manifest is size-capped, parsed with guarded JSON and validated against
-the schema below; every shard it names must be a regular file (no symlink) inside the
-folder, with the recorded size and sha256 and the pinned Parquet schema. Any problem is
-a `ProcessedDataError` naming the file and the rule. Reading streams a few rows at a
-time, and a row group may decode to no more than the reader's cap, so memory stays
-bounded whatever a footer claims (`decoded_batches`, which raw Parquet inputs use too).
+It owns the caps both sides keep (shard and row-group sizes, the manifest's size) and
+`manifest_json`, the manifest's bytes; `processed_writer.py` writes the shards within
+those caps. `ProcessedCorpus.open(folder)` treats the folder as hostile: the manifest
+is size-capped, parsed with guarded JSON and validated against the schema below; every
+shard it names must be a regular file (no symlink) inside the folder, with the recorded
+size and sha256 and the pinned Parquet schema. Any problem is a `ProcessedDataError`
+naming the file and the rule. Reading streams a few rows at a time, and a row group may
+decode to no more than the reader's cap, so memory stays bounded whatever a footer
+claims (`parquet_decode.decoded_batches`, which raw Parquet inputs use too).
 
 It does not read raw inputs or clean text (see `readers.py`, `cleaning.py`).
 """
@@ -26,28 +27,29 @@ import hashlib
 import json
 import os
 import stat
-from array import array
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
 from enum import StrEnum
-from itertools import accumulate
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.cleaning import CleaningCounts
-from fragment_llm.errors import OutputError, ProcessedDataError
-from fragment_llm.safety.files import (
-    open_regular,
-    parse_json_guarded,
-    read_capped,
-    sha256_file,
-    translate_os_errors,
+from fragment_llm.data.parquet_decode import (
+    DecodeLimit,
+    decoded_batches,
+    first_line,
+    open_parquet_bytes,
+    parquet_errors,
 )
+from fragment_llm.errors import ProcessedDataError
+from fragment_llm.safety.files import open_regular, parse_json_guarded, read_capped
 from fragment_llm.safety.text import escape_for_display
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 FORMAT = "fragment-processed"
 VERSION = 1
@@ -62,7 +64,6 @@ MAX_ROW_GROUP_BYTES = 512 << 20
 # A shard file is read whole to be hashed and parsed from the same bytes; preprocess
 # writes at most 512 MiB of text (plus one document) per shard, compressed.
 MAX_SHARD_FILE_BYTES = 1 << 30
-MAX_PARQUET_FOOTER_BYTES = 16 << 20
 ROW_GROUP_BYTES = 8 << 20  # text per row group the writer aims for: what a reader holds
 # The longest document a shard may hold: its row group (with up to ROW_GROUP_BYTES of
 # other rows) stays under the reader's MAX_ROW_GROUP_BYTES, and its shard (with up to
@@ -225,7 +226,7 @@ def manifest_json(manifest: ProcessedManifest) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _compact(value: Any) -> str:
+def _compact(value: object) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True, allow_nan=False,
                       separators=(", ", ": "))
 
@@ -261,7 +262,7 @@ class ProcessedCorpus:
         corpus = cls(folder, _validate_manifest(data, manifest_path),
                      hashlib.sha256(raw).hexdigest())
         for shard in corpus.manifest.shards:
-            with corpus._open_shard(shard):
+            with _ShardHandle(folder / shard.file, shard):
                 pass
         return corpus
 
@@ -293,14 +294,11 @@ class ProcessedCorpus:
         most MAX_ROW_GROUP_BYTES, whatever its footer declares."""
         for shard in self.manifest.shards:
             path = self.folder / shard.file
-            with self._open_shard(shard) as parquet:
+            with _ShardHandle(path, shard) as parquet:
                 for index in range(parquet.num_row_groups):
                     limit = _row_group_limit(index, path)
                     for arrays in decoded_batches(parquet, list(columns), limit, [index]):
                         yield _checked_values(arrays, index, path)
-
-    def _open_shard(self, shard: ShardInfo) -> _ShardHandle:
-        return _ShardHandle(self.folder / shard.file, shard)
 
 
 # ----------------------------------------------------------------- manifest checks
@@ -315,7 +313,7 @@ def _require_manifest(folder: Path) -> Path:
     return manifest_path
 
 
-def _validate_manifest(data: Any, path: Path) -> ProcessedManifest:
+def _validate_manifest(data: object, path: Path) -> ProcessedManifest:
     if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") != VERSION:
         raise ProcessedDataError(
             f"unsupported processed format version {data.get('version')!r} "
@@ -348,7 +346,7 @@ class _ShardHandle:
         self.shard = shard
         self._file: BinaryIO | None = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> pq.ParquetFile:
         import pyarrow as pa
 
         with os.fdopen(open_regular(self.path, ProcessedDataError), "rb") as fh:
@@ -377,7 +375,7 @@ def _verified_bytes(fh: BinaryIO, path: Path, shard: ShardInfo) -> bytes:
     return data
 
 
-def _open_parquet(source: Any, path: Path, shard: ShardInfo) -> Any:
+def _open_parquet(source: pa.BufferReader, path: Path, shard: ShardInfo) -> pq.ParquetFile:
     import pyarrow as pa
 
     try:
@@ -387,7 +385,7 @@ def _open_parquet(source: Any, path: Path, shard: ShardInfo) -> Any:
         group_sizes = [parquet.metadata.row_group(i).total_byte_size
                        for i in range(parquet.num_row_groups)]
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ProcessedDataError(f"not a valid Parquet file ({_first_line(exc)}), in {path}") \
+        raise ProcessedDataError(f"not a valid Parquet file ({first_line(exc)}), in {path}") \
             from None
     _check_schema(schema, path)
     if rows != shard.documents:
@@ -398,11 +396,11 @@ def _open_parquet(source: Any, path: Path, shard: ShardInfo) -> Any:
     try:  # again, reading dictionary-encoded columns as dictionaries: see decoded_batches
         return open_parquet_bytes(source, parquet.metadata)
     except parquet_errors() as exc:
-        raise ProcessedDataError(f"not a valid Parquet file ({_first_line(exc)}), in {path}") \
+        raise ProcessedDataError(f"not a valid Parquet file ({first_line(exc)}), in {path}") \
             from None
 
 
-def _check_schema(schema: Any, path: Path) -> None:
+def _check_schema(schema: pa.Schema, path: Path) -> None:
     import pyarrow as pa
 
     names = tuple(schema.names)
@@ -427,276 +425,15 @@ def _row_group_limit(index: int, path: Path) -> DecodeLimit:
                        unreadable)
 
 
-def _checked_values(arrays: list[Any], index: int, path: Path) -> list[list[str]]:
+def _checked_values(arrays: list[pa.Array], index: int, path: Path) -> list[list[str]]:
     import pyarrow as pa
 
     try:
         for array in arrays:
             array.validate(full=True)  # UTF-8 checked in C++: to_pylist would raise mid-stream
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ProcessedDataError(f"cannot read row group {index} ({_first_line(exc)}), "
+        raise ProcessedDataError(f"cannot read row group {index} ({first_line(exc)}), "
                                  f"in {path}") from None
     if any(array.null_count for array in arrays):
         raise ProcessedDataError(f"row group {index} holds null values, in {path}")
     return [array.to_pylist() for array in arrays]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
-# ------------------------------------------------- bounded decoding (readers.py too)
-
-# Rows decoded at once: a batch of plain or delta-encoded values holds at most this many
-# values, each no larger than its page; dictionary-encoded ones are measured first.
-PARQUET_BATCH_ROWS = 64
-
-
-def parquet_errors() -> tuple[type[BaseException], ...]:
-    import pyarrow as pa
-
-    # Arrow raises its own classes, some of which are also OSError, ValueError, etc.
-    return (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError,
-            NotImplementedError, EOFError)
-
-
-def open_parquet_bytes(data: bytes | Any, metadata: Any = None) -> Any:
-    """A `ParquetFile` over bytes in memory, with thrift caps for a hostile footer. Given
-    the `metadata` of a first open (reused, not parsed again), columns that hold
-    dictionary pages are read as dictionaries (indices into the distinct values), which
-    `decoded_batches` measures before expanding them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    source = data if isinstance(data, pa.BufferReader) else pa.BufferReader(data)
-    dictionary = None
-    if metadata is not None:
-        dictionary = [metadata.schema.column(leaf).path for leaf in range(metadata.num_columns)
-                      if _has_dictionary(metadata, leaf)]
-    return pq.ParquetFile(source, metadata=metadata, read_dictionary=dictionary or None,
-                          thrift_string_size_limit=MAX_PARQUET_FOOTER_BYTES,
-                          thrift_container_size_limit=1_000_000)
-
-
-def _has_dictionary(metadata: Any, leaf: int) -> bool:
-    return any(metadata.row_group(group).column(leaf).has_dictionary_page
-               for group in range(metadata.num_row_groups))
-
-
-@dataclass(frozen=True)
-class DecodeLimit:
-    """How much a file's string columns may decode to, and the errors for going past it
-    (`too_large`) or failing to decode (`unreadable`); each takes a one-line message."""
-
-    budget: int
-    cap_name: str
-    too_large: Callable[[str], Exception]
-    unreadable: Callable[[str], Exception]
-
-
-def decoded_batches(parquet: Any, columns: list[str], limit: DecodeLimit,
-                    row_groups: list[int] | None = None) -> Iterator[list[Any]]:
-    """`columns` of a Parquet file as plain string arrays, `PARQUET_BATCH_ROWS` rows at a
-    time, refused once they would decode to more than `limit.budget` bytes.
-
-    The footer's sizes are only claims, and a small file can expand far past them: 15,000
-    rows referring to one 200 KB dictionary value are 3 GB of text. A dictionary-encoded
-    batch (see `open_parquet_bytes`) is measured from its indices and its distinct values
-    before it is expanded; any other batch holds at most a batch of values.
-    """
-    decoded = done = 0  # bytes measured, rows yielded
-    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns,
-                                   row_groups=row_groups, use_threads=False)
-    while True:
-        try:
-            batch = next(batches, None)
-            if batch is None:
-                return
-            arrays = [batch.column(i) for i in range(batch.num_columns)]
-            decoded += sum(map(_decoded_bytes, arrays))
-            if decoded > limit.budget:
-                raise limit.too_large(
-                    f"{', '.join(columns)[:60]} would decode to more than {limit.budget:,} "
-                    f"bytes by row {done + batch.num_rows:,} (repeated or expanding "
-                    f"values); {limit.cap_name} is {limit.budget:,}")
-            arrays = [array.dictionary_decode() if hasattr(array, "indices") else array
-                      for array in arrays]
-        except parquet_errors() as exc:
-            raise limit.unreadable(f"rows after {done:,} unreadable: {_first_line(exc)}") \
-                from None
-        yield arrays
-        done += batch.num_rows
-
-
-def _decoded_bytes(array: Any) -> int:
-    """Bytes of string data `array` holds once expanded (a dictionary's without doing so)."""
-    import pyarrow.compute as pc
-
-    if hasattr(array, "indices"):
-        lengths = pc.take(pc.binary_length(array.dictionary), array.indices)
-    else:
-        lengths = pc.binary_length(array)
-    return int(pc.sum(lengths).as_py() or 0)
-
-
-# ---------------------------------------------------------------------------- writer
-
-
-@dataclass(frozen=True)
-class DocumentBatch:
-    """Documents to append, in order: their texts as one Arrow array over the bytes they
-    came in (no copy), with each one's sha256, UTF-8 size and character count."""
-
-    texts: Any  # pa.LargeStringArray
-    digests: list[str]
-    sizes: list[int]
-    chars: list[int]
-
-    @classmethod
-    def of(cls, blob: bytes, docs: list[tuple[str, int, int]], keep: list[bool]) -> DocumentBatch:
-        import pyarrow as pa
-
-        offsets = array("q", accumulate((size for _, size, _ in docs), initial=0))
-        # Zero-copy: the array's data buffer is the blob itself.
-        texts = pa.Array.from_buffers(pa.large_string(), len(docs),
-                                      [None, pa.py_buffer(offsets), pa.py_buffer(blob)])
-        if not all(keep):
-            texts = texts.filter(pa.array(keep, pa.bool_()))
-            docs = [doc for doc, wanted in zip(docs, keep, strict=True) if wanted]
-        return cls(texts, [d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs])
-
-
-class ShardWriter:
-    """Writes documents to `shard-NNNNN.parquet` files, a row group every few MB.
-
-    A shard is closed before a document would take it past `max_bytes`, so every shard
-    holds at most `max_bytes` unless one document alone is larger. A document counts its
-    text plus its row's sha256 and source: millions of short documents must not make a
-    shard larger than the reader accepts. Whatever the reader refuses (too many shards,
-    a shard file too large) is refused here first, with `OutputError`.
-    """
-
-    def __init__(self, folder: Path, max_bytes: int, zstd_level: int) -> None:
-        self.folder = folder
-        self.max_bytes = max_bytes
-        self.zstd_level = zstd_level
-        self.group_bytes = min(ROW_GROUP_BYTES, max_bytes)
-        self.shards: list[ShardInfo] = []
-        self._staged: list[tuple[Any, list[str], str]] = []  # (texts, digests, source)
-        self._buffered = 0
-        self._writer: Any = None
-        self._docs = self._chars = self._text_bytes = self._shard_bytes = 0
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fragment-fsync")
-        self._synced: list[Future[None]] = []
-
-    @property
-    def _path(self) -> Path:
-        return self.folder / shard_name(len(self.shards))
-
-    def add(self, batch: DocumentBatch, source: str) -> None:
-        """Append a batch, cutting it where a shard or a row group is full."""
-        start = 0
-        overhead = ROW_OVERHEAD_BYTES + len(source.encode("utf-8", "surrogateescape"))
-        for index, size in enumerate(batch.sizes):
-            cost = size + overhead
-            if self._docs and self._shard_bytes + cost > self.max_bytes:
-                self._stage(batch, source, start, index)
-                start = index
-                self._finish_shard()
-            self._docs += 1
-            self._chars += batch.chars[index]
-            self._text_bytes += size
-            self._shard_bytes += cost
-            self._buffered += cost
-            if self._buffered >= self.group_bytes:
-                self._stage(batch, source, start, index + 1)
-                start = index + 1
-                self._flush()
-        self._stage(batch, source, start, len(batch.sizes))
-
-    def _stage(self, batch: DocumentBatch, source: str, start: int, stop: int) -> None:
-        if stop > start:
-            self._staged.append((batch.texts.slice(start, stop - start),
-                                 batch.digests[start:stop], source))
-
-    def close(self) -> list[ShardInfo]:
-        if self._docs:
-            self._finish_shard()
-        self._syncer.shutdown(wait=True)
-        for done in self._synced:
-            done.result()
-        return self.shards
-
-    def abandon(self) -> None:
-        """Stop the background fsync thread (a no-op after `close`)."""
-        self._syncer.shutdown(wait=True, cancel_futures=True)
-
-    def _flush(self) -> None:
-        if not self._staged:
-            return
-        if len(self.shards) >= MAX_SHARDS:
-            raise OutputError(f"the output would need more than {MAX_SHARDS:,} shards, the "
-                              f"most a processed folder may hold, in {self.folder}",
-                              hint="raise shard_max_bytes in [preprocess], or lower "
-                                   "max_total_bytes")
-        table = _table(self._staged)
-        with translate_os_errors(self._path):
-            if self._writer is None:
-                self._writer = _parquet_writer(self._path, self.zstd_level)
-            self._writer.write_table(table, row_group_size=table.num_rows)
-        self._staged = []
-        self._buffered = 0
-
-    def _finish_shard(self) -> None:
-        self._flush()
-        path = self._path
-        with translate_os_errors(path):
-            self._writer.close()
-            size = path.stat().st_size
-        if size > MAX_SHARD_FILE_BYTES:
-            raise OutputError(f"shard {path.name} is {size:,} bytes; readers refuse shards "
-                              f"over {MAX_SHARD_FILE_BYTES:,}",
-                              hint="lower shard_max_bytes in [preprocess]")
-        self.shards.append(ShardInfo(
-            file=path.name, sha256=sha256_file(path, OutputError), size=size,
-            documents=self._docs, chars=self._chars, text_bytes=self._text_bytes))
-        # Flush it to disk while the next shard is built: the final fsync then has
-        # little left to wait for.
-        self._synced.append(self._syncer.submit(_fsync, path))
-        self._writer = None
-        self._docs = self._chars = self._text_bytes = self._shard_bytes = 0
-
-
-def _fsync(path: Path) -> None:
-    with translate_os_errors(path):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema([pa.field(name, pa.string(), nullable=False) for name in SHARD_COLUMNS])
-
-
-def _table(staged: list[tuple[Any, list[str], str]]) -> Any:
-    import pyarrow as pa
-
-    texts = pa.concat_arrays([texts for texts, _, _ in staged]).cast(pa.string())
-    digests = [digest for _, batch, _ in staged for digest in batch]
-    sources = [source for _, batch, source in staged for _ in batch]
-    return pa.Table.from_arrays([texts, pa.array(sources, pa.string()),
-                                 pa.array(digests, pa.string())], schema=_schema())
-
-
-def _parquet_writer(path: Path, zstd_level: int) -> Any:
-    import pyarrow.parquet as pq
-
-    # No statistics: min/max of whole documents would bloat the footer for nothing.
-    return pq.ParquetWriter(path, _schema(), compression="zstd",
-                            compression_level=zstd_level, use_dictionary=["source"],
-                            write_statistics=False)

@@ -8,14 +8,15 @@ read), rejects binary content and invalid UTF-8, splits it into documents by for
                   length-checked before parsing, and a bad line is skipped and counted;
 - `.parquet`      column `config.text_field`, after the footer's declared sizes were
                   checked against the caps, 64 rows at a time within a decoded-bytes
-                  budget (`processed.decoded_batches`);
+                  budget (`parquet_decode.decoded_batches`);
 
 then cleans (`cleaning.py`), filters by length and hashes each document. Whatever the
 file holds, it returns a `FileResult` (kept, or rejected with a `Reason`): nothing a
 file can contain makes it raise. It runs in this process or in a helper process, so
 it only takes and returns plain picklable data.
 
-It does not walk folders, deduplicate or write anything (see `preprocess.py`).
+It does not walk folders (`discovery.py`), deduplicate or write anything
+(`preprocess.py`).
 """
 
 from __future__ import annotations
@@ -28,21 +29,19 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.cleaning import CleaningCounts, clean_text
-from fragment_llm.data.processed import (
-    MAX_DOC_BYTES,
-    MAX_MALFORMED_LISTED,
+from fragment_llm.data.parquet_decode import (
     MAX_PARQUET_FOOTER_BYTES,
     DecodeLimit,
-    Reason,
-    Status,
     decoded_batches,
+    first_line,
     open_parquet_bytes,
     parquet_errors,
 )
+from fragment_llm.data.processed import MAX_DOC_BYTES, MAX_MALFORMED_LISTED, Reason, Status
 from fragment_llm.errors import InputDataError
 from fragment_llm.safety.files import (
     _refuse_constant,
@@ -50,6 +49,10 @@ from fragment_llm.safety.files import (
     open_regular,
     translate_os_errors,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SUPPORTED = ", ".join(KINDS)
@@ -275,20 +278,20 @@ def _read_jsonl_line(line: bytes, number: int, offset: int, docs: _Documents,
         docs.malformed(number, value.problem)
 
 
-def _parse_record(text: str, max_depth: int) -> Any:
+def _parse_record(text: str, max_depth: int) -> object:
     try:  # the C parser stops at Python's recursion limit: no crash, a RecursionError
         record = _JSON.decode(text)
     except RecursionError:
         raise ValueError(f"JSON nested deeper than max_json_depth={max_depth}") from None
     except ValueError as exc:  # JSONDecodeError, duplicate key, NaN
-        raise ValueError(f"invalid JSON: {_first_line(exc)}") from None
+        raise ValueError(f"invalid JSON: {first_line(exc)}") from None
     # Walking the parsed record visits only its containers: a flat record costs ~1 us.
     if isinstance(record, dict | list) and _depth(record) > max_depth:
         raise ValueError(f"JSON nested deeper than max_json_depth={max_depth}")
     return record
 
 
-def _depth(value: Any) -> int:
+def _depth(value: object) -> int:
     """Nesting depth of parsed JSON, iteratively: `{"a": [1, [2]]} -> 3`, `"[[["` -> 0."""
     deepest = 0
     stack = [(value, 1)]
@@ -307,7 +310,7 @@ class _Problem:
     problem: str
 
 
-def _text_field(record: Any, name: str) -> str | _Problem:
+def _text_field(record: object, name: str) -> str | _Problem:
     if not isinstance(record, dict):
         return _Problem(f"a JSON {type(record).__name__}, not an object")
     if name not in record:
@@ -334,7 +337,7 @@ def _read_parquet(data: bytes, docs: _Documents, config: PreprocessConfig) -> No
                 docs.add(value)
 
 
-def _open_parquet(data: bytes, config: PreprocessConfig) -> Any:
+def _open_parquet(data: bytes, config: PreprocessConfig) -> pq.ParquetFile:
     _check_parquet_footer(data)
     try:
         parquet = open_parquet_bytes(data)
@@ -342,7 +345,7 @@ def _open_parquet(data: bytes, config: PreprocessConfig) -> Any:
         _check_declared_sizes(parquet.metadata, leaf, config)
         return open_parquet_bytes(data, parquet.metadata)
     except parquet_errors() as exc:
-        raise _Rejected(Reason.PARQUET_INVALID, f"unreadable Parquet: {_first_line(exc)}") \
+        raise _Rejected(Reason.PARQUET_INVALID, f"unreadable Parquet: {first_line(exc)}") \
             from None
 
 
@@ -356,7 +359,7 @@ def _check_parquet_footer(data: bytes) -> None:
                         f"for a {len(data)}-byte file (truncated?)")
 
 
-def _text_leaf(parquet: Any, name: str) -> int:
+def _text_leaf(parquet: pq.ParquetFile, name: str) -> int:
     """The Parquet column index of top-level string column `name`."""
     import pyarrow as pa
 
@@ -376,7 +379,8 @@ def _text_leaf(parquet: Any, name: str) -> int:
     return paths.index(name)
 
 
-def _check_declared_sizes(metadata: Any, leaf: int, config: PreprocessConfig) -> None:
+def _check_declared_sizes(metadata: pq.FileMetaData, leaf: int,
+                          config: PreprocessConfig) -> None:
     """Refuse, before decompressing anything, what the footer says would exceed the caps:
     a few KB of Parquet can declare a column of hundreds of MB."""
     cap = config.max_file_bytes
@@ -392,7 +396,8 @@ def _check_declared_sizes(metadata: Any, leaf: int, config: PreprocessConfig) ->
                             f"uncompressed bytes by row group {index}; max_file_bytes is {cap}")
 
 
-def _batch_texts(column: Any, first_row: int, config: PreprocessConfig) -> list[str | None]:
+def _batch_texts(column: pa.Array, first_row: int,
+                 config: PreprocessConfig) -> list[str | None]:
     import pyarrow as pa
 
     try:
@@ -403,15 +408,10 @@ def _batch_texts(column: Any, first_row: int, config: PreprocessConfig) -> list[
             raw = column.cast(pa.large_binary()).to_pylist()
     except parquet_errors() as exc:
         raise _Rejected(Reason.PARQUET_INVALID, f"rows after {first_row} unreadable: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     return [None if value is None else
             _decode(value, config.invalid_utf8, where=f" in row {first_row + row}")
             for row, value in enumerate(raw, start=1)]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:MAX_DETAIL_CHARS] if lines else type(exc).__name__
 
 
 READERS: dict[str, Callable[[bytes, _Documents, PreprocessConfig], None]] = {

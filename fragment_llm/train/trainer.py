@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fragment_llm.config import ModelConfig, TrainConfig
-from fragment_llm.data.shards import (
-    TokenShards,
-    TokenStream,
-    eval_batches,
-)
+from fragment_llm.data.batches import TokenStream, eval_batches
+from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import (
     TrainingError,
 )
