@@ -16,6 +16,7 @@ command, so `fragment --help` stays instant.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -76,15 +77,15 @@ class FragmentGroup(click.Group):
 
     command_class = FragmentCommand
 
-    def main(self, args: Any = None, prog_name: str | None = None,
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
+             **extra: Any) -> int:
         code = self._run(args, prog_name, complete_var, **extra)
         if standalone_mode:
             sys.exit(code)
         return code
 
-    def _run(self, args: Any, prog_name: str | None, complete_var: str | None,
+    def _run(self, args: Sequence[str] | None, prog_name: str | None, complete_var: str | None,
              **extra: Any) -> int:
         try:
             with signals_as_exceptions():

@@ -7,12 +7,12 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from fragment_llm.cli.common import (
     FLAGS,
+    FlagValue,
     FragmentCommand,
     checkpoint_option,
     config_option,
@@ -147,7 +147,7 @@ CHAT_HINT = "/help lists the commands; Ctrl-D leaves, Ctrl-C stops an answer"
 @click.option("--system", help="System prompt (what the assistant should be).")
 @config_option
 def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
-         **flags: Any) -> int:
+         **flags: FlagValue) -> int:
     """Talk to a trained model: an interactive REPL with streamed answers.
 
     \b

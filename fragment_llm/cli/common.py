@@ -8,11 +8,15 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -24,6 +28,11 @@ DEFAULT_PROCESSED = Path("data/processed")
 DEFAULT_TOKENIZER = Path("data/tokenizer.json")
 DEFAULT_CHECKPOINTS = Path("checkpoints")
 DEFAULT_TOKENS = Path("data/tokens")
+
+# A command function, as click's option decorators take and return it.
+Decorated = TypeVar("Decorated", bound=Callable[..., object])
+# What an option hands a command: flags left unset arrive as None.
+FlagValue = str | int | float | bool | Path | tuple[str, ...] | None
 
 
 @dataclass
@@ -58,20 +67,20 @@ class FragmentCommand(click.Command):
         ]
 
 
-def config_option(func: Any) -> Any:
+def config_option(func: Decorated) -> Decorated:
     return click.option(
         "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
         help="TOML file with a table per stage ([preprocess], [tokenizer], ...); "
              "command-line flags override it.")(func)
 
 
-def json_option(keys: str) -> Any:
+def json_option(keys: str) -> Callable[[Decorated], Decorated]:
     """`--json`: the summary as one JSON object on stdout, instead of the table on stderr."""
     return click.option("--json", "as_json", is_flag=True,
                         help=f"Print the summary as one JSON object ({keys}) on stdout.")
 
 
-def show(*renderables: Any) -> None:
+def show(*renderables: RenderableType) -> None:
     if FLAGS.quiet:
         return
     from fragment_llm.cli.display import err_console
@@ -84,7 +93,7 @@ def format_number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def sampling_options(func: Any) -> Any:
+def sampling_options(func: Decorated) -> Decorated:
     """Flags shared by `generate` and `chat`; ranges are checked by GenerateConfig,
     so a bad value is refused with the same message as in a config file."""
     options = [
@@ -110,7 +119,7 @@ def _none_if_empty(ctx: click.Context, param: click.Parameter, value: tuple) -> 
     return value or None
 
 
-def checkpoint_option(func: Any) -> Any:
+def checkpoint_option(func: Decorated) -> Decorated:
     return click.option(
         "--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
         default=DEFAULT_CHECKPOINTS, show_default=True,

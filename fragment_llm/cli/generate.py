@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
 from fragment_llm.cli.common import (
+    FlagValue,
     FragmentCommand,
     checkpoint_option,
     config_option,
@@ -29,7 +29,7 @@ from fragment_llm.cli.common import (
                    '"time_to_first_token_s"} instead of the text.')
 @config_option
 def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path | None,
-             as_json: bool, config_path: Path | None, **flags: Any) -> None:
+             as_json: bool, config_path: Path | None, **flags: FlagValue) -> None:
     """Continue a prompt with a trained model; the text goes to stdout.
 
     \b

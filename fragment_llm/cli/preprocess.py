@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -13,6 +12,7 @@ from fragment_llm.cli.common import (
     DEFAULT_PROCESSED,
     DEFAULT_RAW,
     FLAGS,
+    FlagValue,
     FragmentCommand,
     config_option,
     json_option,
@@ -38,7 +38,7 @@ from fragment_llm.cli.common import (
 @click.option("--workers", type=click.IntRange(1, 256), help="Reading/cleaning processes [2].")
 @json_option('"out", "counts", "shards", "seconds", "problems"')
 def preprocess(inputs: tuple[Path, ...], out: Path, config_path: Path | None, as_json: bool,
-               **flags: Any) -> None:
+               **flags: FlagValue) -> None:
     """Validate, clean and shard raw text into data/processed/.
 
     \b

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -12,6 +11,7 @@ from fragment_llm.cli.common import (
     DEFAULT_PROCESSED,
     DEFAULT_TOKENIZER,
     FLAGS,
+    FlagValue,
     FragmentCommand,
     config_option,
     json_option,
@@ -37,7 +37,7 @@ from fragment_llm.cli.common import (
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @json_option('"out", "vocab_size", "merges", "bytes_per_token", "seconds", "sha256", ...')
 def train_tokenizer_command(data: Path, out: Path, config_path: Path | None, as_json: bool,
-                            **flags: Any) -> None:
+                            **flags: FlagValue) -> None:
     """Train a byte-level BPE tokenizer on data/processed/.
 
     \b

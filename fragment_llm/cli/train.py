@@ -6,9 +6,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from fragment_llm.cli.display import TrainDisplay
+    from fragment_llm.config import GivenSettings, ModelConfig, TrainConfig
+    from fragment_llm.train.run import TrainSummary
 
 from fragment_llm.cli.common import (
     DEFAULT_CHECKPOINTS,
@@ -16,6 +23,7 @@ from fragment_llm.cli.common import (
     DEFAULT_TOKENIZER,
     EXIT_INTERRUPTED,
     FLAGS,
+    FlagValue,
     FragmentCommand,
     config_option,
     format_number,
@@ -33,7 +41,8 @@ class Duration(click.ParamType):
 
     name = "duration"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
         if isinstance(value, (int, float)):
             return float(value)
         text = str(value).strip().lower()
@@ -53,7 +62,8 @@ class ByteSize(click.ParamType):
 
     name = "size"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
         text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
@@ -65,7 +75,8 @@ class ByteSize(click.ParamType):
 
 
 def _train_configs(preset: str | None, config_path: Path | None,
-                   train_flags: dict[str, Any]) -> tuple[Any, Any, Any]:
+                   train_flags: dict[str, FlagValue]
+                   ) -> tuple[ModelConfig, TrainConfig, GivenSettings]:
     """Layer preset < config file < flags for the [model] and [train] tables, and say
     which keys were chosen (not defaults): a resumed run is checked against those."""
     from fragment_llm.config import (
@@ -90,7 +101,7 @@ def _train_configs(preset: str | None, config_path: Path | None,
     return model, train, GivenSettings.collect(preset, tables, config_path, flags)
 
 
-def _flag_name(param: Any, value: Any) -> str:
+def _flag_name(param: click.Option, value: FlagValue) -> str:
     """The flag as the user typed it: `--max-time` for max_time_s, `--no-compile`."""
     return param.secondary_opts[0] if value is False and param.secondary_opts else param.opts[0]
 
@@ -135,7 +146,7 @@ def _flag_name(param: Any, value: Any) -> str:
 @json_option('"steps", "val_bpb", "checkpoint", "plan", ...')
 def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
           config_path: Path | None, resume: bool, dry_run: bool, as_json: bool,
-          **flags: Any) -> int:
+          **flags: FlagValue) -> int:
     """Train a GPT on the processed corpus; checkpoints go to --out.
 
     \b
@@ -179,7 +190,7 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
     return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
-def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
+def summary_for_display(summary: TrainSummary, display: TrainDisplay, dry_run: bool) -> Table:
     from fragment_llm.cli.display import summary_table
 
     plan = display.plan
@@ -204,11 +215,12 @@ def summary_for_display(summary: Any, display: Any, dry_run: bool) -> Any:
     return summary_table(title, rows)
 
 
-def summary_as_json(summary: Any, display: Any, dry_run: bool) -> dict[str, Any]:
+def summary_as_json(summary: TrainSummary, display: TrainDisplay,
+                    dry_run: bool) -> dict[str, Any]:
     """`fragment train --json`: the summary's fields and the plan; no NaN or inf (not JSON)."""
     from dataclasses import asdict
 
-    def finite(value: Any) -> Any:
+    def finite(value: object) -> object:
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
     plan = {key: finite(value) for key, value in display.plan.items()}
@@ -222,7 +234,7 @@ def summary_as_json(summary: Any, display: Any, dry_run: bool) -> dict[str, Any]
     return {key: finite(value) for key, value in values.items()}
 
 
-def _planned_time(display: Any) -> str:
+def _planned_time(display: TrainDisplay) -> str:
     """`0:54:10 (3,000 steps)`, or `0:03:00 (~166 steps; --max-time ends it)`: whichever
     bound ends the run first, at the probe's speed (training time only)."""
     from fragment_llm.cli.display import clock
