@@ -18,11 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_config import extremes, numeric_fields  # the same walk over every range
 
+from fragment_llm.checkpoint.records import CheckpointConfig
 from fragment_llm.checkpoint.save import save_checkpoint
+from fragment_llm.checkpoint.trained import load_trained
 from fragment_llm.cli.app import ChatTerminal, cli
 from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
 from fragment_llm.errors import TokenizerError
-from fragment_llm.evaluate import load_trained
 from fragment_llm.inference.chat import (
     ChatSession,
     Conversation,
@@ -424,7 +425,7 @@ def test_special_token_text_typed_by_the_user_stays_text(trained):
 
 def test_chat_format_comes_from_the_checkpoint(trained):
     chat = ChatSession(trained.model, trained.tokenizer, ChatConfig(),
-                       {"chat_format": "special_tokens"})
+                       CheckpointConfig(chat_format="special_tokens"))
     assert isinstance(chat.template, SpecialTokenTemplate)
     assert isinstance(session(trained).template, TranscriptTemplate)
 

@@ -107,9 +107,9 @@ def test_round_trip_is_bit_identical_and_keeps_tied_weights(tmp_path, tokenizer_
     assert sorted(p.name for p in path.iterdir()) == sorted(KNOWN_FILES)
 
     loaded = load_checkpoint(path)
-    assert loaded.step == 2 and loaded.config == {"model": {"vocab_size": VOCAB}}
-    assert loaded.trainer_state == {"step": 2, "position": [0, 2]}
-    assert loaded.provenance == {"tokenizer_sha256": "a" * 64}
+    assert loaded.step == 2 and loaded.config.document() == {"model": {"vocab_size": VOCAB}}
+    assert loaded.trainer_state.document() == {"step": 2, "position": [0, 2]}
+    assert loaded.provenance.document() == {"tokenizer_sha256": "a" * 64}
     assert loaded.tokenizer_path.read_bytes() == tokenizer_file.read_bytes()
     # The tied weight is stored once and recorded as an alias.
     assert "head.weight" not in loaded.model_header.tensors
@@ -237,7 +237,7 @@ def test_rng_state_survives_a_checkpoint(tmp_path, tokenizer_file):
                               trainer_state={"step": 1, "rng": capture_rng_state()},
                               config={}, tokenizer_file=tokenizer_file)
     first = draw()
-    restore_rng_state(load_checkpoint(path).trainer_state["rng"])
+    restore_rng_state(load_checkpoint(path).trainer_state.rng)
     assert_same_draws(first, draw())
 
 

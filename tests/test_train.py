@@ -578,7 +578,7 @@ def resealed_copy(short_run: Path, tmp_path: Path, name: str, edit) -> Path:
 
     out = Path(shutil.copytree(short_run, tmp_path / "short")) / "run"
     folder = out / "step-0000002"
-    provenance = load_checkpoint(folder).provenance
+    provenance = load_checkpoint(folder).provenance.document()
     doc = json.loads((folder / name).read_text())
     edit(doc)
     (folder / name).write_text(json.dumps(doc))

@@ -1,6 +1,6 @@
 """The pinned layout of a run folder: `RUN/step-NNNNNNN/` and the files inside it, their
 size caps, step names, listing the step folders, and removing what a killed save left.
-The only module that knows a checkpoint's file names (docs/checkpoints.md)."""
+The only module that knows a run folder's file names (docs/checkpoints.md)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 MANIFEST_FILE = "manifest.json"
+
+
+METRICS_FILE = "metrics.jsonl"  # beside the step folders: one JSON object per logged step
 
 
 REQUIRED_FILES = frozenset({MODEL_FILE, TRAINER_STATE_FILE, CONFIG_FILE, TOKENIZER_FILE})

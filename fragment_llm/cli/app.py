@@ -747,8 +747,8 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
       fragment generate --prompt-file start.txt --temperature 0 --json
       echo "To be" | fragment generate --prompt - --seed 1
     """
+    from fragment_llm.checkpoint.trained import load_trained
     from fragment_llm.config import GenerateConfig, load_stage_config
-    from fragment_llm.evaluate import load_trained
     from fragment_llm.inference.chat import complete, read_prompt
 
     if (prompt_text is None) == (prompt_file is None):
@@ -907,9 +907,9 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
       fragment chat --temperature 0.5 --system "You are terse."
       printf 'hello\\nhow are you?\\n' | fragment chat -q
     """
+    from fragment_llm.checkpoint.trained import load_trained
     from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ChatConfig, load_stage_config
-    from fragment_llm.evaluate import load_trained
     from fragment_llm.inference.chat import ChatSession, banner_rows, enable_line_editing, run_repl
 
     settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})

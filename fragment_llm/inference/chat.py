@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -41,6 +41,9 @@ from fragment_llm.safety.files import (
 )
 from fragment_llm.safety.text import OutputSanitizer, escape_for_display, sanitize_prompt
 from fragment_llm.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fragment_llm.checkpoint.records import CheckpointConfig
 
 SPECIAL_TOKENS_FORMAT = SPECIAL_TOKENS_CHAT_FORMAT  # the checkpoint config's "chat_format"
 HISTORY_FILE = Path("~/.cache/fragment-llm/chat_history")
@@ -273,9 +276,9 @@ class TranscriptTemplate:
         return tok.encode("Assistant:")
 
 
-def template_for(checkpoint_config: Mapping[str, Any]) -> ChatTemplate:
+def template_for(checkpoint_config: CheckpointConfig | None) -> ChatTemplate:
     """Special tokens only for checkpoints that say they were trained with them."""
-    if checkpoint_config.get("chat_format") == SPECIAL_TOKENS_FORMAT:
+    if checkpoint_config is not None and checkpoint_config.chat_format == SPECIAL_TOKENS_FORMAT:
         return SpecialTokenTemplate()
     return TranscriptTemplate()
 
@@ -355,11 +358,11 @@ class ChatSession:
     """
 
     def __init__(self, model: Any, tokenizer: Tokenizer, settings: ChatConfig,
-                 checkpoint_config: Mapping[str, Any] | None = None,
+                 checkpoint_config: CheckpointConfig | None = None,
                  confirm: Confirm = no_terminal) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
-        self.template = template_for(checkpoint_config or {})
+        self.template = template_for(checkpoint_config)
         self.engine = Engine(model)
         self.conversation = Conversation()
         self.confirm = confirm
