@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -70,7 +70,7 @@ class Manifest(BaseModel):
     checksum: Sha256
 
     @staticmethod
-    def body_checksum(body: Mapping[str, Any]) -> str:
+    def body_checksum(body: Mapping[str, JsonValue]) -> str:
         return sha256_bytes(dump_json({k: v for k, v in body.items() if k != "checksum"})
                             .encode("ascii"))
 
@@ -78,7 +78,7 @@ class Manifest(BaseModel):
         return dump_json(self.model_dump(mode="json"))
 
 
-def _validate_manifest(doc: Any, where: Path) -> Manifest:
+def _validate_manifest(doc: object, where: Path) -> Manifest:
     try:
         return Manifest.model_validate(doc)
     except ValidationError as exc:
@@ -87,7 +87,7 @@ def _validate_manifest(doc: Any, where: Path) -> Manifest:
                               ) from None
 
 
-def _loc_text(loc: tuple[Any, ...]) -> str:
+def _loc_text(loc: tuple[int | str, ...]) -> str:
     """A pydantic error location as one harmless line: its keys come from the file."""
     return escape_for_display(".".join(str(part) for part in loc))
 

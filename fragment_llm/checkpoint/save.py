@@ -14,6 +14,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from pydantic import JsonValue
 from safetensors import SafetensorError
 
 from fragment_llm.checkpoint.layout import (
@@ -139,7 +140,7 @@ def _prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     return payload
 
 
-def _compact_json(obj: Any) -> str:
+def _compact_json(obj: JsonValue) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
