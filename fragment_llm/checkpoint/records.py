@@ -92,6 +92,16 @@ def _loc_text(loc: tuple[int | str, ...]) -> str:
     return escape_for_display(".".join(str(part) for part in loc))
 
 
+def table_refusal(table: str, exc: ValidationError, where: Path) -> CheckpointError:
+    """A config.json table that breaks its config's rules, as one line naming the field:
+    `invalid model config: model.n_layer: Input should be greater than or equal to 1`."""
+    error = exc.errors()[0]
+    field = _loc_text(error["loc"]) or table
+    return CheckpointError(f"invalid {table} config: {table}.{field}: {error['msg']}, in "
+                           f"{where}", hint="use another checkpoint; this config.json was "
+                                            "not written by `fragment train`")
+
+
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:
     parts = [f"{_loc_text(e['loc']) or 'top level'}: {e['msg']}"
              for e in exc.errors()[:limit]]

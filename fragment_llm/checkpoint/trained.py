@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from fragment_llm.checkpoint.layout import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE
 from fragment_llm.checkpoint.load import Checkpoint, open_checkpoint
 from fragment_llm.checkpoint.provenance import checked_tokenizer
+from fragment_llm.checkpoint.records import table_refusal
 from fragment_llm.checkpoint.tensors import DTYPES
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError
 from fragment_llm.model.gpt import GPT, count_parameters
 from fragment_llm.model.size import check_inference_memory
-from fragment_llm.safety.text import escape_for_display
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8  # eval's batch when the checkpoint records none
@@ -78,13 +78,7 @@ def checkpoint_model_config(checkpoint: Checkpoint) -> ModelConfig:
     try:
         return ModelConfig.model_validate(checkpoint.config.model)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        # Escaped: the key names come from the file and must not break the line.
-        field = escape_for_display(".".join(str(part) for part in error["loc"])) or "model"
-        raise CheckpointError(f"invalid model config: model.{field}: {error['msg']}, in "
-                              f"{checkpoint.path / CONFIG_FILE}",
-                              hint="use another checkpoint; this config.json was not written "
-                                   "by `fragment train`") from None
+        raise table_refusal("model", exc, checkpoint.path / CONFIG_FILE) from None
 
 
 def _refuse_size_mismatch(config: ModelConfig, checkpoint: Checkpoint) -> None:

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 from pydantic import JsonValue, ValidationError
 
 from fragment_llm.checkpoint.layout import CONFIG_FILE
+from fragment_llm.checkpoint.records import table_refusal
 from fragment_llm.checkpoint.trained import checkpoint_model_config
 from fragment_llm.config import Given, GivenSettings, ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError, ConfigError
-from fragment_llm.safety.text import escape_for_display
 
 if TYPE_CHECKING:
     from fragment_llm.checkpoint.load import Checkpoint
@@ -136,10 +136,5 @@ def _recorded_train(checkpoint: Checkpoint) -> TrainConfig:
     try:
         return TrainConfig.model_validate(table)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        # Escaped: the key names come from the file and must not break the line.
-        field = escape_for_display(".".join(str(part) for part in error["loc"])) or "train"
-        raise CheckpointError(f"invalid train config: train.{field}: {error['msg']}, in "
-                              f"{where}", hint="use another checkpoint; this config.json was "
-                                               "not written by `fragment train`") from None
+        raise table_refusal("train", exc, where) from None
 

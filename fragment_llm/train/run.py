@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -71,6 +71,9 @@ from fragment_llm.train.runtime import (
     select_precision,
 )
 from fragment_llm.train.trainer import MAX_NONFINITE_IN_A_ROW, StepResult, Trainer
+
+if TYPE_CHECKING:
+    from fragment_llm.checkpoint.load import Checkpoint
 
 # ------------------------------------------------------------------------ the request
 
@@ -262,7 +265,7 @@ def _with_capped_workers(request: TrainRequest, vocab_size: int,
 
 
 def _check_shard_chain(request: TrainRequest, tokenizer: Any, shards: TokenShards,
-                       resume_from: Any) -> None:
+                       resume_from: Checkpoint | None) -> None:
     """The same link checks as `fragment verify`: the shards were built from this
     tokenizer (their manifest is unedited), and a resumed run uses the shards it began on."""
     require(tokens_links(shards, tokenizer, str(request.tokenizer)), DatasetError,
@@ -305,7 +308,8 @@ def _remove_killed_runs_temporaries(out: Path) -> None:
     clean_stale_temporaries(out)
 
 
-def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
+def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn
+                       ) -> Checkpoint | None:
     from fragment_llm.checkpoint.load import latest_valid_checkpoint
 
     latest, damaged = latest_valid_checkpoint(request.out)
@@ -319,7 +323,7 @@ def _find_resume_point(request: TrainRequest, env: DistEnv, on_event: EventFn):
     return latest
 
 
-def _restore(trainer: Trainer, checkpoint) -> None:
+def _restore(trainer: Trainer, checkpoint: Checkpoint) -> None:
     checkpoint.load_model_into(trainer.model)
     checkpoint.load_optimizer_into(trainer.optimizer)
     trainer.load_state_dict(checkpoint.trainer_state.document())
