@@ -158,7 +158,8 @@ def model_config_sha256(model_config: JsonValue) -> str:
 class _Document(BaseModel):
     """A checkpoint's JSON object: the fields fragment writes, named; any other key kept."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    # protected_namespaces: pydantic before 2.10 warns about `model_config_sha256`.
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
 
     def document(self) -> dict[str, JsonValue]:
         """The object again, key for key (a field absent from the file stays absent)."""
