@@ -19,9 +19,9 @@ otherwise). Weights are never built into a model: checkpoint headers are compare
 a model built on the `meta` device, and the values are streamed once to refuse NaN/inf.
 A step folder that a running trainer prunes while it is being checked is "removed".
 
-The `*_links` functions are the same link checks the loaders run (`load_trained`,
-`train --resume`); `require` turns their first failure into the stage's error.
-This module returns typed results and prints nothing; `cli.py` renders them.
+The links of a checkpoint and a token-shard folder are checked by the same functions
+the loaders run (checkpoint/provenance.py). This module is the verb: it returns typed
+results and prints nothing; cli/ renders them.
 """
 
 from __future__ import annotations
@@ -30,10 +30,36 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
+from fragment_llm.checkpoint.layout import (
+    ABSENT,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STEP_NAME,
+    TRAINER_STATE_FILE,
+    folder_identity,
+)
+from fragment_llm.checkpoint.load import Checkpoint, load_checkpoint
+from fragment_llm.checkpoint.provenance import (
+    Check,
+    Kind,
+    Status,
+    cache_key_check,
+    checkpoint_links,
+    link,
+    recorded_tokens_folder,
+    short,
+)
+from fragment_llm.checkpoint.trained import check_weights_layout, checkpoint_model_config
+from fragment_llm.config import ModelConfig
+from fragment_llm.data.processed import InputFile, ProcessedCorpus
+from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import (
     CheckpointError,
     ConfigError,
@@ -43,29 +69,13 @@ from fragment_llm.errors import (
     ProcessedDataError,
     TokenizerError,
 )
-from fragment_llm.safety.files import sha256_bytes, sha256_file
+from fragment_llm.model.size import check_inference_memory, default_memory_limit
+from fragment_llm.safety.files import parse_json_guarded, read_capped, sha256_bytes, sha256_file
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 T = TypeVar("T")
 MAX_LISTED_INPUTS = 20  # failing input files listed one per row; the count is always exact
 RUN_LISTINGS = 5  # times a run folder is listed while a trainer prunes steps under verify
-HINT_RESUME = ("resume with the tokenizer and processed folder this run was trained with "
-               "(`fragment verify OUT` shows the chain), or train into a new --out")
-
-
-class Kind(StrEnum):
-    INPUTS = "inputs"
-    PROCESSED = "processed"
-    TOKENIZER = "tokenizer"
-    TOKENS = "tokens"
-    CHECKPOINT = "checkpoint"
-    RUN = "run"
-
-
-class Status(StrEnum):
-    OK = "ok"
-    FAILED = "FAILED"
-    ABSENT = "not present"  # an upstream artifact that is not here: not a failure
-    REMOVED = "removed"  # a step folder pruned while being checked: gone, not damaged
 
 
 ERRORS: dict[Kind, type[FragmentError]] = {
@@ -73,23 +83,6 @@ ERRORS: dict[Kind, type[FragmentError]] = {
     Kind.TOKENIZER: TokenizerError, Kind.TOKENS: DatasetError,
     Kind.CHECKPOINT: CheckpointError, Kind.RUN: CheckpointError,
 }
-
-
-@dataclass(frozen=True)
-class Check:
-    """One thing checked: `artifact` is the path it was checked on; `upstream` is the
-    kind of artifact a link leads to (for a link that could not be followed)."""
-
-    kind: Kind
-    artifact: str
-    check: str
-    status: Status
-    detail: str
-    upstream: Kind | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not Status.FAILED
 
 
 @dataclass(frozen=True)
@@ -199,92 +192,6 @@ class VerifyReport:
                            for c in self.checks]}
 
 
-def require(checks: Iterable[Check], error: type[FragmentError], hint: str) -> None:
-    """Raise `error` for the first failed check: how loaders run verify's link checks."""
-    for check in checks:
-        if not check.ok:
-            raise error(check.detail, hint=hint)
-
-
-# ---------------------------------------------------------------------- link checks
-
-
-def short(digest: str | None) -> str:
-    return "-" if digest is None else f"{digest[:16]}…"
-
-
-def link(kind: Kind, artifact: str, check: str, recorded: str | None, actual: str,
-         where: str) -> Check:
-    """Compare a recorded hash with the hash of what is here."""
-    if recorded is None:  # upstream None: nothing anyone can point verify at
-        return Check(kind, artifact, check, Status.ABSENT, "no hash recorded")
-    if recorded == actual:
-        return Check(kind, artifact, check, Status.OK, f"sha256 {short(actual)} matches")
-    return Check(kind, artifact, check, Status.FAILED,
-                 f"{where} has sha256 {short(actual)} but {artifact} records "
-                 f"{short(recorded)}")
-
-
-def checkpoint_links(checkpoint: Any, tokenizer: Any) -> list[Check]:
-    """The checkpoint's own tokenizer copy and config against its manifest's provenance."""
-    from fragment_llm.checkpoint.records import model_config_sha256
-
-    art, prov = str(checkpoint.path), checkpoint.provenance
-    config_sha = model_config_sha256(checkpoint.config.get("model"))
-    return [link(Kind.CHECKPOINT, art, "tokenizer copy hash", prov.get("tokenizer_sha256"),
-                 tokenizer.sha256, str(checkpoint.tokenizer_path)),
-            link(Kind.CHECKPOINT, art, "model config hash", prov.get("model_config_sha256"),
-                 config_sha, str(checkpoint.path / "config.json"))]
-
-
-def checked_tokenizer(checkpoint: Any) -> Any:
-    """Load a checkpoint's tokenizer copy; refuse it unless it is the one trained with."""
-    from fragment_llm.tokenizer.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(checkpoint.tokenizer_path)
-    require(checkpoint_links(checkpoint, tokenizer), CheckpointError,
-            hint="the checkpoint was edited after it was saved; use another checkpoint")
-    return tokenizer
-
-
-def resume_links(checkpoint: Any, tokenizer: Any, shards: Any | None = None) -> list[Check]:
-    """What a resumed run uses (tokenizer, then token shards) against what it was trained on."""
-    art, prov = str(checkpoint.path), checkpoint.provenance
-    checks = [link(Kind.CHECKPOINT, art, "tokenizer in use", prov.get("tokenizer_sha256"),
-                   tokenizer.sha256, "the --tokenizer file")]
-    if shards is not None:
-        checks += [link(Kind.CHECKPOINT, art, "token shards in use",
-                        prov.get("tokens_manifest_sha256"), shards.manifest_sha256,
-                        str(shards.folder / "manifest.json")),
-                   link(Kind.CHECKPOINT, art, "processed folder in use",
-                        prov.get("processed_manifest_sha256"),
-                        shards.manifest.processed_manifest_sha256, "the --data folder")]
-    return checks
-
-
-def cache_key_check(shards: Any) -> Check:
-    """A shard folder is named by the cache key of its manifest's inputs, so an edited
-    manifest (which has no checksum of its own) no longer matches its folder."""
-    from fragment_llm.data.shards import cache_key
-
-    manifest = shards.manifest
-    key = cache_key(manifest.processed_manifest_sha256, manifest.tokenizer_sha256,
-                    manifest.val_fraction)
-    if shards.folder.name == key:
-        return Check(Kind.TOKENS, str(shards.folder), "cache key", Status.OK,
-                     f"folder name is the key {key}")
-    return Check(Kind.TOKENS, str(shards.folder), "cache key", Status.FAILED,
-                 f"folder name is not the cache key {key} of its manifest (manifest edited "
-                 f"or folder renamed), in {shards.folder}")
-
-
-def tokens_links(shards: Any, tokenizer: Any, where: str) -> list[Check]:
-    """A shard folder against the tokenizer it is about to be used with."""
-    return [cache_key_check(shards),
-            link(Kind.TOKENS, str(shards.folder), "tokenizer",
-                 shards.manifest.tokenizer_sha256, tokenizer.sha256, where)]
-
-
 # ------------------------------------------------------------------ kind detection
 
 
@@ -296,8 +203,6 @@ _MANIFEST_FORMATS = {"fragment-processed": Kind.PROCESSED, "fragment-tokens": Ki
 
 def detect_kind(path: Path) -> Kind:
     """Which artifact `path` is, from its type and names (ConfigError when none fits)."""
-    from fragment_llm.checkpoint.layout import MODEL_FILE, STEP_NAME
-
     try:
         info = os.lstat(path)
     except OSError:
@@ -312,20 +217,19 @@ def detect_kind(path: Path) -> Kind:
         raise ConfigError(f"cannot list {path}: {exc.strerror}") from None
     if STEP_NAME.fullmatch(path.name) or MODEL_FILE in names:
         return Kind.CHECKPOINT
-    if any(STEP_NAME.fullmatch(name) for name in names) or "metrics.jsonl" in names:
+    if any(STEP_NAME.fullmatch(name) for name in names) or METRICS_FILE in names:
         return Kind.RUN
     if any(name.endswith(".parquet") for name in names):
         return Kind.PROCESSED
     if any(name.endswith(".bin") for name in names):
         return Kind.TOKENS
-    return _kind_from_manifest(path) if "manifest.json" in names else _unknown(path)
+    return _kind_from_manifest(path) if MANIFEST_FILE in names else _unknown(path)
 
 
 def _kind_from_manifest(path: Path) -> Kind:
-    from fragment_llm.safety.files import parse_json_guarded, read_capped
-
-    raw = read_capped(path / "manifest.json", 256 << 20, ConfigError)
-    doc = parse_json_guarded(raw, str(path / "manifest.json"), ConfigError)
+    # Processed folders, token shards and checkpoints all name theirs manifest.json.
+    raw = read_capped(path / MANIFEST_FILE, 256 << 20, ConfigError)
+    doc = parse_json_guarded(raw, str(path / MANIFEST_FILE), ConfigError)
     kind = _MANIFEST_FORMATS.get(doc.get("format")) if isinstance(doc, dict) else None
     return kind if kind is not None else _unknown(path)
 
@@ -360,7 +264,7 @@ class _Verifier:
 
     hints: Upstream
     checks: list[Check] = field(default_factory=list)
-    _done: dict[tuple[Kind, str], Any] = field(default_factory=dict)
+    _done: dict[tuple[Kind, str], Any] = field(default_factory=dict)  # each kind its type
     loadable: dict[str, bool] = field(default_factory=dict)  # step folder -> own checks hold
 
     def add(self, kind: Kind, artifact: str, check: str, status: Status, detail: str) -> None:
@@ -377,7 +281,7 @@ class _Verifier:
         self.add(kind, artifact, check, Status.OK, detail)
         return value
 
-    def once(self, kind: Kind, path: Path, run: Callable[[Path], Any]) -> Any:
+    def once(self, kind: Kind, path: Path, run: Callable[[Path], T | None]) -> T | None:
         key = (kind, os.path.abspath(path))
         if key not in self._done:
             self._done[key] = None
@@ -386,7 +290,8 @@ class _Verifier:
 
     def chain(self, kind: Kind, artifact: str, check: str, recorded: str | None,
               upstream: Path | None, upstream_kind: Kind,
-              open_upstream: Callable[[Path], Any], sha_of: Callable[[Any], str]) -> Any:
+              open_upstream: Callable[[Path], T | None], sha_of: Callable[[T], str]
+              ) -> T | None:
         """Follow one recorded hash to an upstream artifact, verifying that one too."""
         if recorded is None:
             self.add(kind, artifact, check, Status.ABSENT, "no hash recorded")
@@ -406,10 +311,10 @@ class _Verifier:
 
     # ----------------------------------------------------------------- processed
 
-    def processed(self, folder: Path) -> Any:
+    def processed(self, folder: Path) -> ProcessedCorpus | None:
         return self.once(Kind.PROCESSED, folder, self._processed)
 
-    def _processed(self, folder: Path) -> Any:
+    def _processed(self, folder: Path) -> ProcessedCorpus | None:
         art = str(folder)
         corpus = self.attempt(Kind.PROCESSED, art, "manifest and shards",
                               lambda: _open_processed(folder))
@@ -419,7 +324,7 @@ class _Verifier:
             self._inputs(art, corpus.manifest.files)
         return corpus
 
-    def _inputs(self, art: str, files: Iterable[Any]) -> None:
+    def _inputs(self, art: str, files: Iterable[InputFile]) -> None:
         outcomes = [(entry, _input_outcome(entry)) for entry in files
                     if entry.status == "kept" and entry.sha256 is not None]
         failed = [(entry, detail) for entry, (status, detail) in outcomes
@@ -435,10 +340,10 @@ class _Verifier:
 
     # ----------------------------------------------------------------- tokenizer
 
-    def tokenizer(self, path: Path) -> Any:
+    def tokenizer(self, path: Path) -> Tokenizer | None:
         return self.once(Kind.TOKENIZER, path, self._tokenizer)
 
-    def _tokenizer(self, path: Path) -> Any:
+    def _tokenizer(self, path: Path) -> Tokenizer | None:
         art = str(path)
         tok = self.attempt(Kind.TOKENIZER, art, "format", lambda: _load_tokenizer(path))
         if tok is not None:
@@ -450,10 +355,10 @@ class _Verifier:
 
     # -------------------------------------------------------------------- tokens
 
-    def tokens(self, folder: Path) -> Any:
+    def tokens(self, folder: Path) -> TokenShards | None:
         return self.once(Kind.TOKENS, folder, self._tokens)
 
-    def _tokens(self, folder: Path) -> Any:
+    def _tokens(self, folder: Path) -> TokenShards | None:
         art = str(folder)
         shards = self.attempt(Kind.TOKENS, art, "manifest and shards",
                               lambda: _open_tokens(folder))
@@ -475,24 +380,19 @@ class _Verifier:
                             self.hints.processed or data / "processed", Kind.PROCESSED,
                             self.processed, lambda c: c.manifest_sha256)
         if corpus is not None:
-            self._document_total(art, shards, corpus)
+            split_docs = manifest.train.documents + manifest.val.documents
+            status = Status.OK if split_docs == corpus.documents else Status.FAILED
+            self.add(Kind.TOKENS, art, "document count", status,
+                     f"{split_docs} documents in the shards, {corpus.documents} in "
+                     f"{corpus.folder}")
         return shards
-
-    def _document_total(self, art: str, shards: Any, corpus: Any) -> None:
-        split_docs = shards.manifest.train.documents + shards.manifest.val.documents
-        status = Status.OK if split_docs == corpus.documents else Status.FAILED
-        self.add(Kind.TOKENS, art, "document count", status,
-                 f"{split_docs} documents in the shards, {corpus.documents} in "
-                 f"{corpus.folder}")
 
     # ---------------------------------------------------------------- checkpoint
 
-    def checkpoint(self, folder: Path) -> Any:
+    def checkpoint(self, folder: Path) -> Checkpoint | None:
         return self.once(Kind.CHECKPOINT, folder, self._checkpoint)
 
-    def _checkpoint(self, folder: Path) -> Any:
-        from fragment_llm.checkpoint.layout import ABSENT, folder_identity
-
+    def _checkpoint(self, folder: Path) -> Checkpoint | None:
         art, before = str(folder), len(self.checks)
         identity = folder_identity(folder)
         ckpt = self._own_checks(folder)
@@ -511,7 +411,7 @@ class _Verifier:
             self._checkpoint_upstream(art, ckpt)
         return ckpt
 
-    def _own_checks(self, folder: Path) -> Any:
+    def _own_checks(self, folder: Path) -> Checkpoint | None:
         """The step folder itself: files, config, weights, state, tokenizer copy."""
         art = str(folder)
         ckpt = self.attempt(Kind.CHECKPOINT, art, "files and manifest",
@@ -522,7 +422,7 @@ class _Verifier:
                               lambda: _model_config(ckpt))
         if config is not None:
             self.attempt(Kind.CHECKPOINT, art, "weights layout",
-                         lambda: (None, _check_layout(ckpt, config)))
+                         lambda: (None, check_weights_layout(ckpt, config)))
             self.attempt(Kind.CHECKPOINT, art, "memory plan",
                          lambda: (None, _check_memory(ckpt, config)))
         self.attempt(Kind.CHECKPOINT, art, "trainer state", lambda: (None, _check_state(ckpt)))
@@ -532,36 +432,28 @@ class _Verifier:
             self.checks += checkpoint_links(ckpt, tok)
             if config is not None and tok.vocab_size != config.vocab_size:
                 self.add(Kind.CHECKPOINT, art, "vocabulary", Status.FAILED,
-                         f"tokenizer copy has {tok.vocab_size} tokens, config.json "
+                         f"tokenizer copy has {tok.vocab_size} tokens, {CONFIG_FILE} "
                          f"{config.vocab_size}, in {folder}")
         return ckpt
 
-    def _checkpoint_upstream(self, art: str, ckpt: Any) -> None:
-        prov, data = ckpt.provenance, ckpt.path.parent.parent / "data"
-        self.chain(Kind.CHECKPOINT, art, "tokenizer", prov.get("tokenizer_sha256"),
+    def _checkpoint_upstream(self, art: str, ckpt: Checkpoint) -> None:
+        recorded, data = ckpt.provenance, ckpt.path.parent.parent / "data"
+        self.chain(Kind.CHECKPOINT, art, "tokenizer", recorded.tokenizer_sha256,
                    self.hints.tokenizer or data / "tokenizer.json", Kind.TOKENIZER,
                    self.tokenizer, lambda t: t.sha256)
-        self.chain(Kind.CHECKPOINT, art, "token shards", prov.get("tokens_manifest_sha256"),
-                   self._tokens_folder(ckpt, data), Kind.TOKENS, self.tokens,
-                   lambda s: s.manifest_sha256)
-        self.chain(Kind.CHECKPOINT, art, "processed", prov.get("processed_manifest_sha256"),
+        # The shard folder the run trained on is named by the cache key of the hashes
+        # the checkpoint records and the run's val_fraction.
+        self.chain(Kind.CHECKPOINT, art, "token shards", recorded.tokens_manifest_sha256,
+                   recorded_tokens_folder(self.hints.tokens or data / "tokens", ckpt),
+                   Kind.TOKENS, self.tokens, lambda s: s.manifest_sha256)
+        self.chain(Kind.CHECKPOINT, art, "processed", recorded.processed_manifest_sha256,
                    self.hints.processed or data / "processed", Kind.PROCESSED,
                    self.processed, lambda c: c.manifest_sha256)
-
-    def _tokens_folder(self, ckpt: Any, data: Path) -> Path | None:
-        """The shard folder the run trained on: its name is the cache key of the hashes
-        the checkpoint records and the run's val_fraction."""
-        from fragment_llm.data.shards import recorded_tokens_folder
-
-        return recorded_tokens_folder(self.hints.tokens or data / "tokens", ckpt.provenance,
-                                      ckpt.config)
 
     # ----------------------------------------------------------------------- run
 
     def run(self, folder: Path) -> Path | None:
         """Verify every step folder; return the newest whose own checks all hold."""
-        from fragment_llm.checkpoint.layout import STEP_NAME
-
         seen: set[str] = set()
         valid = []
         # A running trainer prunes steps while they are checked and saves newer ones
@@ -605,15 +497,13 @@ class _Verifier:
 # --------------------------------------------------------------- stage loaders
 
 
-def _open_processed(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.data.processed import ProcessedCorpus
-
+def _open_processed(folder: Path) -> tuple[ProcessedCorpus, str]:
     corpus = ProcessedCorpus.open(folder)
     return corpus, (f"{len(corpus.manifest.shards)} shard(s), {corpus.documents:,} documents, "
                     f"manifest sha256 {short(corpus.manifest_sha256)}")
 
 
-def _check_documents(corpus: Any) -> str:
+def _check_documents(corpus: ProcessedCorpus) -> str:
     """Each document's text against its sha256 column; totals against the manifest."""
     count = chars = 0
     for text, source, digest in corpus.iter_documents():
@@ -629,7 +519,7 @@ def _check_documents(corpus: Any) -> str:
     return f"{count:,} documents, {chars:,} chars"
 
 
-def _input_outcome(entry: Any) -> tuple[Status, str]:
+def _input_outcome(entry: InputFile) -> tuple[Status, str]:
     """An input file still at `root/path`: same size and sha256 as when preprocessed?
 
     Symlinks are followed (preprocess follows those inside an input folder).
@@ -646,24 +536,20 @@ def _input_outcome(entry: Any) -> tuple[Status, str]:
     return Status.OK, str(path)
 
 
-def _load_tokenizer(path: Path) -> tuple[Any, str]:
-    from fragment_llm.tokenizer.tokenizer import Tokenizer
-
+def _load_tokenizer(path: Path) -> tuple[Tokenizer, str]:
     tok = Tokenizer.load(path)
     return tok, (f"vocab {tok.vocab_size:,}, {tok.pattern_name} pattern, "
                  f"sha256 {short(tok.sha256)}")
 
 
-def _open_tokens(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.data.shards import TokenShards
-
+def _open_tokens(folder: Path) -> tuple[TokenShards, str]:
     shards = TokenShards.open(folder)
     train, val = shards.manifest.train, shards.manifest.val
     return shards, (f"train {train.tokens:,} / val {val.tokens:,} tokens, manifest sha256 "
                     f"{short(shards.manifest_sha256)}")
 
 
-def _count_documents(shards: Any) -> str:
+def _count_documents(shards: TokenShards) -> str:
     """Every document ends with <|endoftext|>, and encode never makes one: count them."""
     eot = shards.manifest.eot_id
     for name in ("train", "val"):
@@ -675,73 +561,19 @@ def _count_documents(shards: Any) -> str:
     return "one <|endoftext|> per document in both splits"
 
 
-def _load_checkpoint(folder: Path) -> tuple[Any, str]:
-    from fragment_llm.checkpoint.load import load_checkpoint
-
+def _load_checkpoint(folder: Path) -> tuple[Checkpoint, str]:
     ckpt = load_checkpoint(folder)
     return ckpt, f"step {ckpt.step}, {len(ckpt.files)} files hashed, every weight finite"
 
 
-def _model_config(ckpt: Any) -> tuple[Any, str]:
-    from fragment_llm.evaluate import checkpoint_model_config
-
+def _model_config(ckpt: Checkpoint) -> tuple[ModelConfig, str]:
     config = checkpoint_model_config(ckpt)
     return config, (f"{config.n_layer} layers, {config.n_embd} wide, vocab "
                     f"{config.vocab_size:,}")
 
 
-def _expected_tensors(config: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
-                                            dict[str, str], int]:
-    """Names, dtypes and shapes of the model `config` builds, on the meta device (no
-    memory); tied names as {alias: first name}; and the number of parameters."""
-    import torch
-
-    from fragment_llm.checkpoint.tensors import DTYPES
-    from fragment_llm.model.gpt import GPT
-
-    names = {dtype: name for name, dtype in DTYPES.items()}
-    with torch.device("meta"):
-        model = GPT(config)
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        first.setdefault(id(param), name)
-    specs = {name: (names.get(t.dtype, str(t.dtype)), tuple(t.shape))
-             for name, t in model.state_dict().items() if name not in aliases}
-    return specs, aliases, len(first)
-
-
-def _check_layout(ckpt: Any, config: Any) -> str:
-    """Safetensors headers against the model config.json describes; no tensor is read."""
-    expected, aliases, params = _expected_tensors(config)
-    where = ckpt.path / "model.safetensors"
-    header = {name: (spec.dtype, spec.shape) for name, spec in ckpt.model_header.tensors.items()}
-    if set(header) != set(expected) or ckpt.model_aliases != aliases:
-        odd = sorted(set(header) ^ set(expected)) or ["(weight tying)"]
-        raise CheckpointError(f"tensors differ from what config.json builds: "
-                              f"{', '.join(odd[:5])}, in {where}")
-    for name, spec in header.items():
-        if spec != expected[name]:
-            raise CheckpointError(f"tensor {name!r} is {spec[0]} {list(spec[1])}, config.json "
-                                  f"builds {expected[name][0]} {list(expected[name][1])}, "
-                                  f"in {where}")
-    layout = ckpt.optimizer_layout
-    if layout is not None:
-        listed = sum(len(group["params"]) for group in layout["param_groups"])
-        if listed != params:
-            raise CheckpointError(f"optimizer holds {listed} parameters, the model {params}, "
-                                  f"in {ckpt.path / 'optimizer.safetensors'}")
-    return f"{len(header)} tensors match config.json (read from headers only)"
-
-
-def _check_memory(ckpt: Any, config: Any) -> str:
+def _check_memory(ckpt: Checkpoint, config: ModelConfig) -> str:
     """What `generate`/`chat` would plan before building this model (`load_trained`)."""
-    import torch
-
-    from fragment_llm.model.size import check_inference_memory, default_memory_limit
-
     device = torch.device("cpu")
     plan = check_inference_memory(config, ckpt.path, device)
     return (f"{plan.total / 2**20:,.0f} MiB to generate ({config.block_size:,}-token "
@@ -749,10 +581,10 @@ def _check_memory(ckpt: Any, config: Any) -> str:
             f"on this machine")
 
 
-def _check_state(ckpt: Any) -> str:
-    step = ckpt.trainer_state.get("step")
+def _check_state(ckpt: Checkpoint) -> str:
+    step = ckpt.trainer_state.step
     if step != ckpt.step:
-        raise CheckpointError(f"trainer_state.json says step {step!r}, the manifest "
+        raise CheckpointError(f"{TRAINER_STATE_FILE} says step {step!r}, the manifest "
                               f"{ckpt.step}, in {ckpt.path}")
     return f"step {step}"
 

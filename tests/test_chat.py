@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from test_config import extremes, numeric_fields  # the same walk over every range
 
 from fragment_llm.checkpoint.save import save_checkpoint
+from fragment_llm.checkpoint.trained import load_trained
 from fragment_llm.cli.app import cli
 from fragment_llm.cli.chat import ChatTerminal
 from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
 from fragment_llm.errors import TokenizerError
-from fragment_llm.evaluate import load_trained
 from fragment_llm.inference.chat import ChatSession, run_repl
 from fragment_llm.inference.text import TextStream
 from fragment_llm.model.gpt import GPT

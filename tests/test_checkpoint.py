@@ -27,8 +27,15 @@ from fragment_llm.checkpoint.layout import (
 )
 from fragment_llm.checkpoint.load import find_latest_valid, load_checkpoint, resolve_checkpoint
 from fragment_llm.checkpoint.optimizer import flatten_optimizer_state, unflatten_optimizer_state
+from fragment_llm.checkpoint.records import (
+    CheckpointConfig,
+    Provenance,
+    TrainerState,
+    model_config_sha256,
+)
 from fragment_llm.checkpoint.rng import capture_rng_state, restore_rng_state
 from fragment_llm.checkpoint.save import _write_bytes, save_checkpoint
+from fragment_llm.config import ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError, OutputError
 from fragment_llm.safety.files import OLD_MARKER, TEMP_MARKER, dump_json, parse_json_guarded
 
@@ -107,9 +114,9 @@ def test_round_trip_is_bit_identical_and_keeps_tied_weights(tmp_path, tokenizer_
     assert sorted(p.name for p in path.iterdir()) == sorted(KNOWN_FILES)
 
     loaded = load_checkpoint(path)
-    assert loaded.step == 2 and loaded.config == {"model": {"vocab_size": VOCAB}}
-    assert loaded.trainer_state == {"step": 2, "position": [0, 2]}
-    assert loaded.provenance == {"tokenizer_sha256": "a" * 64}
+    assert loaded.step == 2 and loaded.config.document() == {"model": {"vocab_size": VOCAB}}
+    assert loaded.trainer_state.document() == {"step": 2, "position": [0, 2]}
+    assert loaded.provenance.document() == {"tokenizer_sha256": "a" * 64}
     assert loaded.tokenizer_path.read_bytes() == tokenizer_file.read_bytes()
     # The tied weight is stored once and recorded as an alias.
     assert "head.weight" not in loaded.model_header.tensors
@@ -208,6 +215,71 @@ def test_untied_model_refuses_tied_checkpoint(tmp_path, tokenizer_file):
     assert info.value.hint and "config.json" in info.value.hint
 
 
+# ------------------------------------------------------------------------- records
+
+
+def run_records() -> tuple[CheckpointConfig, TrainerState, Provenance]:
+    """The records as `fragment train` fills them (train/run.py)."""
+    model = ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=16)
+    config = CheckpointConfig(
+        model=model.model_dump(mode="json"), train=TrainConfig().model_dump(mode="json"),
+        fragment_version="0.1.0", chat_format="transcript", val_loss=3.25, val_bpb=1.0625,
+        resume_changes=[{"step": 2, "field": "max_steps", "recorded": 2, "given": 4,
+                         "source": "--max-steps"}])
+    state = TrainerState(step=3, elapsed_s=1.5, scaler={}, nonfinite_in_a_row=0,
+                         data={"cursor": 96, "seed": 1337, "block_size": 16, "world": 1},
+                         warmup_end_progress=None, cosine_start=0.0, rng=capture_rng_state())
+    provenance = Provenance(tokenizer_sha256="a" * 64, tokens_manifest_sha256="b" * 64,
+                            processed_manifest_sha256="c" * 64,
+                            model_config_sha256=model_config_sha256(config.model))
+    return config, state, provenance
+
+
+def test_records_round_trip_through_a_checkpoint_byte_for_byte(tmp_path, tokenizer_file):
+    config, state, provenance = run_records()
+    model, opt = make(0)
+    path = save_checkpoint(tmp_path / "run", 3, model=model, optimizer=opt, trainer_state=state,
+                           config=config, tokenizer_file=tokenizer_file, provenance=provenance)
+    loaded = load_checkpoint(path)
+    assert (loaded.config, loaded.trainer_state, loaded.provenance) == (config, state,
+                                                                         provenance)
+    for name, record in (("config.json", loaded.config),
+                         ("trainer_state.json", loaded.trainer_state)):
+        written = (path / name).read_bytes()
+        assert dump_json(record.document()).encode() == written, name
+        # The same bytes as the plain dict written before the records existed.
+        assert dump_json(json.loads(written)).encode() == written, name
+    assert json.loads((path / MANIFEST_FILE).read_text())["provenance"] == \
+        provenance.document()
+
+
+def test_config_json_loads_as_leniently_as_it_always_has(tmp_path, tokenizer_file):
+    """Any JSON object loads; the tables stay as written for the checks that own them,
+    and a value of a type fragment never writes reads as absent, as it always did."""
+    odd = {"model": "not a table", "train": 5, "chat_format": 7, "val_bpb": "low",
+           "val_loss": 10**400, "resume_changes": [{"step": 1}, "junk"], "extra": [1]}
+    model, _ = make(0)
+    path = save_checkpoint(tmp_path / "run", 1, model=model, optimizer=None,
+                           trainer_state={"step": "one", "extra": True}, config=odd,
+                           tokenizer_file=tokenizer_file)
+    loaded = load_checkpoint(path)
+    config, state = loaded.config, loaded.trainer_state
+    assert config.model == "not a table" and config.train is None
+    assert (config.chat_format, config.val_bpb, config.val_loss) == (None, None, None)
+    assert config.resume_changes == [{"step": 1}] and config.document()["extra"] == [1]
+    assert config.train_count("batch_size", 8) == 8
+    assert state.step == "one" and state.rng is None
+    assert state.document() == {"step": "one", "extra": True}
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"batch_size": 4}, 4), ({"batch_size": 0}, 8), ({"batch_size": True}, 8),
+    ({"batch_size": 2.0}, 8), ({}, 8), (None, 8),
+])
+def test_train_count_reads_only_a_positive_integer(train, expected):
+    assert CheckpointConfig(train=train).train_count("batch_size", 8) == expected
+
+
 # ------------------------------------------------------------------------------- RNG
 
 
@@ -237,7 +309,7 @@ def test_rng_state_survives_a_checkpoint(tmp_path, tokenizer_file):
                               trainer_state={"step": 1, "rng": capture_rng_state()},
                               config={}, tokenizer_file=tokenizer_file)
     first = draw()
-    restore_rng_state(load_checkpoint(path).trainer_state["rng"])
+    restore_rng_state(load_checkpoint(path).trainer_state.rng)
     assert_same_draws(first, draw())
 
 

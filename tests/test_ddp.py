@@ -180,7 +180,7 @@ def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):  # noqa
     assert wait_all(ranks) == [130, 130], [r.lines for r in ranks]
     assert_clean_lines(ranks)
     latest, _ = find_latest_valid(run)
-    assert latest is not None and 4 <= load_checkpoint(latest).trainer_state["step"] < 400
+    assert latest is not None and 4 <= load_checkpoint(latest).trainer_state.step < 400
 
 
 # ----------------------------------------------------------------- NaN and time budget
@@ -224,4 +224,4 @@ def test_time_budget_reached_on_one_rank_first(corpus, tmp_path):  # noqa: F811
     assert_clean_lines(ranks)
     latest, _ = find_latest_valid(run)
     state = load_checkpoint(latest).trainer_state
-    assert state["elapsed_s"] >= 3.0 and state["step"] < 1000
+    assert state.elapsed_s >= 3.0 and state.step < 1000

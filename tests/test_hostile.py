@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-import fragment_llm.evaluate as evaluate
+import fragment_llm.checkpoint.trained as trained
 from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.cli.app import cli
 from fragment_llm.config import (
@@ -254,17 +254,17 @@ def test_checkpoint_model_config_that_breaks_the_rules(tmp_path, tokenizer_file,
                                                        rule):
     folder = checkpoint_with(tmp_path / "run", tokenizer_file, model_config)
     with pytest.raises(CheckpointError, match=rule) as info:
-        evaluate.load_trained(folder)
+        trained.load_trained(folder)
     assert str(folder / "config.json") in info.value.message
 
 
 def test_checkpoint_tokenizer_vocab_differs_from_the_model(tmp_path, tokenizer_file,
                                                            monkeypatch):
     folder = checkpoint_with(tmp_path / "run", tokenizer_file, {**SMALL, "vocab_size": 300})
-    monkeypatch.setattr(evaluate, "GPT", _never_built)
+    monkeypatch.setattr(trained, "GPT", _never_built)
     with pytest.raises(CheckpointError, match=f"tokenizer vocab size {TOKENIZER_VOCAB} "
                                               "differs from the model's 300") as info:
-        evaluate.load_trained(folder)
+        trained.load_trained(folder)
     assert str(folder) in info.value.message
 
 
@@ -276,9 +276,9 @@ def test_checkpoint_config_naming_a_huge_model_is_refused_before_building(
         tmp_path, tokenizer_file, monkeypatch):
     huge = {**SMALL, "n_layer": 256, "n_head": 256, "n_embd": 32768}
     folder = checkpoint_with(tmp_path / "run", tokenizer_file, huge)
-    monkeypatch.setattr(evaluate, "GPT", _never_built)
+    monkeypatch.setattr(trained, "GPT", _never_built)
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        evaluate.load_trained(folder)
+        trained.load_trained(folder)
 
 
 def resume_request(tmp_path: Path, tokenizer_file: Path, **train) -> TrainRequest:
@@ -311,7 +311,7 @@ def test_checkpoint_model_config_refusal_is_one_line_naming_the_field(tmp_path, 
     folder = checkpoint_with(tmp_path / "run", tokenizer_file, {**SMALL, "n_layer": -1})
     with pytest.raises(CheckpointError) as info:
         if entry == "load_trained":
-            evaluate.load_trained(folder)
+            trained.load_trained(folder)
         else:
             run_training(resume_request(tmp_path, tokenizer_file), lambda event: None)
     assert "\n" not in info.value.message and "n_layer" in info.value.message

@@ -625,7 +625,7 @@ def resealed_copy(short_run: Path, tmp_path: Path, name: str, edit) -> Path:
 
     out = Path(shutil.copytree(short_run, tmp_path / "short")) / "run"
     folder = out / "step-0000002"
-    provenance = load_checkpoint(folder).provenance
+    provenance = load_checkpoint(folder).provenance.document()
     doc = json.loads((folder / name).read_text())
     edit(doc)
     (folder / name).write_text(json.dumps(doc))
@@ -658,6 +658,38 @@ def test_resume_refuses_a_cosine_position_outside_the_cosine(corpus, short_run, 
                         lambda doc: doc.update(cosine_start=value))
     with pytest.raises(TrainingError, match="trainer_state.json is incomplete"):
         run_training(_resume(request(corpus, out, max_steps=4)), lambda e: None)
+
+
+@pytest.mark.parametrize("key, error, rule", [
+    ("data", TrainingError, "trainer_state.json is incomplete \\('data'\\)"),
+    ("step", TrainingError, "trainer_state.json is incomplete \\('step'\\)"),
+    ("rng", CheckpointError, "RNG state breaks the schema .*trainer_state.json"),
+])
+def test_resume_refuses_a_trainer_state_without_a_required_key(corpus, short_run, tmp_path,
+                                                               key, error, rule):
+    """The step still loads (it is the one resumed from, not skipped for an older one),
+    and resuming it is refused in one line naming the file."""
+    out = resealed_copy(short_run, tmp_path, "trainer_state.json", lambda doc: doc.pop(key))
+    with pytest.raises(error, match=rule) as info:
+        run_training(_resume(request(corpus, out, max_steps=4)), lambda e: None)
+    assert "\n" not in info.value.message
+
+
+def test_a_real_checkpoints_json_files_round_trip_through_the_records(short_run):
+    """config.json, trainer_state.json and the provenance as `fragment train` writes them:
+    loaded as records and written back through `dump_json`, the same bytes."""
+    from fragment_llm.checkpoint.load import load_checkpoint
+    from fragment_llm.safety.files import dump_json
+
+    folder = short_run / "run" / "step-0000002"
+    loaded = load_checkpoint(folder)
+    for name, record in (("config.json", loaded.config),
+                         ("trainer_state.json", loaded.trainer_state)):
+        assert dump_json(record.document()).encode() == (folder / name).read_bytes(), name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert loaded.provenance.document() == manifest["provenance"]
+    assert loaded.provenance.tokenizer_sha256 == Tokenizer.load(folder / "tokenizer.json").sha256
+    assert loaded.config.train is not None and loaded.config.train["max_steps"] == 2
 
 
 # ------------------------------------- the bar and --dry-run show what ends the run

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fragment_llm.checkpoint.load as checkpoint_load
 from fragment_llm.checkpoint.layout import MODEL_FORMAT
 from fragment_llm.checkpoint.load import load_checkpoint, resolve_checkpoint
 from fragment_llm.checkpoint.records import model_config_sha256
@@ -408,7 +407,7 @@ def test_a_step_pruned_while_being_verified_is_removed_not_damaged(copy, runner,
                 prune_to_newest(run)
             return real(path, **kwargs)
 
-        monkeypatch.setattr(checkpoint_load, "load_checkpoint", prune_first)
+        monkeypatch.setattr(verify_module, "load_checkpoint", prune_first)
     else:
         real = verify_module._load_tokenizer
 

@@ -1,6 +1,6 @@
 """The pinned layout of a run folder: `RUN/step-NNNNNNN/` and the files inside it, their
 size caps, step names, listing the step folders, and removing what a killed save left.
-The only module that knows a checkpoint's file names (docs/checkpoints.md)."""
+The only module that knows a run folder's file names (docs/checkpoints.md)."""
 
 from __future__ import annotations
 
@@ -20,26 +20,22 @@ FORMAT = "fragment-checkpoint"
 VERSION = 1
 MODEL_FORMAT = "fragment-model"
 OPTIMIZER_FORMAT = "fragment-optimizer"
+
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.jsonl"  # beside the step folders: one JSON object per logged step
 REQUIRED_FILES = frozenset({MODEL_FILE, TRAINER_STATE_FILE, CONFIG_FILE, TOKENIZER_FILE})
 KNOWN_FILES = REQUIRED_FILES | {OPTIMIZER_FILE, MANIFEST_FILE}
-
 
 # Formats that can carry pickled code; named in the refusal so nobody "just renames" one.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".joblib")
 
-
 MiB = 1 << 20
-
-
 GiB = 1 << 30
-
-
 DEFAULT_MAX_BYTES = 8 * GiB  # per tensor or tokenizer file
 MANIFEST_MAX_BYTES = 1 * MiB
 CONFIG_MAX_BYTES = 1 * MiB
@@ -50,6 +46,7 @@ MAX_TENSORS = 100_000
 MAX_DIMS = 8
 MAX_NAME_CHARS = 1024
 JSON_MAX_DEPTH = 64
+
 MAX_STEP = 9_999_999
 STEP_NAME = re.compile(r"step-(\d{7})")
 _TEMP_NAME = re.compile(rf"\.(step-\d{{7}})(?:{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)})")

@@ -1,13 +1,12 @@
-"""Checkpoints: one folder per step, safetensors tensors + JSON state + a sha256 manifest.
+"""Loading a checkpoint folder as hostile input, and finding the newest valid one.
 
-Owns the pinned layout of `RUN/step-0000100/`, atomic saving with pruning, finding the
-latest valid checkpoint, and loading a folder as hostile input. The loader never calls
-`torch.load` or unpickles anything, and it refuses a folder before allocating tensors
-when names, shapes or dtypes disagree with the module or optimizer they are meant for.
+The loader never calls `torch.load` or unpickles anything, and it refuses a folder
+before allocating tensors when names, shapes or dtypes disagree with the module or
+optimizer they are meant for. Its JSON files become typed records (records.py).
 
-It does not own what goes into `trainer_state.json` or `config.json` (the trainer's
-dicts), building a model from a config (`model.py`), or checking the tokenizer copy
-(`Tokenizer.load(ckpt.tokenizer_path)` does that). See docs/checkpoints.md.
+It does not own the folder's file names (layout.py), writing one (save.py), building a
+model from its config (trained.py), or checking the tokenizer copy against the
+provenance (provenance.py). See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -50,10 +49,15 @@ from fragment_llm.checkpoint.optimizer import (
     unflatten_optimizer_state,
 )
 from fragment_llm.checkpoint.records import (
+    CheckpointConfig,
+    Document,
     FileEntry,
     Manifest,
+    Provenance,
+    TrainerState,
     _validate_manifest,
     model_config_sha256,
+    read_document,
 )
 from fragment_llm.checkpoint.tensors import (
     _DTYPE_NAMES,
@@ -91,21 +95,6 @@ def _read_manifest(folder: Path) -> Manifest:
         raise CheckpointError(f"manifest says step {manifest.step} but the folder is "
                               f"{folder.name}, in {path}")
     return manifest
-
-
-# ------------------------------------------------------------------ safetensors header
-
-
-# ------------------------------------------------------------------- model tensors
-
-
-# ------------------------------------------------------------------ optimizer state
-
-
-# ------------------------------------------------------------------------ RNG state
-
-
-# ---------------------------------------------------------------------------- saving
 
 
 # --------------------------------------------------------------------------- finding
@@ -240,12 +229,13 @@ def _read_verified(path: Path, entry: FileEntry, max_bytes: int) -> bytes:
     return data
 
 
-def _read_json_object(path: Path, entry: FileEntry, cap: int) -> dict[str, Any]:
+def _read_record(record: type[Document], path: Path, entry: FileEntry, cap: int
+                 ) -> Document:
     doc = parse_json_guarded(_read_verified(path, entry, cap), str(path), CheckpointError,
                              JSON_MAX_DEPTH)
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path.name} must hold a JSON object, in {path.parent}")
-    return doc
+    return read_document(record, doc, path)
 
 
 @dataclass(frozen=True)
@@ -256,9 +246,9 @@ class Checkpoint:
 
     path: Path
     step: int
-    config: dict[str, Any]
-    trainer_state: dict[str, Any]
-    provenance: dict[str, str]
+    config: CheckpointConfig
+    trainer_state: TrainerState
+    provenance: Provenance
     files: dict[str, FileEntry]
     model_header: SafetensorsHeader
     model_aliases: dict[str, str]
@@ -369,10 +359,11 @@ def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
                   if OPTIMIZER_FILE in files else None)
     checkpoint = Checkpoint(
         path=path, step=manifest.step,
-        config=_read_json_object(path / CONFIG_FILE, files[CONFIG_FILE], CONFIG_MAX_BYTES),
-        trainer_state=_read_json_object(path / TRAINER_STATE_FILE, files[TRAINER_STATE_FILE],
-                                        TRAINER_STATE_MAX_BYTES),
-        provenance=dict(manifest.provenance), files=files,
+        config=_read_record(CheckpointConfig, path / CONFIG_FILE, files[CONFIG_FILE],
+                            CONFIG_MAX_BYTES),
+        trainer_state=_read_record(TrainerState, path / TRAINER_STATE_FILE,
+                                   files[TRAINER_STATE_FILE], TRAINER_STATE_MAX_BYTES),
+        provenance=Provenance.model_validate(manifest.provenance), files=files,
         model_header=model_header,
         model_aliases=_parse_aliases(model_header, path / MODEL_FILE),
         optimizer_header=opt_header,
@@ -389,15 +380,10 @@ def _check_model_config_hash(checkpoint: Checkpoint) -> None:
     # A config.json edited and its manifest re-sealed passes every file hash; only the
     # provenance recorded at save time tells, and a run folder must then fall back to
     # the previous step rather than pick this one (find_latest_valid calls us).
-    recorded = checkpoint.provenance.get("model_config_sha256")
-    actual = model_config_sha256(checkpoint.config.get("model"))
+    recorded = checkpoint.provenance.model_config_sha256
+    actual = model_config_sha256(checkpoint.config.model)
     if recorded is not None and recorded != actual:
         raise CheckpointError(f"config.json's model table hashes to {actual[:16]}… but the "
                               f"checkpoint recorded {recorded[:16]}… when it was saved, in "
                               f"{checkpoint.path}", hint="the checkpoint was edited after it "
                               "was saved; use another checkpoint")
-
-
-# ------------------------------------------------------------------ finite values
-
-

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import JsonValue
 
 from fragment_llm.checkpoint.layout import (
     OPTIMIZER_FORMAT,
@@ -58,7 +59,7 @@ def flatten_optimizer_state(state_dict: Mapping[str, Any]
     return tensors, {"state": state, "param_groups": groups}
 
 
-def unflatten_optimizer_state(tensors: Mapping[str, Any], layout: Any) -> dict[str, Any]:
+def unflatten_optimizer_state(tensors: Mapping[str, object], layout: object) -> dict[str, Any]:
     """Inverse of `flatten_optimizer_state`; checks the layout as untrusted input.
 
     Every tensor must be referenced exactly once. `tensors` may map names to anything
@@ -84,7 +85,7 @@ def _param_index(text: str) -> int:
     return int(text)
 
 
-def _decode_entry(entry: Any, tensors: Mapping[str, Any], used: set[str],
+def _decode_entry(entry: object, tensors: Mapping[str, object], used: set[str],
                   pid: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise CheckpointError(f"optimizer state {pid} is not an object")
@@ -102,7 +103,7 @@ def _decode_entry(entry: Any, tensors: Mapping[str, Any], used: set[str],
     return out
 
 
-def _decode_group(group: Any, index: int) -> dict[str, Any]:
+def _decode_group(group: object, index: int) -> dict[str, Any]:
     decoded = _decode(group, f"optimizer param group {index}")
     params = decoded.get("params") if isinstance(decoded, dict) else None
     if not isinstance(params, list) or not all(type(p) is int for p in params):
@@ -110,7 +111,7 @@ def _decode_group(group: Any, index: int) -> dict[str, Any]:
     return decoded
 
 
-def _encode(value: Any, where: str) -> Any:
+def _encode(value: object, where: str) -> JsonValue:
     """Python value -> JSON value; only what round-trips exactly is accepted."""
     if value is None or isinstance(value, bool | int | str):
         return value
@@ -131,7 +132,7 @@ def _encode(value: Any, where: str) -> Any:
                                "booleans, None, or lists/tuples of them")
 
 
-def _decode(value: Any, where: str) -> Any:
+def _decode(value: object, where: str) -> object:
     if isinstance(value, list):
         return [_decode(v, where) for v in value]
     if isinstance(value, dict):
@@ -187,7 +188,8 @@ def _check_optimizer_layout(skeleton: Mapping[str, Any], optimizer: torch.optim.
         _check_param_state(pid, entry, params, where)
 
 
-def _check_hyperparameter(group: int, key: str, saved: Any, current: Any, where: Path) -> None:
+def _check_hyperparameter(group: int, key: str, saved: object, current: object,
+                          where: Path) -> None:
     """A saved hyperparameter must suit the optimizer as built now, or its first step
     crashes: numbers stay finite numbers, tuples keep their shape, and flags keep their
     value (`amsgrad` without its state). The caller skips IMPLEMENTATION_FLAGS."""
@@ -199,7 +201,7 @@ def _check_hyperparameter(group: int, key: str, saved: Any, current: Any, where:
                               hint="resume with the same optimizer settings")
 
 
-def _hyperparameter_kind(value: Any) -> Any:
+def _hyperparameter_kind(value: object) -> str | tuple[object, ...]:
     """`0.9 -> 'number'`, `(0.9, 0.95) -> ('number', 'number')`, `None -> 'flag'`."""
     if value is None or isinstance(value, bool):
         return "flag"

@@ -6,12 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import random
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from fragment_llm.checkpoint.layout import (
     TRAINER_STATE_FILE,
@@ -40,7 +38,7 @@ def _unb64(text: str, size: int, what: str, where: str) -> bytes:
     return data
 
 
-def capture_rng_state() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, JsonValue]:
     """torch (CPU and every CUDA device), numpy's legacy global and Python's `random`."""
     algorithm, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
@@ -56,7 +54,7 @@ def capture_rng_state() -> dict[str, Any]:
     return state.model_dump(mode="json")
 
 
-def restore_rng_state(state: Mapping[str, Any], where: str = TRAINER_STATE_FILE) -> None:
+def restore_rng_state(state: JsonValue, where: str = TRAINER_STATE_FILE) -> None:
     """Put every generator back exactly, or none of them: each state is tried on a
     scratch generator first. CUDA states are skipped when CUDA is absent."""
     try:

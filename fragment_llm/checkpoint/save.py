@@ -14,6 +14,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from pydantic import JsonValue
 from safetensors import SafetensorError
 
 from fragment_llm.checkpoint.layout import (
@@ -40,7 +41,10 @@ from fragment_llm.checkpoint.optimizer import (
     flatten_optimizer_state,
 )
 from fragment_llm.checkpoint.records import (
+    CheckpointConfig,
     Manifest,
+    Provenance,
+    TrainerState,
     _validate_manifest,
     _validate_provenance,
 )
@@ -86,10 +90,15 @@ class _Payload:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, trainer_state: Mapping[str, Any],
-                    config: Mapping[str, Any], tokenizer_file: Path,
-                    provenance: Mapping[str, str] | None = None, keep_last: int = 3) -> Path:
+                    optimizer: torch.optim.Optimizer | None,
+                    trainer_state: TrainerState | Mapping[str, Any],
+                    config: CheckpointConfig | Mapping[str, Any], tokenizer_file: Path,
+                    provenance: Provenance | Mapping[str, str] | None = None,
+                    keep_last: int = 3) -> Path:
     """Write `run_dir/step-NNNNNNN/` atomically, then prune to the newest `keep_last`.
+
+    The records are written as `document()` gives them, so loading the step gives back
+    the same records; a plain mapping is written as it is (tests build odd ones).
 
     The folder is built under a hidden temporary name, every file fsynced, then renamed
     into place (replacing a same-step folder); a crash leaves only the temporary, which
@@ -100,6 +109,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     if type(keep_last) is not int or keep_last < 1:
         raise CheckpointError(f"keep_last must be an int >= 1, got {keep_last!r}")
     payload = _prepare(model, optimizer, trainer_state, config, tokenizer_file)
+    if isinstance(provenance, Provenance):
+        provenance = provenance.document()
     sealed = _validate_provenance(provenance or {})
     with staged_dir(target, overwrite=True) as tmp, translate_os_errors(target):
         _write_payload(tmp, payload)
@@ -110,8 +121,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
 
 
 def _prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             trainer_state: Mapping[str, Any], config: Mapping[str, Any],
-             tokenizer_file: Path) -> _Payload:
+             trainer_state: TrainerState | Mapping[str, Any],
+             config: CheckpointConfig | Mapping[str, Any], tokenizer_file: Path) -> _Payload:
     stored, aliases = model_tensors(model)
     _refuse_non_finite(stored, "model")
     payload = _Payload(_for_disk(stored), {"format": MODEL_FORMAT,
@@ -129,12 +140,15 @@ def _prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     return payload
 
 
-def _compact_json(obj: Any) -> str:
+def _compact_json(obj: JsonValue) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _json_bytes(obj: Mapping[str, Any], name: str, cap: int) -> bytes:
+def _json_bytes(obj: TrainerState | CheckpointConfig | Mapping[str, Any], name: str,
+                cap: int) -> bytes:
     """Serialise and prove the loader will read back exactly `obj` (no tuples, int keys)."""
+    if isinstance(obj, (TrainerState, CheckpointConfig)):
+        obj = obj.document()
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{name} must be a dict, got {type(obj).__name__}")
     try:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -101,14 +100,14 @@ def _parse_header(raw: bytes, data_len: int, where: Path) -> SafetensorsHeader:
     return SafetensorsHeader(tensors, metadata)
 
 
-def _header_metadata(value: Any, where: Path) -> dict[str, str]:
+def _header_metadata(value: object, where: Path) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise CheckpointError(f"safetensors __metadata__ must map strings to strings, "
                               f"in {where}")
     return value
 
 
-def _tensor_spec(name: str, entry: Any, where: Path) -> TensorSpec:
+def _tensor_spec(name: str, entry: object, where: Path) -> TensorSpec:
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise CheckpointError(f"tensor name of {len(name)} characters refused, in {where}")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -128,7 +127,7 @@ def _tensor_spec(name: str, entry: Any, where: Path) -> TensorSpec:
     return TensorSpec(dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _int_list(value: Any, max_len: int | None = None, exact_len: int | None = None) -> bool:
+def _int_list(value: object, max_len: int | None = None, exact_len: int | None = None) -> bool:
     # `type(x) is int`: JSON true/false must not pass as 1/0.
     return (isinstance(value, list) and all(type(x) is int and x >= 0 for x in value)
             and (max_len is None or len(value) <= max_len)
@@ -180,7 +179,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _alias_key(name: str, tensor: torch.Tensor) -> tuple[Any, ...]:
+def _alias_key(name: str, tensor: torch.Tensor) -> Hashable:
     """Two state-dict names are aliases when they are the same view of the same memory
     (a tied `lm_head.weight` is the embedding's Parameter)."""
     if tensor.numel() == 0:  # empty tensors may all report data_ptr 0
@@ -192,7 +191,7 @@ def _alias_key(name: str, tensor: torch.Tensor) -> tuple[Any, ...]:
 def _alias_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """`{"wte.weight": W, "lm_head.weight": W, "b": B}`
     -> `[["wte.weight", "lm_head.weight"], ["b"]]`."""
-    groups: dict[tuple[Any, ...], list[str]] = {}
+    groups: dict[Hashable, list[str]] = {}
     for name, tensor in state.items():
         groups.setdefault(_alias_key(name, tensor), []).append(name)
     return list(groups.values())
@@ -213,8 +212,8 @@ def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return stored, aliases
 
 
-def _partition(names: Iterable[str], root_of: Callable[[str], Any]) -> set[frozenset[str]]:
-    groups: dict[Any, set[str]] = {}
+def _partition(names: Iterable[str], root_of: Callable[[str], Hashable]) -> set[frozenset[str]]:
+    groups: dict[Hashable, set[str]] = {}
     for name in names:
         groups.setdefault(root_of(name), set()).add(name)
     return {frozenset(g) for g in groups.values()}

@@ -165,9 +165,9 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
       fragment chat --temperature 0.5 --system "You are terse."
       printf 'hello\\nhow are you?\\n' | fragment chat -q
     """
+    from fragment_llm.checkpoint.trained import load_trained
     from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ChatConfig, load_stage_config
-    from fragment_llm.evaluate import load_trained
     from fragment_llm.inference.chat import ChatSession, banner_rows, enable_line_editing, run_repl
 
     settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})
@@ -175,7 +175,7 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
     trained = load_trained(checkpoint_path)
     terminal = ChatTerminal.for_this_process()
     session = ChatSession(trained.model, trained.tokenizer, settings,
-                          trained.checkpoint.config.get("chat_format"), confirm=terminal.confirm)
+                          trained.checkpoint.config.chat_format, confirm=terminal.confirm)
     show(summary_table("fragment chat", banner_rows(trained)))
     # readline only for a terminal: a pipe is read line by line, with no editing
     save_history = (enable_line_editing(settings.history) if terminal.interactive

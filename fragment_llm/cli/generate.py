@@ -43,8 +43,8 @@ def generate(checkpoint_path: Path, prompt_text: str | None, prompt_file: Path |
       fragment generate --prompt-file start.txt --temperature 0 --json
       echo "To be" | fragment generate --prompt - --seed 1
     """
+    from fragment_llm.checkpoint.trained import load_trained
     from fragment_llm.config import GenerateConfig, load_stage_config
-    from fragment_llm.evaluate import load_trained
     from fragment_llm.inference.text import complete, read_prompt
 
     if (prompt_text is None) == (prompt_file is None):

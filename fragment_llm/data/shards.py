@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -100,23 +100,6 @@ def cache_key(processed_sha256: str, tokenizer_sha256: str, val_fraction: float)
     """Name of the cache folder: changes whenever an input of the shards changes."""
     text = f"{TOKENS_VERSION}:{processed_sha256}:{tokenizer_sha256}:{val_fraction!r}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def recorded_tokens_folder(tokens: Path, provenance: dict[str, Any],
-                           config: dict[str, Any]) -> Path | None:
-    """The token-shard folder a checkpoint trained on, from its recorded provenance and
-    config: `tokens` itself when it holds a manifest, else `tokens/<cache key>`; None
-    when the checkpoint does not record what the key is made of."""
-    if os.path.lexists(tokens / "manifest.json"):
-        return tokens
-    train = config.get("train")
-    fraction = train.get("val_fraction") if isinstance(train, dict) else None
-    processed, tokenizer = (provenance.get("processed_manifest_sha256"),
-                            provenance.get("tokenizer_sha256"))
-    if not (isinstance(processed, str) and isinstance(tokenizer, str)
-            and isinstance(fraction, float)):
-        return None
-    return tokens / cache_key(processed, tokenizer, fraction)
 
 
 def is_validation(doc_sha256: str, val_fraction: float) -> bool:

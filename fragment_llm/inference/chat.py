@@ -438,4 +438,4 @@ def banner_rows(trained: Trained) -> list[tuple[str, object]]:
             ("val bits/byte", "-" if bpb is None else f"{bpb:.4f}"),
             ("device", str(trained.device)),
             ("context window", f"{model.config.block_size} tokens"),
-            ("format", template_for(trained.checkpoint.config.get("chat_format")).title)]
+            ("format", template_for(trained.checkpoint.config.chat_format).title)]

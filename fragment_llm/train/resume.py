@@ -21,13 +21,19 @@ checkpoints, and does not train.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
+from fragment_llm.checkpoint.layout import CONFIG_FILE
+from fragment_llm.checkpoint.records import table_refusal
+from fragment_llm.checkpoint.trained import checkpoint_model_config
 from fragment_llm.config import Given, GivenSettings, ModelConfig, TrainConfig
 from fragment_llm.errors import CheckpointError, ConfigError
-from fragment_llm.safety.text import escape_for_display
+
+if TYPE_CHECKING:
+    from fragment_llm.checkpoint.load import Checkpoint
 
 # When the run ends. They may only grow: a shorter budget would end a run planned longer.
 EXTENDABLE = frozenset({"max_steps", "max_time_s"})
@@ -46,8 +52,8 @@ class SettingChange:
 
     step: int
     field: str
-    recorded: Any
-    given: Any
+    recorded: JsonValue
+    given: JsonValue
     source: str
 
 
@@ -57,17 +63,17 @@ class ResumedSettings:
     train: TrainConfig  # what the run continues with
     recorded: TrainConfig  # what the checkpoint recorded
     changes: tuple[SettingChange, ...]  # made by this resume
-    earlier: tuple[dict[str, Any], ...]  # made by earlier resumes, from config.json
+    earlier: tuple[dict[str, JsonValue], ...]  # made by earlier resumes, from config.json
 
     @property
     def budget_extended(self) -> bool:
         return any(change.field in EXTENDABLE for change in self.changes)
 
-    def change_record(self) -> list[dict[str, Any]]:
+    def change_record(self) -> list[dict[str, JsonValue]]:
         return [*self.earlier, *(asdict(change) for change in self.changes)][-KEPT_CHANGES:]
 
 
-def resumed_settings(checkpoint: Any, model: ModelConfig, train: TrainConfig,
+def resumed_settings(checkpoint: Checkpoint, model: ModelConfig, train: TrainConfig,
                      given: GivenSettings | None) -> ResumedSettings:
     """The run's recorded settings, with the given values checked against them.
 
@@ -75,8 +81,6 @@ def resumed_settings(checkpoint: Any, model: ModelConfig, train: TrainConfig,
     user chose. None means a library caller chose every [train] value that is not None,
     and the model is the checkpoint's.
     """
-    from fragment_llm.evaluate import checkpoint_model_config
-
     recorded_model = checkpoint_model_config(checkpoint)
     recorded = _recorded_train(checkpoint)
     where = checkpoint.path
@@ -96,14 +100,15 @@ def resumed_settings(checkpoint: Any, model: ModelConfig, train: TrainConfig,
         changes.append(SettingChange(checkpoint.step, key, old, new, came.source))
     now = TrainConfig.model_validate({**recorded.model_dump(),
                                       **{c.field: c.given for c in changes}})
-    return ResumedSettings(recorded_model, now, recorded, tuple(changes), _earlier(checkpoint))
+    earlier = tuple(checkpoint.config.resume_changes)[-KEPT_CHANGES:]
+    return ResumedSettings(recorded_model, now, recorded, tuple(changes), earlier)
 
 
 def _grows(old: float | None, new: float | None) -> bool:
     return new is not None and (old is None or new > old)
 
 
-def _refusal(name: str, old: Any, new: Any, came: Given, where: Any) -> ConfigError:
+def _refusal(name: str, old: object, new: object, came: Given, where: Path) -> ConfigError:
     key = name.split(".", 1)[1]
     if came.from_preset:
         culprit = "--preset"
@@ -120,27 +125,16 @@ def _refusal(name: str, old: Any, new: Any, came: Given, where: Any) -> ConfigEr
                        f"{came.source} gives {new!r}", hint=hint)
 
 
-def _recorded_train(checkpoint: Any) -> TrainConfig:
+def _recorded_train(checkpoint: Checkpoint) -> TrainConfig:
     """The checkpoint's [train] table, or one line naming the field and the rule."""
-    where = checkpoint.path / "config.json"
-    table = checkpoint.config.get("train")
-    if not isinstance(table, dict):
+    where = checkpoint.path / CONFIG_FILE
+    table = checkpoint.config.train
+    if table is None:
         raise CheckpointError(f"config.json records no [train] table, in {where}",
                               hint="a resumed run needs the values it was started with; "
                                    "this config.json was not written by `fragment train`")
     try:
         return TrainConfig.model_validate(table)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        # Escaped: the key names come from the file and must not break the line.
-        field = escape_for_display(".".join(str(part) for part in error["loc"])) or "train"
-        raise CheckpointError(f"invalid train config: train.{field}: {error['msg']}, in "
-                              f"{where}", hint="use another checkpoint; this config.json was "
-                                               "not written by `fragment train`") from None
+        raise table_refusal("train", exc, where) from None
 
-
-def _earlier(checkpoint: Any) -> tuple[dict[str, Any], ...]:
-    record = checkpoint.config.get("resume_changes")
-    if not isinstance(record, list):
-        return ()
-    return tuple(entry for entry in record if isinstance(entry, dict))[-KEPT_CHANGES:]

@@ -28,6 +28,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fragment_llm import __version__
+from fragment_llm.checkpoint.layout import METRICS_FILE
+from fragment_llm.checkpoint.provenance import (
+    HINT_RESUME,
+    checked_tokenizer,
+    require,
+    resume_links,
+    tokens_links,
+)
+from fragment_llm.checkpoint.records import (
+    CheckpointConfig,
+    Provenance,
+    TrainerState,
+    model_config_sha256,
+)
 from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, GivenSettings, ModelConfig, TrainConfig
 from fragment_llm.data.shards import (
     BuildRequest,
@@ -74,20 +88,10 @@ from fragment_llm.train.runtime import (
     select_precision,
 )
 from fragment_llm.train.trainer import MAX_NONFINITE_IN_A_ROW, StepResult, Trainer
-from fragment_llm.verify import (
-    HINT_RESUME,
-    checked_tokenizer,
-    require,
-    resume_links,
-    tokens_links,
-)
 
 if TYPE_CHECKING:
     from fragment_llm.checkpoint.load import Checkpoint
     from fragment_llm.tokenizer.tokenizer import Tokenizer
-
-METRICS_FILE = "metrics.jsonl"
-
 
 # ------------------------------------------------------------------------ the request
 
@@ -311,13 +315,13 @@ def _find_resume_point(request: TrainRequest, env: DistEnv,
     return latest
 
 
-def _restore(trainer: Trainer, checkpoint) -> None:
+def _restore(trainer: Trainer, checkpoint: Checkpoint) -> None:
     checkpoint.load_model_into(trainer.model)
     checkpoint.load_optimizer_into(trainer.optimizer)
-    trainer.load_state_dict(checkpoint.trainer_state)
+    trainer.load_state_dict(checkpoint.trainer_state.document())
     from fragment_llm.checkpoint.rng import restore_rng_state
 
-    restore_rng_state(checkpoint.trainer_state["rng"])
+    restore_rng_state(checkpoint.trainer_state.rng)
 
 
 def _summary(request: TrainRequest, trainer: Trainer, last: StepResult | None,
@@ -467,7 +471,7 @@ class TrainLoop:
         if self.failure is not None:  # a metrics write failed: stop here, with everyone
             raise self.failure
         trainer = self.trainer
-        state = {**trainer.state_dict(), "rng": capture_rng_state()}
+        state = TrainerState.model_validate({**trainer.state_dict(), "rng": capture_rng_state()})
         path = save_checkpoint(
             self.request.out, trainer.step, model=trainer.model,
             optimizer=trainer.optimizer, trainer_state=state, config=self._config_record(),
@@ -475,28 +479,28 @@ class TrainLoop:
             keep_last=self.request.train.keep_checkpoints)
         self.on_event(CheckpointEvent(trainer.step, path))
 
-    def _config_record(self) -> dict[str, Any]:
+    def _config_record(self) -> CheckpointConfig:
         evaluation = self.evaluation
-        return {"model": self.model_config.model_dump(mode="json"),
-                "train": self.request.train.model_dump(mode="json"),
-                "fragment_version": __version__,
-                # How chat renders turns for this model (chat.py): plain-text documents
-                # train a model that continues a "User: ... Assistant:" transcript.
-                "chat_format": TRANSCRIPT_CHAT_FORMAT,
-                "val_loss": evaluation[0] if evaluation else None,
-                "val_bpb": evaluation[1] if evaluation else None,
-                # What resuming changed ([train] holds the values in force now).
-                "resume_changes": (self.request.resumed.change_record()
-                                   if self.request.resumed else [])}
+        return CheckpointConfig(
+            model=self.model_config.model_dump(mode="json"),
+            train=self.request.train.model_dump(mode="json"),
+            fragment_version=__version__,
+            # How chat renders turns for this model (chat.py): plain-text documents
+            # train a model that continues a "User: ... Assistant:" transcript.
+            chat_format=TRANSCRIPT_CHAT_FORMAT,
+            val_loss=evaluation[0] if evaluation else None,
+            val_bpb=evaluation[1] if evaluation else None,
+            # What resuming changed ([train] holds the values in force now).
+            resume_changes=(self.request.resumed.change_record()
+                            if self.request.resumed else []))
 
-    def _provenance(self) -> dict[str, str]:
-        from fragment_llm.checkpoint.records import model_config_sha256
-
+    def _provenance(self) -> Provenance:
         shards = self.trainer.shards
-        return {"tokenizer_sha256": self.tokenizer.sha256,
-                "tokens_manifest_sha256": shards.manifest_sha256,
-                "processed_manifest_sha256": shards.manifest.processed_manifest_sha256,
-                "model_config_sha256": model_config_sha256(self._config_record()["model"])}
+        return Provenance(
+            tokenizer_sha256=self.tokenizer.sha256,
+            tokens_manifest_sha256=shards.manifest_sha256,
+            processed_manifest_sha256=shards.manifest.processed_manifest_sha256,
+            model_config_sha256=model_config_sha256(self._config_record().model))
 
 
 class MetricsLog:
