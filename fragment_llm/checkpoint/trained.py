@@ -25,8 +25,8 @@ from fragment_llm.checkpoint.records import table_refusal
 from fragment_llm.checkpoint.tensors import DTYPES
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import CheckpointError
-from fragment_llm.model.gpt import GPT, count_parameters
-from fragment_llm.model.size import check_inference_memory
+from fragment_llm.model.gpt import GPT
+from fragment_llm.model.size import check_inference_memory, count_parameters
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8  # eval's batch when the checkpoint records none
