@@ -1,0 +1,1 @@
+"""Artifacts for other tools, written from ours (today the HF `tokenizers` JSON)."""
