@@ -64,6 +64,7 @@ from fragment_llm.events import (
     ProgressEvent,
     StepEvent,
 )
+from fragment_llm.model.gpt import GPT
 from fragment_llm.model.size import (
     MemoryPlan,
     count_parameters,
@@ -228,7 +229,8 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
     check_memory(plan, request.train.max_memory or default_memory_limit(device))
     shards = prepare_shards(request, env, tokenizer.vocab_size, on_event, device)
     _check_shard_chain(request, tokenizer, shards, resume_from)
-    trainer = Trainer(model_config, request.train, shards, device, precision, env)
+    torch.manual_seed(request.train.seed)  # the initial weights are part of the run
+    trainer = Trainer(GPT(model_config).to(device), request.train, shards, device, precision, env)
     if resume_from is not None:
         _restore(trainer, resume_from)
         if request.resumed is not None and request.resumed.budget_extended:

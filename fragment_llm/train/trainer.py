@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from fragment_llm.config import ModelConfig, TrainConfig
+from fragment_llm.config import TrainConfig
 from fragment_llm.data.batches import TokenStream, eval_batches
 from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import (
@@ -53,13 +53,16 @@ class StepResult:
 
 
 class Trainer:
-    """Model, optimizer and data stream for one process, with `train_step`/`evaluate`."""
+    """Model, optimizer and data stream for one process, with `train_step`/`evaluate`.
 
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, shards: TokenShards,
+    The caller builds the model (seeded, on `device`): a GPT from scratch, or one loaded
+    from a checkpoint. The optimizer trains the parameters that require a gradient.
+    """
+
+    def __init__(self, model: GPT, config: TrainConfig, shards: TokenShards,
                  device: torch.device, precision: str, env: DistEnv) -> None:
         self.config, self.device, self.precision, self.env = config, device, precision, env
-        torch.manual_seed(config.seed)
-        self.model = GPT(model_config).to(device)
+        self.model = model
         if config.activation_checkpointing:
             self.model.activation_checkpointing = True
         self.forward_model: torch.nn.Module = self.model
@@ -71,7 +74,7 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
         self.optimizer = build_optimizer(self.model, config, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.stream = TokenStream(shards.train, model_config.block_size, config.seed,
+        self.stream = TokenStream(shards.train, model.config.block_size, config.seed,
                                   env.rank, env.world)
         self.shards = shards
         self.step = 0
