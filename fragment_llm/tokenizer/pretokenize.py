@@ -68,10 +68,6 @@ MAX_REPEAT_PRODUCT = 10_000
 _COUNTED_REPEAT = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-def match_timeout(chars: int) -> float:
-    return TIMEOUT_BASE_S + chars * TIMEOUT_PER_CHAR_S
-
-
 @dataclass(frozen=True)
 class SplitPattern:
     """A pattern name (`gpt2`, `gpt4` or `custom`) and the regex it stands for."""
@@ -120,7 +116,7 @@ class Splitter:
         """The chunks of `text`, in order; they join back into `text`."""
         if self._ascii is not None and text.isascii():
             return self._ascii.findall(text)
-        timeout = match_timeout(len(text))
+        timeout = TIMEOUT_BASE_S + len(text) * TIMEOUT_PER_CHAR_S
         if not self._named:
             # Matches plus the unmatched gaps between them (as HF's `isolated` split
             # does), so a custom pattern that skips characters still round-trips.
