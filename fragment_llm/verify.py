@@ -223,10 +223,8 @@ def detect_kind(path: Path) -> Kind:
         return Kind.PROCESSED
     if any(name.endswith(".bin") for name in names):
         return Kind.TOKENS
-    return _kind_from_manifest(path) if MANIFEST_FILE in names else _unknown(path)
-
-
-def _kind_from_manifest(path: Path) -> Kind:
+    if MANIFEST_FILE not in names:
+        return _unknown(path)
     # Processed folders, token shards and checkpoints all name theirs manifest.json.
     raw = read_capped(path / MANIFEST_FILE, 256 << 20, ConfigError)
     doc = parse_json_guarded(raw, str(path / MANIFEST_FILE), ConfigError)
@@ -281,13 +279,6 @@ class _Verifier:
         self.add(kind, artifact, check, Status.OK, detail)
         return value
 
-    def once(self, kind: Kind, path: Path, run: Callable[[Path], T | None]) -> T | None:
-        key = (kind, os.path.abspath(path))
-        if key not in self._done:
-            self._done[key] = None
-            self._done[key] = run(path)
-        return self._done[key]
-
     def chain(self, kind: Kind, artifact: str, check: str, recorded: str | None,
               upstream: Path | None, upstream_kind: Kind,
               open_upstream: Callable[[Path], T | None], sha_of: Callable[[T], str]
@@ -301,7 +292,11 @@ class _Verifier:
                                      f"{upstream or 'upstream'} not present; recorded "
                                      f"{short(recorded)}", upstream_kind))
             return None
-        loaded = open_upstream(upstream)
+        key = (upstream_kind, os.path.abspath(upstream))
+        if key not in self._done:  # each upstream artifact is verified once
+            self._done[key] = None
+            self._done[key] = open_upstream(upstream)
+        loaded = self._done[key]
         if loaded is None:
             self.add(kind, artifact, check, Status.FAILED,
                      f"{upstream} is present but fails its own checks")
@@ -312,9 +307,6 @@ class _Verifier:
     # ----------------------------------------------------------------- processed
 
     def processed(self, folder: Path) -> ProcessedCorpus | None:
-        return self.once(Kind.PROCESSED, folder, self._processed)
-
-    def _processed(self, folder: Path) -> ProcessedCorpus | None:
         art = str(folder)
         corpus = self.attempt(Kind.PROCESSED, art, "manifest and shards",
                               lambda: _open_processed(folder))
@@ -341,9 +333,6 @@ class _Verifier:
     # ----------------------------------------------------------------- tokenizer
 
     def tokenizer(self, path: Path) -> Tokenizer | None:
-        return self.once(Kind.TOKENIZER, path, self._tokenizer)
-
-    def _tokenizer(self, path: Path) -> Tokenizer | None:
         art = str(path)
         tok = self.attempt(Kind.TOKENIZER, art, "format", lambda: _load_tokenizer(path))
         if tok is not None:
@@ -356,9 +345,6 @@ class _Verifier:
     # -------------------------------------------------------------------- tokens
 
     def tokens(self, folder: Path) -> TokenShards | None:
-        return self.once(Kind.TOKENS, folder, self._tokens)
-
-    def _tokens(self, folder: Path) -> TokenShards | None:
         art = str(folder)
         shards = self.attempt(Kind.TOKENS, art, "manifest and shards",
                               lambda: _open_tokens(folder))
@@ -390,9 +376,6 @@ class _Verifier:
     # ---------------------------------------------------------------- checkpoint
 
     def checkpoint(self, folder: Path) -> Checkpoint | None:
-        return self.once(Kind.CHECKPOINT, folder, self._checkpoint)
-
-    def _checkpoint(self, folder: Path) -> Checkpoint | None:
         art, before = str(folder), len(self.checks)
         identity = folder_identity(folder)
         ckpt = self._own_checks(folder)

@@ -201,14 +201,6 @@ def _check_entries(folder: Path) -> set[str]:
     return names
 
 
-def _check_file_set(folder: Path, present: set[str], manifest: Manifest) -> None:
-    listed = set(manifest.files)
-    if missing := sorted((REQUIRED_FILES | listed) - present):
-        raise CheckpointError(f"missing {', '.join(missing)}, in {folder}")
-    if unlisted := sorted(present - listed - {MANIFEST_FILE}):
-        raise CheckpointError(f"{', '.join(unlisted)} not listed in the manifest, in {folder}")
-
-
 def _verify_file(path: Path, entry: FileEntry, max_bytes: int) -> None:
     """Size first (cheap, and refuses a huge file unread), then sha256."""
     size = os.lstat(path).st_size
@@ -350,7 +342,11 @@ def _removed(path: Path) -> CheckpointRemovedError:
 def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
     present = _check_entries(path)
     manifest = _read_manifest(path)
-    _check_file_set(path, present, manifest)
+    listed = set(manifest.files)
+    if missing := sorted((REQUIRED_FILES | listed) - present):
+        raise CheckpointError(f"missing {', '.join(missing)}, in {path}")
+    if unlisted := sorted(present - listed - {MANIFEST_FILE}):
+        raise CheckpointError(f"{', '.join(unlisted)} not listed in the manifest, in {path}")
     for name, entry in sorted(manifest.files.items()):
         _verify_file(path / name, entry, max_bytes)
     files = dict(manifest.files)

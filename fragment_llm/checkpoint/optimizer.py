@@ -70,19 +70,22 @@ def unflatten_optimizer_state(tensors: Mapping[str, object], layout: object) -> 
             or not isinstance(layout["param_groups"], list):
         raise CheckpointError("optimizer layout must be {state: {...}, param_groups: [...]}")
     used: set[str] = set()
-    state = {_param_index(pid): _decode_entry(entry, tensors, used, pid)
-             for pid, entry in layout["state"].items()}
+    state = {}
+    for pid, entry in layout["state"].items():
+        if not re.fullmatch(r"0|[1-9]\d{0,8}", pid):
+            raise CheckpointError(f"optimizer state key {pid!r} is not a parameter index")
+        state[int(pid)] = _decode_entry(entry, tensors, used, pid)
     if unused := sorted(set(tensors) - used):
         raise CheckpointError(f"optimizer tensors not referenced by the layout: "
                               f"{_preview(unused)}")
-    groups = [_decode_group(g, i) for i, g in enumerate(layout["param_groups"])]
+    groups = []
+    for index, group in enumerate(layout["param_groups"]):
+        decoded = _decode(group, f"optimizer param group {index}")
+        params = decoded.get("params") if isinstance(decoded, dict) else None
+        if not isinstance(params, list) or not all(type(p) is int for p in params):
+            raise CheckpointError(f"optimizer param group {index} needs a list of int params")
+        groups.append(decoded)
     return {"state": state, "param_groups": groups}
-
-
-def _param_index(text: str) -> int:
-    if not re.fullmatch(r"0|[1-9]\d{0,8}", text):
-        raise CheckpointError(f"optimizer state key {text!r} is not a parameter index")
-    return int(text)
 
 
 def _decode_entry(entry: object, tensors: Mapping[str, object], used: set[str],
@@ -101,14 +104,6 @@ def _decode_entry(entry: object, tensors: Mapping[str, object], used: set[str],
         else:
             out[key] = _decode(value, f"optimizer state {pid}/{key}")
     return out
-
-
-def _decode_group(group: object, index: int) -> dict[str, Any]:
-    decoded = _decode(group, f"optimizer param group {index}")
-    params = decoded.get("params") if isinstance(decoded, dict) else None
-    if not isinstance(params, list) or not all(type(p) is int for p in params):
-        raise CheckpointError(f"optimizer param group {index} needs a list of int params")
-    return decoded
 
 
 def _encode(value: object, where: str) -> JsonValue:

@@ -113,7 +113,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
         provenance = provenance.document()
     sealed = _validate_provenance(provenance or {})
     with staged_dir(target, overwrite=True) as tmp, translate_os_errors(target):
-        _write_payload(tmp, payload)
+        _write_tensors(tmp / MODEL_FILE, payload.model, payload.model_meta)
+        if payload.optimizer is not None:
+            _write_tensors(tmp / OPTIMIZER_FILE, payload.optimizer, payload.optimizer_meta)
+        for name, data in payload.texts.items():
+            _write_bytes(tmp / name, data)
         manifest = build_manifest(tmp, step, sealed)
         _write_bytes(tmp / MANIFEST_FILE, manifest.to_json().encode("ascii"))
     _prune(run_dir, keep_last, step)
@@ -162,14 +166,6 @@ def _json_bytes(obj: TrainerState | CheckpointConfig | Mapping[str, Any], name: 
         raise CheckpointError(f"{name} does not round-trip through JSON",
                               hint="use lists instead of tuples and strings as dict keys")
     return data
-
-
-def _write_payload(folder: Path, payload: _Payload) -> None:
-    _write_tensors(folder / MODEL_FILE, payload.model, payload.model_meta)
-    if payload.optimizer is not None:
-        _write_tensors(folder / OPTIMIZER_FILE, payload.optimizer, payload.optimizer_meta)
-    for name, data in payload.texts.items():
-        _write_bytes(folder / name, data)
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor],

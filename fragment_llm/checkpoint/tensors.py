@@ -91,20 +91,16 @@ def _parse_header(raw: bytes, data_len: int, where: Path) -> SafetensorsHeader:
                              max_depth=4)
     if not isinstance(doc, dict):
         raise CheckpointError(f"safetensors header is not a JSON object, in {where}")
-    metadata = _header_metadata(doc.pop("__metadata__", {}), where)
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"safetensors __metadata__ must map strings to strings, "
+                              f"in {where}")
     if len(doc) > MAX_TENSORS:
         raise CheckpointError(f"safetensors header lists {len(doc)} tensors, more than "
                               f"{MAX_TENSORS}, in {where}")
     tensors = {name: _tensor_spec(name, entry, where) for name, entry in doc.items()}
     _check_coverage(tensors, data_len, where)
     return SafetensorsHeader(tensors, metadata)
-
-
-def _header_metadata(value: object, where: Path) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise CheckpointError(f"safetensors __metadata__ must map strings to strings, "
-                              f"in {where}")
-    return value
 
 
 def _tensor_spec(name: str, entry: object, where: Path) -> TensorSpec:
@@ -188,15 +184,6 @@ def _alias_key(name: str, tensor: torch.Tensor) -> Hashable:
             tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
-def _alias_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    """`{"wte.weight": W, "lm_head.weight": W, "b": B}`
-    -> `[["wte.weight", "lm_head.weight"], ["b"]]`."""
-    groups: dict[Hashable, list[str]] = {}
-    for name, tensor in state.items():
-        groups.setdefault(_alias_key(name, tensor), []).append(name)
-    return list(groups.values())
-
-
 def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with aliases removed, plus `{alias: stored name}`.
 
@@ -204,9 +191,13 @@ def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     order) is stored and the others are recorded so loading can check the tying.
     """
     state = _unwrap(model).state_dict()
+    # {"wte.weight": W, "lm_head.weight": W, "b": B} -> [["wte.weight", "lm_head.weight"], ["b"]]
+    groups: dict[Hashable, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(_alias_key(name, tensor), []).append(name)
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    for group in _alias_groups(state):
+    for group in groups.values():
         stored[group[0]] = state[group[0]]
         aliases.update({name: group[0] for name in group[1:]})
     return stored, aliases
@@ -222,7 +213,12 @@ def _partition(names: Iterable[str], root_of: Callable[[str], Hashable]) -> set[
 def _check_model_layout(header: SafetensorsHeader, aliases: Mapping[str, str],
                         target: Mapping[str, torch.Tensor], where: Path) -> None:
     saved = set(header.tensors) | set(aliases)
-    _check_names(saved, set(target), where)
+    if missing := sorted(set(target) - saved):
+        raise CheckpointError(f"{where} lacks {len(missing)} tensor(s) the model has: "
+                              f"{_preview(missing)}", hint=_REBUILD_HINT)
+    if extra := sorted(saved - set(target)):
+        raise CheckpointError(f"{where} has {len(extra)} tensor(s) the model does not have: "
+                              f"{_preview(extra)}", hint=_REBUILD_HINT)
     keys = {name: _alias_key(name, tensor) for name, tensor in target.items()}
     if _partition(saved, lambda n: aliases.get(n, n)) != _partition(target, keys.__getitem__):
         raise CheckpointError(f"weight tying differs: {where} ties "
@@ -230,15 +226,6 @@ def _check_model_layout(header: SafetensorsHeader, aliases: Mapping[str, str],
                               f"match", hint=_REBUILD_HINT)
     for name, spec in header.tensors.items():
         _check_spec(name, spec, target[name], where)
-
-
-def _check_names(saved: set[str], expected: set[str], where: Path) -> None:
-    if missing := sorted(expected - saved):
-        raise CheckpointError(f"{where} lacks {len(missing)} tensor(s) the model has: "
-                              f"{_preview(missing)}", hint=_REBUILD_HINT)
-    if extra := sorted(saved - expected):
-        raise CheckpointError(f"{where} has {len(extra)} tensor(s) the model does not have: "
-                              f"{_preview(extra)}", hint=_REBUILD_HINT)
 
 
 def _preview(names: list[str], limit: int = 5) -> str:

@@ -44,14 +44,6 @@ from fragment_llm.errors import FragmentError
 from fragment_llm.safety.signals import Terminated, signals_as_exceptions
 
 
-def _echo_error(message: str, hint: str | None = None) -> None:
-    from fragment_llm.cli.display import safe
-
-    click.echo(f"error: {safe(message)}", err=True)
-    if hint:
-        click.echo(f"hint: {safe(hint)}", err=True)
-
-
 def _echo_click_error(exc: click.ClickException) -> None:
     """click's own report (usage line, help hint, message), every line escaped like a
     library error: a message can quote an argument, such as a hostile file name that a
@@ -106,7 +98,11 @@ class FragmentGroup(click.Group):
             click.echo(f"terminated: {safe(exc)}" if str(exc) else "terminated", err=True)
             return EXIT_TERMINATED
         except FragmentError as exc:
-            _echo_error(exc.message, exc.hint)
+            from fragment_llm.cli.display import safe
+
+            click.echo(f"error: {safe(exc.message)}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {safe(exc.hint)}", err=True)
             return EXIT_ERROR
         except Exception as exc:  # the last line of defence: never a raw traceback
             report_internal_error(exc)

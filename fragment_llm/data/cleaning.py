@@ -104,23 +104,32 @@ def clean_text(text: str) -> tuple[str, CleaningCounts]:
     `newlines=3, zero_width=1, controls=1, trailing_whitespace=2, blank_lines=1`.
     """
     counts = CleaningCounts()
-    if "\r" in text:
-        text, counts.newlines = _normalise_newlines(text)
+    if "\r" in text:  # rule 1
+        before = len(text)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        counts.newlines = before - len(text)
     if text.isascii():  # O(1) in CPython: the string knows its widest character
-        text = _remove_ascii_controls(text, counts)
+        raw = text.encode("ascii")  # rule 3, the only one of 2-6 ASCII can break
+        counts.controls = len(raw.translate(None, _ASCII_NON_CONTROL_BYTES))
+        if counts.controls:
+            text = raw.translate(None, _ASCII_CONTROL_BYTES).decode("ascii")
         whitespace = _ASCII_WHITESPACE
     else:
         text, counts.nfc = _nfc(text)
         text, whitespace = _remove_forbidden(text, counts)
-    text, counts.trailing_whitespace = _strip_trailing_whitespace(text, whitespace)
-    text, counts.blank_lines = _collapse_blank_lines(text)
+    before = len(text)  # rule 7
+    if whitespace == _ASCII_WHITESPACE:
+        text = _strip_space_and_tab(text)
+    else:
+        text = _rstrip_lines(text, whitespace)
+    text = text.rstrip(whitespace)  # the last line has no "\n" after it
+    counts.trailing_whitespace = before - len(text)
+    before = len(text)  # rule 8
+    if "\n\n\n" in text:
+        text = _BLANK_RUN.sub("\n\n", text)
+    text = text.strip("\n")
+    counts.blank_lines = before - len(text)
     return text, counts
-
-
-def _normalise_newlines(text: str) -> tuple[str, int]:
-    before = len(text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text, before - len(text)
 
 
 def _nfc(text: str) -> tuple[str, int]:
@@ -128,15 +137,6 @@ def _nfc(text: str) -> tuple[str, int]:
         return text, 0
     normalised = unicodedata.normalize("NFC", text)
     return normalised, len(text) - len(normalised)
-
-
-def _remove_ascii_controls(text: str, counts: CleaningCounts) -> str:
-    raw = text.encode("ascii")
-    found = len(raw.translate(None, _ASCII_NON_CONTROL_BYTES))
-    if not found:
-        return text
-    counts.controls = found
-    return raw.translate(None, _ASCII_CONTROL_BYTES).decode("ascii")
 
 
 def _remove_forbidden(text: str, counts: CleaningCounts) -> tuple[str, str]:
@@ -163,16 +163,6 @@ def _remove_forbidden(text: str, counts: CleaningCounts) -> tuple[str, str]:
     return text, whitespace
 
 
-def _strip_trailing_whitespace(text: str, whitespace: str) -> tuple[str, int]:
-    before = len(text)
-    if whitespace == _ASCII_WHITESPACE:
-        text = _strip_space_and_tab(text)
-    else:
-        text = _rstrip_lines(text, whitespace)
-    text = text.rstrip(whitespace)  # the last line has no "\n" after it
-    return text, before - len(text)
-
-
 def _strip_space_and_tab(text: str) -> str:
     """Trailing spaces and tabs, by C-level `str.replace`: far faster than any regex.
 
@@ -197,11 +187,3 @@ def _strip_space_and_tab(text: str) -> str:
 
 def _rstrip_lines(text: str, whitespace: str) -> str:
     return "\n".join([line.rstrip(whitespace) for line in text.split("\n")])
-
-
-def _collapse_blank_lines(text: str) -> tuple[str, int]:
-    before = len(text)
-    if "\n\n\n" in text:
-        text = _BLANK_RUN.sub("\n\n", text)
-    text = text.strip("\n")
-    return text, before - len(text)

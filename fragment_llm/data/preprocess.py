@@ -22,7 +22,6 @@ the folder format (`processed.py`), and it never prints: the CLI renders the ret
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -200,17 +199,13 @@ def _check_listing_fits(size: int, out: Path, files: int, bound: str = "") -> No
                  "max_files in [preprocess]")
 
 
-@functools.cache
-def _entry_floor() -> int:
-    """Bytes of the shortest manifest line for one file (empty path, root and detail)."""
-    empty = InputFile(path="", root="", size=0, status="kept")
-    return len(json.dumps(empty.model_dump(mode="json"), separators=(", ", ": "))) + 6
-
-
 def _listing_floor(entries: list[Discovered]) -> int:
     """A lower bound of the manifest's size, from its list of files alone: a listing too
     large for the reader is refused before any file is read."""
-    return sum(_entry_floor() + len(entry.root) + len(entry_path(entry))
+    # Bytes of the shortest manifest line for one file (empty path, root and detail).
+    empty = InputFile(path="", root="", size=0, status="kept")
+    floor = len(json.dumps(empty.model_dump(mode="json"), separators=(", ", ": "))) + 6
+    return sum(floor + len(entry.root) + len(entry_path(entry))
                + (len(entry.detail) if isinstance(entry, InputFile) else 0)
                for entry in entries)
 
@@ -260,7 +255,12 @@ class _Collector:
         self.malformed += result.malformed
         self.bytes_read += result.bytes_read
         self.bytes_done += entry.size
-        self.files.append(_input_file(entry, result, kept))
+        self.files.append(InputFile(
+            path=entry.source, root=entry.root, size=result.bytes_read or entry.size,
+            sha256=result.sha256, status=result.status, reason=result.reason,
+            detail=result.detail, documents=kept, malformed=result.malformed,
+            malformed_records=[MalformedRecord(line=line, reason=reason)
+                               for line, reason in result.malformed_records]))
 
     def _write(self, source: str, result: FileResult) -> int:
         blob = take_blob(result)
@@ -287,12 +287,3 @@ class _Collector:
             bytes_read=self.bytes_read, files_kept=statuses.count("kept"),
             files_rejected=statuses.count("rejected"), files_skipped=statuses.count("skipped"),
             chars_removed=CharsRemoved.from_counts(self.cleaning))
-
-
-def _input_file(task: FileTask, result: FileResult, kept: int) -> InputFile:
-    return InputFile(
-        path=task.source, root=task.root, size=result.bytes_read or task.size,
-        sha256=result.sha256, status=result.status, reason=result.reason,
-        detail=result.detail, documents=kept, malformed=result.malformed,
-        malformed_records=[MalformedRecord(line=line, reason=reason)
-                           for line, reason in result.malformed_records])

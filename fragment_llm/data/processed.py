@@ -256,7 +256,12 @@ class ProcessedCorpus:
     @classmethod
     def open(cls, folder: Path) -> ProcessedCorpus:
         """Load and verify `folder`: manifest schema, then every shard's bytes and schema."""
-        manifest_path = _require_manifest(folder)
+        if not folder.is_dir():
+            raise ProcessedDataError(f"processed folder not found: {folder}",
+                                     hint=HINT_RUN_PREPROCESS)
+        manifest_path = folder / MANIFEST_NAME
+        if not os.path.lexists(manifest_path):
+            raise ProcessedDataError(f"no {MANIFEST_NAME} in {folder}", hint=HINT_RUN_PREPROCESS)
         raw = read_capped(manifest_path, MAX_MANIFEST_BYTES, ProcessedDataError)
         data = parse_json_guarded(raw, str(manifest_path), ProcessedDataError)
         corpus = cls(folder, _validate_manifest(data, manifest_path),
@@ -302,15 +307,6 @@ class ProcessedCorpus:
 
 
 # ----------------------------------------------------------------- manifest checks
-
-
-def _require_manifest(folder: Path) -> Path:
-    if not folder.is_dir():
-        raise ProcessedDataError(f"processed folder not found: {folder}", hint=HINT_RUN_PREPROCESS)
-    manifest_path = folder / MANIFEST_NAME
-    if not os.path.lexists(manifest_path):
-        raise ProcessedDataError(f"no {MANIFEST_NAME} in {folder}", hint=HINT_RUN_PREPROCESS)
-    return manifest_path
 
 
 def _validate_manifest(data: object, path: Path) -> ProcessedManifest:

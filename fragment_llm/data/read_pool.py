@@ -115,7 +115,12 @@ class _Scheduler:
                     and self._room():
                 self._take([read_input_file(task, self.config) for task in self.batches[self.next]])
                 continue
-            yield from self._pop()
+            item, size = self.pending.popleft()
+            self.held -= size
+            if isinstance(item, Future):
+                self.submitted -= 1
+                item = item.result()
+            yield from item
 
     def _submit(self, batch: list[FileTask]) -> Future[list[FileResult]]:
         spools = [str(self.spool / f"{self.next:08d}-{i:04d}.bin") for i in range(len(batch))]
@@ -132,14 +137,6 @@ class _Scheduler:
         self.pending.append((item, size))
         self.held += size
         self.next += 1
-
-    def _pop(self) -> list[FileResult]:
-        item, size = self.pending.popleft()
-        self.held -= size
-        if isinstance(item, Future):
-            self.submitted -= 1
-            return item.result()
-        return item
 
 
 def _batches(tasks: list[FileTask]) -> list[list[FileTask]]:

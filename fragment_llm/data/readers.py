@@ -131,18 +131,17 @@ def read_batch_in_helper(tasks: list[FileTask], config: PreprocessConfig,
     """`read_input_file` on each file, in a helper process. Each file's text goes back
     through its own file in the staging folder (`spools`): one write and one read,
     instead of being pickled through a pipe."""
-    return [_spooled(read_input_file(task, config), spool)
-            for task, spool in zip(tasks, spools, strict=True)]
-
-
-def _spooled(result: FileResult, spool: str) -> FileResult:
-    if result.blob:
-        with translate_os_errors(Path(spool)):
-            fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(result.blob)
-        result.blob, result.spool = b"", spool
-    return result
+    results = []
+    for task, spool in zip(tasks, spools, strict=True):
+        result = read_input_file(task, config)
+        if result.blob:
+            with translate_os_errors(Path(spool)):
+                fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(result.blob)
+            result.blob, result.spool = b"", spool
+        results.append(result)
+    return results
 
 
 def _signature(fd: int) -> tuple[int, int, int, int]:

@@ -50,7 +50,9 @@ def to_hf_dict(tok: Tokenizer) -> dict[str, Any]:
     names = ["".join(chars[b] for b in tok.token_bytes(i)) for i in range(BYTES + len(tok.merges))]
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [_added_token(name, token_id)
+        "added_tokens": [{"id": token_id, "content": name, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True}
                          for name, token_id in tok.special_tokens.items()],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -68,11 +70,6 @@ def to_hf_dict(tok: Tokenizer) -> dict[str, Any]:
                   # "a b" strings: byte-level names never contain a space (it is "Ġ").
                   "merges": [f"{names[a]} {names[b]}" for a, b in tok.merges]},
     }
-
-
-def _added_token(name: str, token_id: int) -> dict[str, Any]:
-    return {"id": token_id, "content": name, "single_word": False, "lstrip": False,
-            "rstrip": False, "normalized": False, "special": True}
 
 
 @dataclass(frozen=True)

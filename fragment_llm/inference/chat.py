@@ -152,28 +152,28 @@ class ChatSession:
 
     def _command(self, line: str) -> Reply:
         name, _, arg = line.strip().partition(" ")
-        handler = _COMMANDS.get(name.lower())
-        if handler is None:
-            return Reply(f"unknown command {escape_for_display(name)}; "
-                         "/help lists the commands")
-        return handler(self, arg.strip())
+        arg = arg.strip()
+        match name.lower():
+            case "/help":
+                return Reply(HELP)
+            case "/exit" | "/quit":
+                return Reply(exit=True)
+            case "/reset":
+                self.conversation.turns.clear()
+                return Reply("conversation cleared")
+            case "/system":
+                text = self._checked(arg).strip()
+                self.conversation.system = text or None
+                return Reply("system prompt set" if text else "system prompt removed")
+            case "/settings":
+                return self._settings()
+            case "/set":
+                return self._set(arg)
+            case "/save":
+                return self._save(arg)
+        return Reply(f"unknown command {escape_for_display(name)}; /help lists the commands")
 
-    def _help(self, arg: str) -> Reply:
-        return Reply(HELP)
-
-    def _exit(self, arg: str) -> Reply:
-        return Reply(exit=True)
-
-    def _reset(self, arg: str) -> Reply:
-        self.conversation.turns.clear()
-        return Reply("conversation cleared")
-
-    def _system(self, arg: str) -> Reply:
-        text = self._checked(arg).strip()
-        self.conversation.system = text or None
-        return Reply("system prompt set" if text else "system prompt removed")
-
-    def _settings(self, arg: str) -> Reply:
+    def _settings(self) -> Reply:
         lines = [f"{key} = {_shown(key, getattr(self.settings, key))}" for key in SETTABLE]
         system = self.conversation.system
         lines += [f"system prompt = {escape_for_display(system, 200) if system else 'none'}",
@@ -218,13 +218,6 @@ class ChatSession:
                 raise
             raise OutputError(exc.message, hint="/save to another name") from None
         return Reply(f"saved {len(self.conversation.turns)} turns to {shown}")
-
-
-_COMMANDS: dict[str, Callable[[ChatSession, str], Reply]] = {
-    "/help": ChatSession._help, "/exit": ChatSession._exit, "/quit": ChatSession._exit,
-    "/reset": ChatSession._reset, "/system": ChatSession._system,
-    "/settings": ChatSession._settings, "/set": ChatSession._set, "/save": ChatSession._save,
-}
 
 
 def _explain(exc: FragmentError) -> str:

@@ -152,11 +152,6 @@ def parse_json_guarded(data: bytes | str, where: str, error: type[FragmentError]
         raise error(f"invalid JSON ({exc}), in {where}") from None
 
 
-def load_json_file(path: Path, max_bytes: int, error: type[FragmentError],
-                   max_depth: int = 64) -> JsonValue:
-    return parse_json_guarded(read_capped(path, max_bytes, error), str(path), error, max_depth)
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -206,20 +201,14 @@ def make_dirs(folder: Path, hint: str | None = None) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = _file_in_the_way(folder)
+        # The first part of `folder` that exists and is not a folder, if any.
+        blocker = next((part for part in reversed([folder, *folder.parents])
+                        if os.path.lexists(part) and not part.is_dir()), None)
         if blocker == folder:
             raise OutputError(f"{folder} is a file, not a folder", hint=hint) from None
         reason = (f"{blocker} is a file, not a folder" if blocker is not None
                   else os_error_reason(exc))
         raise OutputError(f"cannot create folder {folder}: {reason}", hint=hint) from None
-
-
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The first part of `folder` that exists and is not a folder, if any."""
-    for part in reversed([folder, *folder.parents]):
-        if os.path.lexists(part) and not part.is_dir():
-            return part
-    return None
 
 
 _RENAME_NOREPLACE = 1  # <linux/fs.h>
@@ -360,13 +349,10 @@ def _restore_interrupted_swap(target: Path) -> None:
     the previous result under an OLD_MARKER name: put it back rather than lose it."""
     if target.exists() or target.is_symlink():
         return
-    olds = sorted(target.parent.glob(f".{glob_escape(target.name)}{OLD_MARKER}*"))
+    literal = re.sub(r"([*?\[])", r"[\1]", target.name)  # glob metacharacters as themselves
+    olds = sorted(target.parent.glob(f".{literal}{OLD_MARKER}*"))
     if olds:
         os.replace(olds[-1], target)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def remove_stale_temps(target: Path) -> list[Path]:

@@ -76,7 +76,8 @@ def die_with_parent() -> None:
         if os.getppid() != parent.pid:  # the parent died before the prctl: no signal comes
             os._exit(ORPHAN_EXIT)
         return
-    _start_watchdog(parent.sentinel, os.getppid())
+    threading.Thread(target=_watch, args=(parent.sentinel, os.getppid()), daemon=True,
+                     name="fragment-parent-watchdog").start()
 
 
 def _ask_for_parent_death_signal() -> bool:
@@ -87,12 +88,6 @@ def _ask_for_parent_death_signal() -> bool:
     except (OSError, AttributeError):
         return False
     return prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) == 0
-
-
-def _start_watchdog(sentinel: int | None, ppid: int) -> None:
-    thread = threading.Thread(target=_watch, args=(sentinel, ppid), daemon=True,
-                              name="fragment-parent-watchdog")
-    thread.start()
 
 
 def _watch(sentinel: int | None, ppid: int) -> None:

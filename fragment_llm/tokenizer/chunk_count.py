@@ -264,17 +264,14 @@ class _Helpers:
     def finish(self) -> None:
         """Tell every helper to stop, then merge their counts."""
         for _ in self.procs:
-            while not self._put_stop():
-                self.drain(wait=False)
-                self._check_alive()
+            while True:
+                try:
+                    self.tasks.put(None, timeout=HELPER_POLL_S)
+                    break
+                except queue.Full:  # a full queue: keep merging while helpers catch up
+                    self.drain(wait=False)
+                    self._check_alive()
         self.drain(wait=True)
-
-    def _put_stop(self) -> bool:
-        try:
-            self.tasks.put(None, timeout=HELPER_POLL_S)
-        except queue.Full:
-            return False
-        return True
 
     def drain(self, wait: bool) -> None:
         """Apply waiting messages; with `wait`, until every helper has sent its counts."""

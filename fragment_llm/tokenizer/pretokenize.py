@@ -22,7 +22,6 @@ match. It is only used for the two named patterns, which have no nested quantifi
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -69,10 +68,6 @@ MAX_REPEAT_PRODUCT = 10_000
 _COUNTED_REPEAT = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-def match_timeout(chars: int) -> float:
-    return TIMEOUT_BASE_S + chars * TIMEOUT_PER_CHAR_S
-
-
 @dataclass(frozen=True)
 class SplitPattern:
     """A pattern name (`gpt2`, `gpt4` or `custom`) and the regex it stands for."""
@@ -93,8 +88,7 @@ class Splitter:
         self._guarded = _compile(spec.pattern)
         ascii_pattern = _ASCII_PATTERNS.get(spec.name)
         self._ascii = re.compile(ascii_pattern) if ascii_pattern is not None else None
-        self._split_guarded: Callable[[str], list[str]] = (
-            self._findall_guarded if spec.name in NAMED_PATTERNS else self._split_with_gaps)
+        self._named = spec.name in NAMED_PATTERNS
 
     @classmethod
     def named(cls, name: str) -> Splitter:
@@ -122,19 +116,16 @@ class Splitter:
         """The chunks of `text`, in order; they join back into `text`."""
         if self._ascii is not None and text.isascii():
             return self._ascii.findall(text)
-        return self._split_guarded(text)
-
-    def _findall_guarded(self, text: str) -> list[str]:
+        timeout = TIMEOUT_BASE_S + len(text) * TIMEOUT_PER_CHAR_S
+        if not self._named:
+            # Matches plus the unmatched gaps between them (as HF's `isolated` split
+            # does), so a custom pattern that skips characters still round-trips.
+            return split_with_gaps(self._guarded, text, timeout, self.spec.name)
         # The named patterns match every character, so findall loses nothing.
         try:
-            return self._guarded.findall(text, timeout=match_timeout(len(text)))
+            return self._guarded.findall(text, timeout=timeout)
         except TimeoutError:
             raise _timeout_error(self.spec.name, len(text)) from None
-
-    def _split_with_gaps(self, text: str) -> list[str]:
-        """Matches plus the unmatched gaps between them (as HF's `isolated` split does),
-        without empty pieces, so a pattern that skips characters still round-trips."""
-        return split_with_gaps(self._guarded, text, match_timeout(len(text)), self.spec.name)
 
 
 def split_with_gaps(compiled: regex.Pattern[str], text: str, timeout: float,

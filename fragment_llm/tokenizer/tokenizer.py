@@ -156,7 +156,12 @@ class Tokenizer:
     def from_merges(cls, merges: Sequence[Sequence[int]], pattern: str = "gpt4",
                     custom_pattern: str | None = None) -> Tokenizer:
         """A tokenizer from a merge list, checked like a loaded file (TokenizerError)."""
-        checked = [_as_merge(pair) for pair in merges]
+        checked: list[Merge] = []
+        for pair in merges:
+            if not (isinstance(pair, Sequence) and len(pair) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+                raise TokenizerError(f"every merge must be a pair of integer ids, got {pair!r}")
+            checked.append((pair[0], pair[1]))
         _check_merges(checked, "")
         text = custom_pattern if pattern == CUSTOM else NAMED_PATTERNS.get(pattern, "")
         return cls(checked, Splitter.for_spec(SplitPattern(pattern, text or "")).spec)
@@ -264,8 +269,10 @@ class Tokenizer:
                 raise IndexError
             return b"".join(map(self._bytes.__getitem__, ids))
         except (IndexError, TypeError):
+            bad = next((token_id for token_id in ids if not isinstance(token_id, int)
+                        or not 0 <= token_id < self.vocab_size), None)
             raise TokenizerError(f"token ids must be integers in [0, {self.vocab_size}); "
-                                 f"got {_first_bad(ids, self.vocab_size)!r}") from None
+                                 f"got {bad!r}") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
@@ -421,16 +428,3 @@ def _check_specials(file: TokenizerFile, n_merges: int, where: str) -> None:
                              f"{n_merges} merges + {len(SPECIAL_TOKENS)} special tokens = "
                              f"{expected}{where}")
 
-
-def _as_merge(pair: object) -> Merge:
-    if (isinstance(pair, Sequence) and len(pair) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
-        return (pair[0], pair[1])
-    raise TokenizerError(f"every merge must be a pair of integer ids, got {pair!r}")
-
-
-def _first_bad(ids: list[object], vocab_size: int) -> object:
-    for token_id in ids:
-        if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            return token_id
-    return None

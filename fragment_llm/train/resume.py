@@ -95,17 +95,14 @@ def resumed_settings(checkpoint: Checkpoint, model: ModelConfig, train: TrainCon
         old, new = getattr(recorded, key), getattr(train, key)
         if old == new:
             continue
-        if came.from_preset or not (key in FREE or key in EXTENDABLE and _grows(old, new)):
+        grows = new is not None and (old is None or new > old)  # a budget may only grow
+        if came.from_preset or not (key in FREE or key in EXTENDABLE and grows):
             raise _refusal(f"train.{key}", old, new, came, where)
         changes.append(SettingChange(checkpoint.step, key, old, new, came.source))
     now = TrainConfig.model_validate({**recorded.model_dump(),
                                       **{c.field: c.given for c in changes}})
     earlier = tuple(checkpoint.config.resume_changes)[-KEPT_CHANGES:]
     return ResumedSettings(recorded_model, now, recorded, tuple(changes), earlier)
-
-
-def _grows(old: float | None, new: float | None) -> bool:
-    return new is not None and (old is None or new > old)
 
 
 def _refusal(name: str, old: object, new: object, came: Given, where: Path) -> ConfigError:

@@ -474,10 +474,16 @@ class TrainLoop:
             raise self.failure
         trainer = self.trainer
         state = TrainerState.model_validate({**trainer.state_dict(), "rng": capture_rng_state()})
+        config = self._config_record()
+        provenance = Provenance(
+            tokenizer_sha256=self.tokenizer.sha256,
+            tokens_manifest_sha256=trainer.shards.manifest_sha256,
+            processed_manifest_sha256=trainer.shards.manifest.processed_manifest_sha256,
+            model_config_sha256=model_config_sha256(config.model))
         path = save_checkpoint(
             self.request.out, trainer.step, model=trainer.model,
-            optimizer=trainer.optimizer, trainer_state=state, config=self._config_record(),
-            tokenizer_file=self.request.tokenizer, provenance=self._provenance(),
+            optimizer=trainer.optimizer, trainer_state=state, config=config,
+            tokenizer_file=self.request.tokenizer, provenance=provenance,
             keep_last=self.request.train.keep_checkpoints)
         self.on_event(CheckpointEvent(trainer.step, path))
 
@@ -495,14 +501,6 @@ class TrainLoop:
             # What resuming changed ([train] holds the values in force now).
             resume_changes=(self.request.resumed.change_record()
                             if self.request.resumed else []))
-
-    def _provenance(self) -> Provenance:
-        shards = self.trainer.shards
-        return Provenance(
-            tokenizer_sha256=self.tokenizer.sha256,
-            tokens_manifest_sha256=shards.manifest_sha256,
-            processed_manifest_sha256=shards.manifest.processed_manifest_sha256,
-            model_config_sha256=model_config_sha256(self._config_record().model))
 
 
 class MetricsLog:
