@@ -39,12 +39,8 @@ from fragment_llm.safety.text import escape_for_display
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ProvenanceKey = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-
-
 # Printable ASCII only: provenance values end up in terminal output.
 ProvenanceValue = Annotated[str, StringConstraints(pattern=r"^[\x20-\x7e]{0,4096}$")]
-
-
 ProvenanceTable = Annotated[dict[ProvenanceKey, ProvenanceValue], Field(max_length=64)]
 
 
