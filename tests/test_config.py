@@ -143,7 +143,7 @@ def test_every_number_is_accepted_in_range_and_refused_outside(tmp_path, table, 
     """Through a TOML file, as a user would write it (TOML has inf and nan). Values in
     range must validate; anything else is one ConfigError naming the field. Whether an
     accepted extreme also *works* is tested where it is used (the sampling settings end
-    to end in tests/test_chat.py)."""
+    to end in tests/inference/test_chat.py)."""
     values = {name: value, **COMPANIONS.get((table, name, value), {})}
     path = write(tmp_path, f"[{table}]\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
     if accepted:

@@ -27,7 +27,6 @@ import pytest
 import safetensors.torch
 from click.testing import CliRunner
 from safetensors import SafetensorError
-from test_train import FAST, MODEL, assert_same_weights, cli_train_config, final_weights
 
 import fragment_llm.checkpoint.load as checkpoint_load
 import fragment_llm.checkpoint.save as checkpoint_save
@@ -52,6 +51,7 @@ from fragment_llm.safety.files import temp_name_for
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.tokenizer.train import train_tokenizer
 from fragment_llm.train.run import TrainRequest, run_training
+from tests.train.test_train import FAST, MODEL, assert_same_weights, cli_train_config, final_weights
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 PLAYS_A = ("macbeth_gut.txt", "hamlet_gut.txt", "sonnets_gut.txt")

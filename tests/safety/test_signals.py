@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import (
+
+import fragment_llm.safety.files as safeio
+from fragment_llm.cli.app import cli
+from fragment_llm.config import PreprocessConfig
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.safety.signals import Terminated, signals_as_exceptions, uninterrupted
+from tests.helpers import SAMPLE
+from tests.test_faults import (
     Corpus,
     corpus,  # noqa: F401 - a fixture
     fragment_command,
@@ -30,15 +37,8 @@ from test_faults import (
     train_args,
     wait_for,
 )
-from test_train import assert_same_weights, final_weights
+from tests.train.test_train import assert_same_weights, final_weights
 
-import fragment_llm.safety.files as safeio
-from fragment_llm.cli.app import cli
-from fragment_llm.config import PreprocessConfig
-from fragment_llm.data.preprocess import run_preprocess
-from fragment_llm.safety.signals import Terminated, signals_as_exceptions, uninterrupted
-
-RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 STEPS, EVERY = 60, 20  # a run long enough that SIGTERM lands between checkpoints
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # a busy CI box
 
@@ -118,7 +118,7 @@ def big_raw(tmp_path_factory) -> Path:
     """17 MiB of distinct documents: enough for preprocess to start its worker pool."""
     folder = tmp_path_factory.mktemp("big") / "raw"
     folder.mkdir()
-    text = "".join(p.read_text() for p in sorted(RAW.glob("*.txt")))
+    text = "".join(p.read_text() for p in sorted(SAMPLE.glob("*.txt")))
     for i in range(18):
         (folder / f"part{i:02d}.txt").write_text(f"copy {i}\n{text}")
     return folder

@@ -50,8 +50,8 @@ from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.train.run import MetricsLog, TrainRequest, run_training
 from fragment_llm.train.runtime import RunLock
 from fragment_llm.train.schedule import lr_at
+from tests.helpers import SAMPLE
 
-SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "raw"
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
 FAST = {"batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 3e-3, "eval_every": 6,
         "checkpoint_every": 4, "eval_blocks": 4, "log_every": 1, "device": "cpu",
@@ -65,7 +65,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     raw = root / "raw"
     raw.mkdir()
     for name in ("macbeth_gut.txt", "hamlet_gut.txt", "sonnets_gut.txt"):
-        (raw / name).write_text((SHAKESPEARE / name).read_text()[:40_000])
+        (raw / name).write_text((SAMPLE / name).read_text()[:40_000])
     processed = root / "processed"
     run_preprocess([raw], processed, PreprocessConfig(workers=1))
     from fragment_llm.data.processed import ProcessedCorpus

@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_config import extremes, numeric_fields  # the same walk over every range
 
 from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.checkpoint.trained import load_trained
@@ -45,8 +44,9 @@ from fragment_llm.tokenizer.chat_template import (
     template_for,
 )
 from fragment_llm.tokenizer.tokenizer import Tokenizer
+from tests.helpers import REPO
+from tests.test_config import extremes, numeric_fields  # the same walk over every range
 
-ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = set(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS)
 CORPUS = ("User: hello there, how are you?\nAssistant: I am well, thank you kindly.\n"
           "The quick brown fox jumps over the lazy dog. Café, naïve, 日本語, emoji 🙂.\n") * 20
@@ -654,7 +654,7 @@ def fragment(*args: str, **kwargs) -> subprocess.CompletedProcess:
            **kwargs.pop("env", {})}
     env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run([sys.executable, "-m", "fragment_llm", *args], capture_output=True,
-                          env=env, cwd=ROOT, timeout=120, **kwargs)
+                          env=env, cwd=REPO, timeout=120, **kwargs)
 
 
 def test_chat_through_a_pipe(hostile_checkpoint, tmp_path):
@@ -729,7 +729,7 @@ def chat_in_a_pty(checkpoint: Path, home: Path, *args: str, **env: str) -> tuple
     pid, terminal = pty.fork()
     if pid == 0:  # the child: become the chat
         try:
-            os.chdir(ROOT)
+            os.chdir(REPO)
             # A user's terminal delivers SIGINT; a suite started in the background
             # (`cmd &` without job control) ignores it, and exec would pass that on.
             signal.signal(signal.SIGINT, signal.SIG_DFL)

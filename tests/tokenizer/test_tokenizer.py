@@ -28,8 +28,8 @@ from fragment_llm.tokenizer.chunk_count import count_block, count_chunks
 from fragment_llm.tokenizer.pretokenize import _ASCII_PATTERNS, NAMED_PATTERNS, Splitter
 from fragment_llm.tokenizer.tokenizer import EOT, SPECIAL_TOKENS, StreamDecoder, Tokenizer
 from fragment_llm.tokenizer.train import Holdout
+from tests.helpers import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "raw"
 # Valid Unicode text: everything but lone surrogates (they cannot be UTF-8 encoded).
 UNICODE_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Text that exercises the split patterns hard: spaces, newlines, digits, apostrophes.

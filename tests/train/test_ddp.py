@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_train import FAST, MODEL, corpus  # noqa: F401 - corpus is a fixture
 
 from fragment_llm.checkpoint.layout import list_checkpoints
 from fragment_llm.checkpoint.load import find_latest_valid, load_checkpoint
+from tests.train.test_train import FAST, MODEL, corpus  # noqa: F401 - corpus is a fixture
 
 LAUNCH_TIMEOUT_S = 240
 
