@@ -117,7 +117,7 @@ def trained(checkpoint):
 def session(trained, **settings) -> ChatSession:
     config = ChatConfig(**{"max_new_tokens": 8, "seed": 1, **settings})
     return ChatSession(trained.model, trained.tokenizer, config,
-                       trained.checkpoint.config.get("chat_format"))
+                       trained.checkpoint.config.chat_format)
 
 
 def ask(chat: ChatSession, line: str) -> str:
