@@ -24,6 +24,7 @@ from fragment_llm.config import (
     read_config_file,
 )
 from fragment_llm.errors import ConfigError
+from tests.helpers import Corpus
 
 
 def write(tmp_path, text: str):
@@ -143,7 +144,7 @@ def test_every_number_is_accepted_in_range_and_refused_outside(tmp_path, table, 
     """Through a TOML file, as a user would write it (TOML has inf and nan). Values in
     range must validate; anything else is one ConfigError naming the field. Whether an
     accepted extreme also *works* is tested where it is used (the sampling settings end
-    to end in tests/test_chat.py)."""
+    to end in tests/inference/test_text.py)."""
     values = {name: value, **COMPANIONS.get((table, name, value), {})}
     path = write(tmp_path, f"[{table}]\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
     if accepted:
@@ -183,8 +184,7 @@ def test_every_numeric_flag_refuses_overflow_inf_and_nan(runner, tmp_path, monke
 
 # ------------------------------ vocab_size: the tokenizer is its only source (CLI, end to end)
 
-RAW = Path(__file__).resolve().parents[1] / "data" / "raw" / "sonnets_gut.txt"
-VOCAB = 300
+VOCAB = 320  # the tokenizer of the shared `corpus`
 TINY_RUN = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
             "train": {"batch_size": 2, "max_steps": 2, "warmup_steps": 1, "eval_every": 0,
                       "eval_blocks": 1, "final_eval_blocks": 1, "checkpoint_every": 0,
@@ -199,49 +199,32 @@ def run_config(path: Path, **model: object) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory) -> tuple[Path, Path]:
-    """A processed folder (a slice of the sonnets) and a 300-token tokenizer trained on it."""
-    from fragment_llm.data.preprocess import run_preprocess
-    from fragment_llm.data.processed import ProcessedCorpus
-    from fragment_llm.tokenizer.tokenizer import Tokenizer
-
-    root = tmp_path_factory.mktemp("vocab")
-    (root / "raw").mkdir()
-    (root / "raw" / "sonnets.txt").write_text(RAW.read_text()[:20_000])
-    run_preprocess([root / "raw"], root / "processed", PreprocessConfig(workers=1))
-    Tokenizer.train(ProcessedCorpus.open(root / "processed").iter_texts(),
-                    TokenizerConfig(vocab_size=VOCAB, workers=1)).save(root / "tokenizer.json")
-    return root / "processed", root / "tokenizer.json"
-
-
-def train_cli(corpus: tuple[Path, Path], out: Path, config: Path, *flags: str):
+def train_cli(corpus: Corpus, out: Path, config: Path, *flags: str):
     from fragment_llm.cli.app import FLAGS, cli
 
     FLAGS.debug = FLAGS.quiet = False
-    processed, tokenizer = corpus
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     return CliRunner().invoke(cli, ["train", "--data", str(processed), "--tokenizer",
                                     str(tokenizer), "--out", str(out), "--config", str(config),
                                     *flags])
 
 
 @pytest.fixture(scope="module")
-def agreeing_run(tiny_corpus, tmp_path_factory) -> Path:
+def agreeing_run(corpus, tmp_path_factory) -> Path:
     """A finished run whose [model] table gave the tokenizer's vocab_size."""
     root = tmp_path_factory.mktemp("agreeing")
-    result = train_cli(tiny_corpus, root / "run", run_config(root / "c.toml", vocab_size=VOCAB))
+    result = train_cli(corpus, root / "run", run_config(root / "c.toml", vocab_size=VOCAB))
     assert result.exit_code == 0, result.output
     return root / "run"
 
 
-def test_cli_train_refuses_a_model_vocab_size_that_disagrees_with_the_tokenizer(tiny_corpus,
-                                                                                tmp_path):
+def test_cli_train_refuses_a_model_vocab_size_that_disagrees_with_the_tokenizer(corpus, tmp_path):
     config = run_config(tmp_path / "bad.toml", vocab_size=4096)
-    result = train_cli(tiny_corpus, tmp_path / "run", config)
+    result = train_cli(corpus, tmp_path / "run", config)
     assert result.exit_code == 1, result.output
     error, hint = result.stderr.splitlines()
     assert error == (f"error: model.vocab_size is 4096 in {config}, but the tokenizer "
-                     f"{tiny_corpus[1]} has {VOCAB} tokens")
+                     f"{corpus.tokenizer} has {VOCAB} tokens")
     assert hint == "hint: leave vocab_size out of [model]: it comes from the tokenizer"
     assert not (tmp_path / "run").exists()
 
@@ -252,11 +235,11 @@ def test_cli_train_accepts_a_model_vocab_size_that_agrees_and_records_it(agreein
 
 
 @pytest.mark.parametrize("vocab, refused", [(4096, True), (VOCAB, False)])
-def test_cli_resume_checks_a_given_vocab_size_against_the_run(tiny_corpus, agreeing_run,
-                                                              tmp_path, vocab, refused):
+def test_cli_resume_checks_a_given_vocab_size_against_the_run(corpus, agreeing_run, tmp_path,
+                                                              vocab, refused):
     run = shutil.copytree(agreeing_run, tmp_path / "run")
     config = run_config(tmp_path / "resume.toml", vocab_size=vocab)
-    result = train_cli(tiny_corpus, run, config, "--resume", "--max-steps", "3")
+    result = train_cli(corpus, run, config, "--resume", "--max-steps", "3")
     if refused:
         assert result.exit_code == 1, result.output
         error = result.stderr.splitlines()[0]

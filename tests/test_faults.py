@@ -1,10 +1,10 @@
 """Fault injection through the real stages: a full disk, SIGKILL at random moments, races.
 
 What other suites already prove is not repeated here: atomic-write and staged-folder
-failures one function at a time (test_safeio.py), Ctrl-C and SIGKILL at one fixed
-moment and the run lock as a class (test_train.py), raw inputs changing while read
-(test_preprocess_hostile.py), and a checkpoint file replaced between verification and
-tensor loading (test_checkpoint_hostile.py::test_file_replaced_after_verification).
+failures one function at a time (safety/test_files.py), Ctrl-C and SIGKILL at one fixed
+moment and the run lock as a class (train/test_train.py), raw inputs changing while read
+(data/test_preprocess_hostile.py), and a checkpoint file replaced between verification and
+tensor loading (checkpoint/test_load_hostile.py::test_file_replaced_after_verification).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ import pytest
 import safetensors.torch
 from click.testing import CliRunner
 from safetensors import SafetensorError
-from test_train import FAST, MODEL, assert_same_weights, cli_train_config, final_weights
 
 import fragment_llm.checkpoint.load as checkpoint_load
 import fragment_llm.checkpoint.save as checkpoint_save
@@ -52,10 +51,15 @@ from fragment_llm.safety.files import temp_name_for
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.tokenizer.train import train_tokenizer
 from fragment_llm.train.run import TrainRequest, run_training
+from tests.helpers import (
+    FAST,
+    MODEL,
+    Corpus,
+    assert_same_weights,
+    cli_train_config,
+    final_weights,
+)
 
-RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
-PLAYS_A = ("macbeth_gut.txt", "hamlet_gut.txt", "sonnets_gut.txt")
-PLAYS_B = ("othello_gut.txt", "julius_caesar_gut.txt")
 TRAIN_STEPS = 12  # checkpoints every 4 (FAST), so a kill lands before, during or after one
 CI_SEEDS = range(3)
 SLOW_SEEDS = range(3, 15)
@@ -65,35 +69,10 @@ SLOW_SEEDS = range(3, 15)
 
 
 @dataclass(frozen=True)
-class Corpus:
-    """Two raw folders, A preprocessed, a 320-token tokenizer trained on A, and (from the
-    `trained` fixture) a finished TRAIN_STEPS run folder."""
+class Trained(Corpus):
+    """The module's corpus and a finished TRAIN_STEPS run on it (the `trained` fixture)."""
 
-    raw_a: Path
-    raw_b: Path
-    processed: Path
-    tokenizer: Path
-    run: Path | None = None
-
-    @property
-    def root(self) -> Path:
-        return self.processed.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Corpus:
-    root = tmp_path_factory.mktemp("faults")
-    folders = {}
-    for label, plays in (("a", PLAYS_A), ("b", PLAYS_B)):
-        folders[label] = root / f"raw_{label}"
-        folders[label].mkdir()
-        for name in plays:
-            (folders[label] / name).write_text((RAW / name).read_text()[:40_000])
-    run_preprocess([folders["a"]], root / "processed", PreprocessConfig(workers=1))
-    tokenizer = root / "tokenizer.json"
-    train_tokenizer(root / "processed", tokenizer, TokenizerConfig(vocab_size=320, workers=1),
-                    overwrite=False)
-    return Corpus(folders["a"], folders["b"], root / "processed", tokenizer)
+    run: Path
 
 
 def train_request(corpus: Corpus, out: Path, resume: bool = False, **train) -> TrainRequest:
@@ -141,8 +120,9 @@ def reference(corpus, tmp_path_factory) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def trained(corpus, reference) -> Corpus:
-    return replace(corpus, run=reference.out)
+def trained(corpus, reference) -> Trained:
+    return Trained(corpus.raw, corpus.other_raw, corpus.processed, corpus.tokenizer,
+                   reference.out)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -274,14 +254,14 @@ def _prepare_tokenizer(corpus: Corpus, work: Path) -> None:
 
 
 def _prepare_run(corpus: Corpus, work: Path) -> None:
-    assert corpus.run is not None  # the `trained` fixture
+    assert isinstance(corpus, Trained)  # the `trained` fixture
     shutil.copytree(corpus.run, work / "out")
 
 
 STAGES = {
     "preprocess": Stage(
         "preprocess", lambda work: work / "out", _prepare_processed,
-        lambda corpus, work: ["preprocess", str(corpus.raw_b), "--out",
+        lambda corpus, work: ["preprocess", str(corpus.other_raw), "--out",
                               str(work / "out" / "processed"), "--overwrite", "--workers", "1"]),
     "tokenizer": Stage(
         "tokenizer", lambda work: work / "out", _prepare_tokenizer,
@@ -435,7 +415,7 @@ class Baseline:
     (from its start marker to its end): kills are drawn over that span."""
 
     seconds: dict[str, float]
-    documents: int  # in the processed output of raw_b
+    documents: int  # in the processed output of other_raw
     tokenizer_sha256: str  # of the 300-token tokenizer
 
 
@@ -448,7 +428,7 @@ def tokenizer_command(corpus: Corpus, out: Path) -> list[str]:
 def baseline(corpus, reference, tmp_path_factory) -> Baseline:
     root = tmp_path_factory.mktemp("baseline")
     began = time.monotonic()
-    documents = run_preprocess([corpus.raw_b], root / "processed", PreprocessConfig(workers=1)
+    documents = run_preprocess([corpus.other_raw], root / "processed", PreprocessConfig(workers=1)
                                ).manifest.counts.documents
     seconds = {"preprocess": time.monotonic() - began, "train": reference.seconds}
     began = time.monotonic()  # no marker for the tokenizer: its whole process is the span
@@ -481,14 +461,14 @@ def _kill_preprocess(seed: int, corpus: Corpus, work: Path, baseline: Baseline) 
     out = work / "processed"
     shutil.copytree(corpus.processed, out)
     old_documents = ProcessedCorpus.open(out).documents
-    cmd = fragment_command("preprocess", str(corpus.raw_b), "--out", str(out), "--overwrite",
+    cmd = fragment_command("preprocess", str(corpus.other_raw), "--out", str(out), "--overwrite",
                            "--workers", "1")
     run_then_kill(cmd, seed, baseline.seconds["preprocess"],
                   lambda: any(work.glob(".processed.fragment-tmp-*")), work.parent / "log")
     after = ProcessedCorpus.open(out)  # the old result or the new one, never neither
     assert after.documents in (old_documents, baseline.documents)
     stale_temp(work, "processed", directory=True)  # as if an earlier run had been killed
-    run_preprocess([corpus.raw_b], out, PreprocessConfig(workers=1), overwrite=True)
+    run_preprocess([corpus.other_raw], out, PreprocessConfig(workers=1), overwrite=True)
     assert hidden_entries(work) == []
 
 

@@ -83,6 +83,7 @@ from fragment_llm.safety.text import (
     strip_unsafe,
 )
 from fragment_llm.tokenizer.tokenizer import Tokenizer, TrainingInfo
+from tests.helpers import DOCS, MERGES, write_token_shards
 
 # ----------------------------------------------------------------- budget and hangs
 
@@ -289,11 +290,8 @@ def hostile_json(draw: st.DrawFn, doc: Any, seal: Callable[[Any], None] | None =
 
 # ----------------------------------------------------------------------- tokenizer
 
-VALID_MERGES = [(97, 98), (256, 99), (100, 100)]
-
-
 def tokenizer_doc() -> dict[str, Any]:
-    doc = Tokenizer.from_merges(VALID_MERGES).to_file_model().model_dump(mode="json",
+    doc = Tokenizer.from_merges(MERGES).to_file_model().model_dump(mode="json",
                                                                          exclude_none=True)
     training = TrainingInfo(config=TokenizerConfig(vocab_size=264), corpus_sha256="0" * 64,
                             documents=3, chars=30, stop_reason="vocab_size reached")
@@ -306,7 +304,7 @@ TOKENIZER_DOC = tokenizer_doc()
 def test_valid_tokenizer_template_loads(scratch):
     path = scratch / "tokenizer-template.json"
     path.write_text(json.dumps(TOKENIZER_DOC))
-    assert Tokenizer.load(path).merges == VALID_MERGES
+    assert Tokenizer.load(path).merges == MERGES
 
 
 @budget(1.0)
@@ -469,20 +467,6 @@ def test_restore_rng_state_only_raises_checkpoint_errors(data):
 
 # ----------------------------------------------------------------------- processed
 
-DOCS = [f"Document {i}: " + "some words and more words. " * (i + 2) for i in range(5)]
-
-
-@pytest.fixture(scope="module")
-def processed_template(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("processed-template")
-    raw = tmp / "raw"
-    raw.mkdir()
-    for i, doc in enumerate(DOCS):
-        (raw / f"doc{i}.txt").write_text(doc)
-    run_preprocess([raw], tmp / "processed", PreprocessConfig(workers=1))
-    return tmp / "processed"
-
-
 OTHER_TYPES = [pa.large_string(), pa.binary(), pa.int64(), pa.list_(pa.string()),
                pa.dictionary(pa.int32(), pa.string()), pa.null()]
 
@@ -604,25 +588,11 @@ TOKENS_VOCAB = 300
 @pytest.fixture(scope="module")
 def tokens_template(tmp_path_factory) -> Path:
     """A token-shard folder built by hand: two train shards, one val shard."""
-    folder = tmp_path_factory.mktemp("tokens-template")
     rng = np.random.default_rng(0)
-    splits = {"train": [rng.integers(0, TOKENS_VOCAB, 40), rng.integers(0, TOKENS_VOCAB, 17)],
-              "val": [rng.integers(0, TOKENS_VOCAB, 20)]}
-    manifest = {"format": "fragment-tokens", "version": 1, "fragment_version": "test",
-                "dtype": "uint16", "vocab_size": TOKENS_VOCAB, "eot_id": TOKENS_VOCAB - 1,
-                "val_fraction": 0.1, "tokenizer_sha256": "0" * 64,
-                "processed_manifest_sha256": "1" * 64}
-    for name, arrays in splits.items():
-        shards = []
-        for i, array in enumerate(arrays):
-            raw = array.astype("<u2").tobytes()
-            (folder / f"{name}-{i:05d}.bin").write_bytes(raw)
-            shards.append({"file": f"{name}-{i:05d}.bin", "tokens": len(array),
-                           "sha256": sha256_bytes(raw)})
-        manifest[name] = {"documents": len(arrays), "tokens": sum(map(len, arrays)),
-                          "text_bytes": 100, "shards": shards}
-    (folder / TOKENS_MANIFEST).write_text(json.dumps(manifest))
-    return folder
+    train = [rng.integers(0, TOKENS_VOCAB, 40), rng.integers(0, TOKENS_VOCAB, 17)]
+    val = [rng.integers(0, TOKENS_VOCAB, 20)]
+    return write_token_shards(tmp_path_factory.mktemp("tokens-template"), train, val,
+                              vocab=TOKENS_VOCAB)
 
 
 def reseal_tokens(folder: Path, name: str, shard: bytes, itemsize: int) -> None:

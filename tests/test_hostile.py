@@ -39,13 +39,8 @@ from fragment_llm.errors import (
     PromptError,
 )
 from fragment_llm.inference.text import read_prompt
-from fragment_llm.safety.files import sha256_bytes
-from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.train.run import TrainRequest, run_training
-
-# Merges "ab" (256), "abc" (257), "dd" (258): with the 5 special tokens, vocab 264.
-MERGES = [(97, 98), (256, 99), (100, 100)]
-TOKENIZER_VOCAB = 256 + len(MERGES) + 5
+from tests.helpers import TOKENIZER_VOCAB, write_token_shards
 
 
 def listing(folder: Path) -> dict[str, bytes]:
@@ -104,18 +99,6 @@ def test_config_value_of_the_wrong_type(tmp_path, value):
 # -------------------------------------------------------------- processed folder
 
 
-@pytest.fixture
-def processed(tmp_path: Path) -> Path:
-    """A processed folder with a manifest the loader would accept, ready to be broken."""
-    from fragment_llm.data.preprocess import run_preprocess
-
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "a.txt").write_text("A document long enough to be kept by the cleaner. " * 3)
-    run_preprocess([raw], tmp_path / "processed", PreprocessConfig(workers=1))
-    return tmp_path / "processed"
-
-
 @pytest.mark.parametrize("content, rule", [
     (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
     (b'{"format": "fragment-processed", "format": "fragment-processed"}',
@@ -144,19 +127,8 @@ def test_processed_manifest_over_the_size_cap(processed):
 def token_folder(folder: Path, **overrides) -> Path:
     """A one-shard-per-split token folder, built by hand, with manifest overrides."""
     folder.mkdir()
-    splits = {}
-    for split, count in (("train", 100), ("val", 10)):
-        raw = (np.arange(count) % 300).astype("<u2").tobytes()
-        (folder / f"{split}-00000.bin").write_bytes(raw)
-        splits[split] = {"documents": 1, "tokens": count, "text_bytes": 4 * count,
-                         "shards": [{"file": f"{split}-00000.bin", "tokens": count,
-                                     "sha256": sha256_bytes(raw)}]}
-    manifest = {"format": "fragment-tokens", "version": 1, "fragment_version": "test",
-                "dtype": "uint16", "vocab_size": 300, "eot_id": 299, "val_fraction": 0.1,
-                "tokenizer_sha256": "0" * 64, "processed_manifest_sha256": "0" * 64,
-                **splits, **overrides}
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    return folder
+    return write_token_shards(folder, [np.arange(100) % 300], [np.arange(10) % 300],
+                              **overrides)
 
 
 @pytest.mark.parametrize("overrides, rule", [
@@ -221,13 +193,6 @@ def test_token_folder_that_is_a_symlink(tmp_path):
 
 
 # --------------------------------------------- checkpoint -> model (chat, eval, resume)
-
-
-@pytest.fixture
-def tokenizer_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokenizer.json"
-    Tokenizer.from_merges(MERGES).save(path)
-    return path
 
 
 def checkpoint_with(run: Path, tokenizer_file: Path, model_config: dict) -> Path:

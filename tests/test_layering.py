@@ -208,3 +208,13 @@ def test_importing_the_command_line_imports_no_torch(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_tests_mirror_the_package():
+    """tests/<name>/ holds the tests of fragment_llm/<name>/ and is a package, so its
+    modules import as tests.<name>.test_x whatever other folders name theirs."""
+    tests = ROOT / "tests"
+    folders = {p.name for p in tests.iterdir()
+               if p.is_dir() and p.name != "fixtures" and not p.name.startswith((".", "_"))}
+    assert folders <= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert [name for name in folders if not (tests / name / "__init__.py").is_file()] == []

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import fragment_llm.data.preprocess as preprocess
 import fragment_llm.data.processed as processed_module
@@ -30,9 +29,9 @@ from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.processed import MANIFEST_NAME
 from fragment_llm.errors import DatasetError, OutputError
 from fragment_llm.safety.files import TEMP_MARKER, staged_dir
+from tests.helpers import SAMPLE
 
-RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
-TEXT = (RAW / "sonnets_gut.txt").read_text()[:30_000]
+TEXT = (SAMPLE / "sonnets_gut.txt").read_text()[:30_000]
 TINY_TRAIN = ("[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n"
               "[train]\nworkers = 1\nbatch_size = 2\nmax_steps = 2\nwarmup_steps = 1\n"
               "eval_every = 0\ncheckpoint_every = 0\neval_blocks = 1\nfinal_eval_blocks = 1\n"
@@ -61,26 +60,16 @@ def raw(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    """A processed folder and a 300-token tokenizer, both in data/, for `train`."""
-    root = tmp_path_factory.mktemp("inputs")
-    (root / "raw").mkdir()
-    (root / "raw" / "a.txt").write_text(TEXT)
-    runner = CliRunner()
-    processed, tokenizer = root / "data" / "processed", root / "data" / "tokenizer.json"
-    assert runner.invoke(cli, ["-q", "preprocess", str(root / "raw"), "--out",
-                               str(processed)]).exit_code == 0
-    assert runner.invoke(cli, ["-q", "train-tokenizer", "--data", str(processed), "--out",
-                               str(tokenizer), "--vocab-size", "300", "--workers", "1"]
-                         ).exit_code == 0
-    (root / "train.toml").write_text(TINY_TRAIN)
-    return processed, tokenizer
+def trained_inputs(corpus) -> tuple[Path, Path]:
+    """The module's processed folder and tokenizer, with a tiny train.toml beside them."""
+    (corpus.root / "train.toml").write_text(TINY_TRAIN)
+    return corpus.processed, corpus.tokenizer
 
 
 def train_args(inputs: tuple[Path, Path], out: Path, data: Path | None = None) -> list[str]:
     processed, tokenizer = inputs
     return ["train", "--data", str(data or processed), "--tokenizer", str(tokenizer),
-            "--out", str(out), "--config", str(processed.parent.parent / "train.toml")]
+            "--out", str(out), "--config", str(processed.parent / "train.toml")]
 
 
 # ====================================== "output already exists" holds at the rename

@@ -16,7 +16,7 @@ takes a fast path: stdlib `re` with an ASCII transcription of the same pattern
 (`\\p{L}` -> `[A-Za-z]`, `\\s` -> `[\\t\\n\\v\\f\\r ]`, ...), ~7x faster than the guarded
 match. It is only used for the two named patterns, which have no nested quantifiers
 (linear time by construction), and tests prove it gives the same chunks as `regex`
-(tests/test_tokenizer.py::test_ascii_fast_path_*). Custom patterns always run guarded.
+(tests/tokenizer/test_tokenizer.py::test_ascii_fast_path_*). Custom patterns always run guarded.
 """
 
 from __future__ import annotations

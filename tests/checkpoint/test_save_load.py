@@ -77,13 +77,6 @@ def make(seed: int = 0, **kw) -> tuple[TinyLM, torch.optim.AdamW]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
 
 
-@pytest.fixture
-def tokenizer_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokenizer.json"
-    path.write_text('{"version": 1, "merges": []}\n')
-    return path
-
-
 def save(run: Path, step: int, model: nn.Module, optimizer, tokenizer_file: Path,
          **kw) -> Path:
     return save_checkpoint(run, step, model=model, optimizer=optimizer,

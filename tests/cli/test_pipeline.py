@@ -26,9 +26,8 @@ from click.testing import CliRunner, Result
 
 from fragment_llm.cli.app import cli
 from fragment_llm.cli.common import FLAGS
+from tests.helpers import REPO, SAMPLE
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "raw"
 PLAYS = ("macbeth_gut.txt", "hamlet_gut.txt", "sonnets_gut.txt")
 # A model small enough that 200 steps take about a second (its [train] table keeps the
 # token shards on one process, which is all 60 KB need).

@@ -48,18 +48,16 @@ class TinyLM(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
+def template(tmp_path_factory, tokenizer_file) -> Path:
     """A valid checkpoint (model + stepped AdamW), saved once per module."""
     tmp = tmp_path_factory.mktemp("template")
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.head(model.ln(model.wte(torch.tensor([1, 2, 3])))).sum().backward()
     opt.step()
-    tokenizer = tmp / "tok.json"
-    tokenizer.write_text('{"merges": []}')
     return save_checkpoint(tmp / "run", 1, model=model, optimizer=opt,
                               trainer_state={"step": 1}, config={"vocab": VOCAB},
-                              tokenizer_file=tokenizer)
+                              tokenizer_file=tokenizer_file)
 
 
 @pytest.fixture

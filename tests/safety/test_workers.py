@@ -20,8 +20,8 @@ import fragment_llm.safety.workers as workers
 from fragment_llm.cli.app import cli
 from fragment_llm.data.processed import MANIFEST_NAME
 from fragment_llm.safety.files import TEMP_MARKER
+from tests.helpers import SAMPLE
 
-RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 MiB = 1 << 20
 
 
@@ -89,7 +89,7 @@ def big_corpus(folder: Path, files: int, megabytes: int) -> Path:
     """`files` text files of `megabytes` each: enough work that a helper is still busy
     (and has more queued) seconds after it started."""
     folder.mkdir()
-    text = "".join((RAW / name).read_text() for name in sorted(os.listdir(RAW)))
+    text = "".join((SAMPLE / name).read_text() for name in sorted(os.listdir(SAMPLE)))
     body = (text * (megabytes * MiB // len(text) + 1))[:megabytes * MiB]
     for index in range(files):
         (folder / f"{index:02d}.txt").write_text(f"{index}\n{body}")
@@ -124,7 +124,7 @@ def test_sigkill_of_preprocess_ends_its_helpers_and_the_next_run_cleans_up(tmp_p
     assert staging, "the killed run left its staging folder (the next run removes it)"
     small = tmp_path / "small"
     small.mkdir()
-    (small / "a.txt").write_text((RAW / "sonnets_gut.txt").read_text()[:20_000])
+    (small / "a.txt").write_text((SAMPLE / "sonnets_gut.txt").read_text()[:20_000])
     result = CliRunner().invoke(cli, ["-q", "preprocess", str(small), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw", "small"]
@@ -241,7 +241,7 @@ def test_preprocess_workers_are_capped_noted_and_recorded(two_cores, tmp_path, r
                                                           monkeypatch):
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "a.txt").write_text((RAW / "sonnets_gut.txt").read_text()[:20_000])
+    (raw / "a.txt").write_text((SAMPLE / "sonnets_gut.txt").read_text()[:20_000])
     result = runner.invoke(cli, ["preprocess", str(raw), "--out", str(tmp_path / "out"),
                                  "--workers", "256"])
     assert result.exit_code == 0, result.output
@@ -260,7 +260,7 @@ def test_preprocess_workers_are_capped_noted_and_recorded(two_cores, tmp_path, r
 def test_train_tokenizer_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner):
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "a.txt").write_text((RAW / "sonnets_gut.txt").read_text()[:20_000])
+    (raw / "a.txt").write_text((SAMPLE / "sonnets_gut.txt").read_text()[:20_000])
     assert runner.invoke(cli, ["-q", "preprocess", str(raw), "--out",
                                str(tmp_path / "processed")]).exit_code == 0
     result = runner.invoke(cli, ["train-tokenizer", "--data", str(tmp_path / "processed"),
@@ -276,7 +276,7 @@ def test_train_tokenizer_workers_are_capped_noted_and_recorded(two_cores, tmp_pa
 def test_train_workers_are_capped_noted_and_recorded(two_cores, tmp_path, runner):
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "a.txt").write_text((RAW / "sonnets_gut.txt").read_text()[:30_000])
+    (raw / "a.txt").write_text((SAMPLE / "sonnets_gut.txt").read_text()[:30_000])
     processed, tokenizer = tmp_path / "data" / "processed", tmp_path / "data" / "tok.json"
     assert runner.invoke(cli, ["-q", "preprocess", str(raw), "--out", str(processed)]
                          ).exit_code == 0
@@ -310,7 +310,7 @@ def test_token_shards_are_the_same_built_by_helper_processes(tmp_path, monkeypat
     raw = tmp_path / "raw"
     raw.mkdir()
     for name in ("hamlet_gut.txt", "sonnets_gut.txt"):
-        (raw / name).write_text((RAW / name).read_text()[:60_000])
+        (raw / name).write_text((SAMPLE / name).read_text()[:60_000])
     run_preprocess([raw], tmp_path / "processed", PreprocessConfig(workers=1))
     tok = Tokenizer.train(ProcessedCorpus.open(tmp_path / "processed").iter_texts(),
                           TokenizerConfig(vocab_size=300, workers=1))

@@ -1,8 +1,6 @@
-"""data: token-shard loader rules, deterministic resumable order, rank/worker sharding."""
+"""data batches: deterministic resumable order, rank/worker sharding, one block slicer."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -20,42 +18,16 @@ from fragment_llm.data.batches import (
     slice_block,
     spread_indices,
 )
-from fragment_llm.data.shards import MANIFEST, TokenShards, cache_key, is_validation
+from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import DatasetError
-from fragment_llm.safety.files import sha256_bytes
-
-SHA = "0" * 64
-
-
-def write_shards(folder, train: list[np.ndarray], val: list[np.ndarray], vocab=300,
-                 dtype="uint16", **overrides):
-    """A token-shard folder built by hand, so loader tests need no tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def split(name, arrays):
-        shards = []
-        for i, array in enumerate(arrays):
-            raw = np.asarray(array, dtype=dtype).tobytes()
-            (folder / f"{name}-{i:05d}.bin").write_bytes(raw)
-            shards.append({"file": f"{name}-{i:05d}.bin", "tokens": len(array),
-                           "sha256": sha256_bytes(raw)})
-        return {"documents": len(arrays), "tokens": sum(len(a) for a in arrays),
-                "text_bytes": 4 * sum(len(a) for a in arrays), "shards": shards}
-
-    manifest = {"format": "fragment-tokens", "version": 1, "fragment_version": "test",
-                "dtype": dtype, "vocab_size": vocab, "eot_id": vocab - 1, "val_fraction": 0.1,
-                "tokenizer_sha256": SHA, "processed_manifest_sha256": SHA,
-                "train": split("train", train), "val": split("val", val)}
-    manifest.update(overrides)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    return folder
+from tests.helpers import write_token_shards
 
 
 @pytest.fixture
 def shards(tmp_path):
     rng = np.random.default_rng(0)
-    folder = write_shards(tmp_path / "tok", [rng.integers(0, 300, 1000), rng.integers(0, 300, 517)],
-                          [rng.integers(0, 300, 200)])
+    train = [rng.integers(0, 300, 1000), rng.integers(0, 300, 517)]
+    folder = write_token_shards(tmp_path / "tok", train, [rng.integers(0, 300, 200)])
     return TokenShards.open(folder, 300)
 
 
@@ -120,7 +92,7 @@ def test_eval_batches_cover_validation_in_order(shards):
 
 def test_eval_batches_sample_the_whole_split_not_its_first_blocks(tmp_path):
     # two val shards (documents): a 4-block sample must reach into the second one
-    folder = write_shards(tmp_path / "tok", [np.arange(100)], [np.zeros(161), np.ones(161)])
+    folder = write_token_shards(tmp_path / "tok", [np.arange(100)], [np.zeros(161), np.ones(161)])
     firsts = [int(x[0, 0]) for x, _ in eval_batches(TokenShards.open(folder).val, 16, 1, 4)]
     assert firsts == [0, 0, 1, 1]
 
@@ -158,58 +130,3 @@ def test_spread_indices_are_distinct_in_range_and_even(total, count):
     if picked:
         gaps = np.diff([*picked, total])
         assert picked[0] == 0 and gaps.max() - gaps.min() <= 1
-
-
-def test_split_and_cache_key_are_deterministic():
-    assert is_validation("00000000" + "f" * 56, 0.1) and not is_validation("f" * 64, 0.1)
-    assert cache_key("a", "b", 0.1) == cache_key("a", "b", 0.1) != cache_key("a", "b", 0.2)
-
-
-@pytest.mark.parametrize("mutate,rule", [
-    (lambda f: (f / "train-00000.bin").write_bytes(b"\x01" * 2000), "sha256 mismatch"),
-    (lambda f: (f / "train-00000.bin").write_bytes(b"\x01" * 2001), "does not hold"),
-    (lambda f: (f / MANIFEST).write_text("[" * 100_000), "nested deeper"),
-    (lambda f: (f / MANIFEST).write_text('{"format": "x"}'), "invalid token manifest"),
-    (lambda f: (f / "train-00000.bin").unlink(), "file not found"),
-])
-def test_tampered_shards_are_refused(tmp_path, mutate, rule):
-    folder = write_shards(tmp_path / "tok", [np.arange(1000) % 300], [np.arange(100)])
-    mutate(folder)
-    with pytest.raises(DatasetError, match=rule):
-        TokenShards.open(folder, 300)
-
-
-def test_token_id_beyond_vocab_is_refused(tmp_path):
-    folder = write_shards(tmp_path / "tok", [np.full(100, 299)], [np.arange(10)], vocab=299)
-    with pytest.raises(DatasetError, match="token id 299 is not below"):
-        TokenShards.open(folder, 299)
-
-
-def test_manifest_path_escaping_the_folder_is_refused(tmp_path):
-    folder = write_shards(tmp_path / "tok", [np.arange(100)], [np.arange(10)])
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["train"]["shards"][0]["file"] = "../train-00000.bin"
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DatasetError, match="invalid token manifest"):
-        TokenShards.open(folder, 300)
-
-
-def test_symlinked_shard_is_refused(tmp_path):
-    folder = write_shards(tmp_path / "tok", [np.arange(100)], [np.arange(10)])
-    real = tmp_path / "elsewhere.bin"
-    (folder / "train-00000.bin").rename(real)
-    (folder / "train-00000.bin").symlink_to(real)
-    with pytest.raises(DatasetError, match="symlink"):
-        TokenShards.open(folder, 300)
-
-
-def test_vocab_mismatch_is_refused(tmp_path):
-    folder = write_shards(tmp_path / "tok", [np.arange(100)], [np.arange(10)])
-    with pytest.raises(DatasetError, match="vocab size 300"):
-        TokenShards.open(folder, 512)
-
-
-def test_too_few_tokens_for_a_block_is_refused(tmp_path):
-    folder = write_shards(tmp_path / "tok", [np.arange(10)], [np.arange(10)])
-    with pytest.raises(DatasetError, match="not enough tokens"):
-        TokenStream(TokenShards.open(folder, 300).train, 64, seed=0)

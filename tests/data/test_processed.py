@@ -11,8 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fragment_llm.config import PreprocessConfig
-from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.processed import (
     FORMAT,
     MANIFEST_NAME,
@@ -24,19 +22,7 @@ from fragment_llm.data.processed import (
     shard_name,
 )
 from fragment_llm.errors import ProcessedDataError
-
-DOCS = [f"Document number {i}:" + " words and more words." * (i + 3) for i in range(12)]
-
-
-@pytest.fixture
-def processed(tmp_path: Path) -> Path:
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for i, doc in enumerate(DOCS):
-        (raw / f"doc{i:02d}.txt").write_text(doc)
-    out = tmp_path / "processed"
-    run_preprocess([raw], out, PreprocessConfig(workers=1))
-    return out
+from tests.helpers import DOCS
 
 
 def rewrite_manifest(folder: Path, change) -> None:

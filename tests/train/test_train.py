@@ -16,22 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from fragment_llm.cli.app import cli
 from fragment_llm.cli.common import FLAGS
 from fragment_llm.config import (
-    DEFAULT_PRESET,
     MODEL_PRESETS,
     TRAIN_PRESETS,
     ModelConfig,
-    PreprocessConfig,
     TokenizerConfig,
     TrainConfig,
-    resolve,
 )
 from fragment_llm.data.batches import eval_batches
-from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from fragment_llm.events import (
@@ -50,56 +45,14 @@ from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.train.run import MetricsLog, TrainRequest, run_training
 from fragment_llm.train.runtime import RunLock
 from fragment_llm.train.schedule import lr_at
-
-SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "raw"
-MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
-FAST = {"batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 3e-3, "eval_every": 6,
-        "checkpoint_every": 4, "eval_blocks": 4, "log_every": 1, "device": "cpu",
-        "precision": "fp32", "workers": 1}
+from tests.helpers import FAST, MODEL, Corpus, assert_same_weights, cli_train_config, final_weights
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    """Three plays, cut to 40 KB each, preprocessed, with a 320-token BPE trained on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    raw = root / "raw"
-    raw.mkdir()
-    for name in ("macbeth_gut.txt", "hamlet_gut.txt", "sonnets_gut.txt"):
-        (raw / name).write_text((SHAKESPEARE / name).read_text()[:40_000])
-    processed = root / "processed"
-    run_preprocess([raw], processed, PreprocessConfig(workers=1))
-    from fragment_llm.data.processed import ProcessedCorpus
-
-    tokenizer = Tokenizer.train(ProcessedCorpus.open(processed).iter_texts(),
-                                TokenizerConfig(vocab_size=320, workers=1))
-    tokenizer.save(root / "tokenizer.json")
-    return processed, root / "tokenizer.json"
-
-
-def cli_train_config(**values) -> TrainConfig:
-    """What `fragment train --config` makes of a [train] table holding `values`: the
-    default preset's training values under them, so a run built here in process and one
-    started through the CLI are the same run."""
-    return resolve(TrainConfig, "train", {"train": values}, None, {},
-                   base=TRAIN_PRESETS[DEFAULT_PRESET])
-
-
-def request(corpus, out: Path, **train) -> TrainRequest:
-    processed, tokenizer = corpus
+def request(corpus: Corpus, out: Path, **train) -> TrainRequest:
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     return TrainRequest(data=processed, tokenizer=tokenizer, out=out,
                         model=ModelConfig(**MODEL), train=cli_train_config(**{**FAST, **train}),
                         tokens_dir=out.parent / "tokens")
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    last = sorted(out.glob("step-*"))[-1]
-    return load_file(last / "model.safetensors")
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -258,7 +211,7 @@ def _resume(req: TrainRequest) -> TrainRequest:
 
 def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
     run_training(request(corpus, tmp_path / "full", max_steps=40), lambda e: None)
-    processed, tokenizer = corpus
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     config = tmp_path / "c.toml"
     config.write_text("[model]\n" + "".join(f"{k} = {v}\n" for k, v in MODEL.items())
                       + "[train]\n" + "".join(f"{k} = {json.dumps(v)}\n"
@@ -331,7 +284,7 @@ def test_dry_run_reports_a_plan_and_writes_nothing(corpus, tmp_path):
 
 def test_resume_with_a_different_tokenizer_is_refused(corpus, tmp_path):
     run_training(request(corpus, tmp_path / "run", max_steps=4), lambda e: None)
-    processed, _ = corpus
+    processed = corpus.processed
     from fragment_llm.data.processed import ProcessedCorpus
 
     other = Tokenizer.train(ProcessedCorpus.open(processed).iter_texts(),
@@ -345,7 +298,7 @@ def test_resume_with_a_different_tokenizer_is_refused(corpus, tmp_path):
 
 def test_cli_train_and_eval_json(corpus, tmp_path):
     FLAGS.debug = FLAGS.quiet = False
-    processed, tokenizer = corpus
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     config = tmp_path / "c.toml"
     config.write_text("[model]\n" + "".join(f"{k} = {v}\n" for k, v in MODEL.items()))
     runner = CliRunner()
@@ -382,7 +335,7 @@ def test_cli_refuses_inconsistent_config(tmp_path):
 
 
 def test_ddp_two_processes_match_one_process_with_double_batch(corpus, tmp_path):
-    processed, tokenizer = corpus
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     run_training(request(corpus, tmp_path / "single", batch_size=8, max_steps=4,
                          checkpoint_every=0), lambda e: None)
     config = tmp_path / "c.toml"
@@ -406,7 +359,7 @@ def test_ddp_two_processes_match_one_process_with_double_batch(corpus, tmp_path)
 
 
 def cli_args(corpus, out: Path, *extra: str) -> list[str]:
-    processed, tokenizer = corpus
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     return ["train", "--data", str(processed), "--tokenizer", str(tokenizer), "--out",
             str(out), *extra]
 

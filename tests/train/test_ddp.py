@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_train import FAST, MODEL, corpus  # noqa: F401 - corpus is a fixture
 
 from fragment_llm.checkpoint.layout import list_checkpoints
 from fragment_llm.checkpoint.load import find_latest_valid, load_checkpoint
+from tests.helpers import FAST, MODEL, Corpus
 
 LAUNCH_TIMEOUT_S = 240
 
@@ -43,8 +43,8 @@ def ddp_config(folder: Path, **train) -> Path:
     return path
 
 
-def train_args(corpus, out: Path, config: Path, *extra: str) -> list[str]:  # noqa: F811
-    processed, tokenizer = corpus
+def train_args(corpus: Corpus, out: Path, config: Path, *extra: str) -> list[str]:
+    processed, tokenizer = corpus.processed, corpus.tokenizer
     return ["--quiet", "train", "--data", str(processed), "--tokenizer", str(tokenizer),
             "--out", str(out), "--config", str(config), *extra]
 
@@ -118,7 +118,7 @@ def saved_step(line: str) -> int:
 # ------------------------------------------------------------------------ the last step
 
 
-def test_last_step_being_a_checkpoint_step_ends_cleanly_under_torchrun(corpus, tmp_path):  # noqa: F811
+def test_last_step_being_a_checkpoint_step_ends_cleanly_under_torchrun(corpus, tmp_path):
     """The issue's reproduction: rank 0 saved the last step in the loop and skipped the
     final save; rank 1 (which never learned the name) saved again and waited alone."""
     config = ddp_config(tmp_path, max_steps=4, checkpoint_every=4)
@@ -135,7 +135,7 @@ def test_last_step_being_a_checkpoint_step_ends_cleanly_under_torchrun(corpus, t
 # ------------------------------------------------------------------------------ signals
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp_path):  # noqa: F811
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp_path):
     """Slurm or a user may signal one rank; the other learns it at the next step, both
     checkpoint the same step and exit 143 with one line; `--resume` then finishes."""
     run, config = tmp_path / "run", ddp_config(tmp_path, max_steps=40, checkpoint_every=4)
@@ -166,7 +166,7 @@ train.TrainLoop._final_evaluation = slow_final_evaluation
 
 
 @pytest.mark.slow
-def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):  # noqa: F811
+def test_ctrl_c_reaching_the_ranks_at_different_steps(corpus, tmp_path):
     """Rank 0 is interrupted first; rank 1's own Ctrl-C comes later, once the ranks have
     agreed to stop: it is rank 1's first, so it must not abort it half-way (rank 0 would
     then wait alone in the final evaluation's all-reduce)."""
@@ -193,7 +193,7 @@ train.lm_loss = lambda logits, targets: real_loss(logits, targets) + float("nan"
 """
 
 
-def test_nan_loss_on_one_rank_stops_both_with_one_line(corpus, tmp_path):  # noqa: F811
+def test_nan_loss_on_one_rank_stops_both_with_one_line(corpus, tmp_path):
     """The loss is NaN on rank 1 only (its gradients are finite): both ranks must skip
     the same steps and stop after the same three, not rank 1 alone."""
     run, config = tmp_path / "run", ddp_config(tmp_path, max_steps=40, checkpoint_every=0)
@@ -214,7 +214,7 @@ time.perf_counter = lambda: start + 100 * (real_clock() - start)
 
 
 @pytest.mark.slow
-def test_time_budget_reached_on_one_rank_first(corpus, tmp_path):  # noqa: F811
+def test_time_budget_reached_on_one_rank_first(corpus, tmp_path):
     """Rank 1's clock runs 100x fast, so its --max-time ends first: both ranks must stop
     at the same step, and the budget is the largest elapsed time of any rank."""
     run, config = tmp_path / "run", ddp_config(tmp_path, max_steps=100_000, checkpoint_every=0)

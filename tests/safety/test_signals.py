@@ -20,9 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import (
-    Corpus,
-    corpus,  # noqa: F401 - a fixture
+
+import fragment_llm.safety.files as safeio
+from fragment_llm.cli.app import cli
+from fragment_llm.config import PreprocessConfig
+from fragment_llm.data.preprocess import run_preprocess
+from fragment_llm.safety.signals import Terminated, signals_as_exceptions, uninterrupted
+from tests.helpers import SAMPLE, Corpus, assert_same_weights, final_weights
+from tests.test_faults import (
     fragment_command,
     hidden_entries,
     snapshot,
@@ -30,15 +35,7 @@ from test_faults import (
     train_args,
     wait_for,
 )
-from test_train import assert_same_weights, final_weights
 
-import fragment_llm.safety.files as safeio
-from fragment_llm.cli.app import cli
-from fragment_llm.config import PreprocessConfig
-from fragment_llm.data.preprocess import run_preprocess
-from fragment_llm.safety.signals import Terminated, signals_as_exceptions, uninterrupted
-
-RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 STEPS, EVERY = 60, 20  # a run long enough that SIGTERM lands between checkpoints
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # a busy CI box
 
@@ -88,7 +85,7 @@ def terminate(proc: subprocess.Popen, log: Path) -> list[str]:
 
 
 def test_sigterm_during_training_checkpoints_the_step_reached_and_resume_is_exact(
-        corpus: Corpus, tmp_path):  # noqa: F811
+        corpus: Corpus, tmp_path):
     reference, run, log = tmp_path / "reference", tmp_path / "run", tmp_path / "log"
     flags = ("--max-steps", str(STEPS), "--checkpoint-every", str(EVERY), "--eval-every", "0")
     subprocess.run(fragment_command(*train_args(corpus, reference, *flags)), env=ONE_THREAD,
@@ -118,16 +115,16 @@ def big_raw(tmp_path_factory) -> Path:
     """17 MiB of distinct documents: enough for preprocess to start its worker pool."""
     folder = tmp_path_factory.mktemp("big") / "raw"
     folder.mkdir()
-    text = "".join(p.read_text() for p in sorted(RAW.glob("*.txt")))
+    text = "".join(p.read_text() for p in sorted(SAMPLE.glob("*.txt")))
     for i in range(18):
         (folder / f"part{i:02d}.txt").write_text(f"copy {i}\n{text}")
     return folder
 
 
 def test_sigterm_during_preprocess_keeps_the_earlier_output_and_ends_its_workers(
-        corpus: Corpus, big_raw, tmp_path):  # noqa: F811
+        corpus: Corpus, big_raw, tmp_path):
     out, log = tmp_path / "processed", tmp_path / "log"
-    run_preprocess([corpus.raw_a], out, PreprocessConfig(workers=1))
+    run_preprocess([corpus.raw], out, PreprocessConfig(workers=1))
     before = snapshot(out)
     proc = start(fragment_command("preprocess", str(big_raw), "--out", str(out),
                                   "--overwrite", "--workers", "2"), log)
@@ -154,7 +151,7 @@ def big_processed(big_raw, tmp_path_factory) -> Path:
 
 
 def test_sigterm_during_train_tokenizer_keeps_the_earlier_file_and_ends_its_helpers(
-        corpus: Corpus, big_processed, tmp_path):  # noqa: F811
+        corpus: Corpus, big_processed, tmp_path):
     target, log = tmp_path / "tokenizer.json", tmp_path / "log"
     target.write_bytes(corpus.tokenizer.read_bytes())
     digest = hashlib.sha256(target.read_bytes()).hexdigest()

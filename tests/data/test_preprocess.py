@@ -17,8 +17,8 @@ from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.discovery import discover
 from fragment_llm.data.preprocess import run_preprocess
 from fragment_llm.data.processed import MANIFEST_NAME, ProcessedCorpus
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PARAGRAPH = "The quality of mercy is not strained; it droppeth as the gentle rain."
 
 

@@ -22,6 +22,7 @@ import fragment_llm.data.read_pool as read_pool
 import fragment_llm.data.readers as readers
 from fragment_llm.cli.app import cli
 from fragment_llm.data.processed import MANIFEST_NAME
+from tests.helpers import SAMPLE
 
 GOOD = "Now is the winter of our discontent made glorious summer by this sun of York."
 
@@ -479,8 +480,7 @@ def test_ctrl_c_keeps_the_previous_output(runner, raw, monkeypatch):
 
 def test_everything_at_once(runner, raw, tmp_path, no_hang):
     """Real text, every format and most hostile cases in one folder: exit 0, each named."""
-    plays = Path(__file__).resolve().parents[1] / "data" / "raw"
-    for play in sorted(plays.glob("*.txt"))[:2]:
+    for play in sorted(SAMPLE.glob("*.txt"))[:2]:
         (raw / play.name).write_bytes(play.read_bytes())
     (raw / "lines.jsonl").write_text(json.dumps({"text": GOOD + " jsonl"}) + "\n{oops\n")
     pq.write_table(pa.table({"text": [GOOD + " parquet"]}), raw / "table.parquet")

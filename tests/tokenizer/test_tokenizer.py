@@ -28,8 +28,8 @@ from fragment_llm.tokenizer.chunk_count import count_block, count_chunks
 from fragment_llm.tokenizer.pretokenize import _ASCII_PATTERNS, NAMED_PATTERNS, Splitter
 from fragment_llm.tokenizer.tokenizer import EOT, SPECIAL_TOKENS, StreamDecoder, Tokenizer
 from fragment_llm.tokenizer.train import Holdout
+from tests.helpers import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "raw"
 # Valid Unicode text: everything but lone surrogates (they cannot be UTF-8 encoded).
 UNICODE_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Text that exercises the split patterns hard: spaces, newlines, digits, apostrophes.
@@ -500,20 +500,8 @@ def assert_refused(result, text: str) -> None:
     assert first.startswith("error: ") and text in first, result.stderr
 
 
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    raw = root / "raw"
-    raw.mkdir()
-    for i, text in enumerate(sample_texts(150_000)):
-        (raw / f"doc{i}.txt").write_text(text, encoding="utf-8")
-    result = run_cli(["--quiet", "preprocess", str(raw), "--out", str(root / "processed")])
-    assert result.exit_code == 0, result.output
-    return root / "processed"
-
-
-def test_train_tokenizer_cli_end_to_end(processed, tmp_path):
-    out = tmp_path / "tok.json"
+def test_train_tokenizer_cli_end_to_end(shakespeare, tmp_path):
+    processed, out = shakespeare.processed, tmp_path / "tok.json"
     result = run_cli(["train-tokenizer", "--data", str(processed), "--out", str(out),
                       "--vocab-size", "300", "--workers", "1"])
     assert result.exit_code == 0, result.output
@@ -538,8 +526,8 @@ def test_train_tokenizer_reports_a_missing_corpus(tmp_path):
     assert not (tmp_path / "tok.json").exists()
 
 
-def test_train_tokenizer_refuses_a_bad_config(processed, tmp_path):
-    config = tmp_path / "c.toml"
+def test_train_tokenizer_refuses_a_bad_config(shakespeare, tmp_path):
+    processed, config = shakespeare.processed, tmp_path / "c.toml"
     config.write_text('[tokenizer]\npattern = "custom"\n'
                       'custom_pattern = "(?:a|aa)+b|[\\\\s\\\\S]"\n')
     result = run_cli(["train-tokenizer", "--data", str(processed), "--config", str(config),

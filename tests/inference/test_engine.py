@@ -8,20 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from fragment_llm.config import MAX_NEW_TOKENS, GenerateConfig, ModelConfig
+from fragment_llm.config import MAX_NEW_TOKENS, GenerateConfig
 from fragment_llm.errors import CheckpointError, PromptError
 from fragment_llm.inference.engine import Engine, Sampler, generate_ids
 from fragment_llm.model.gpt import GPT
+from tests.helpers import tiny_gpt
 
 VOCAB, BLOCK = 256, 32
 GREEDY = GenerateConfig(temperature=0.0, max_new_tokens=12)
 
 
 def tiny_model(**overrides) -> GPT:
-    torch.manual_seed(0)
-    config = ModelConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                            "block_size": BLOCK, **overrides})
-    return GPT(config).eval()
+    return tiny_gpt(**{"vocab_size": VOCAB, "block_size": BLOCK, **overrides})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,9 +1,9 @@
-"""chat: sanitising in and out, the REPL's commands, context sliding, `fragment chat`
-through a pipe and a pseudo-terminal, `fragment generate`, hostile checkpoints."""
+"""chat: the REPL's commands, context sliding, `fragment chat` through a pipe and a
+pseudo-terminal, hostile checkpoints. (Sanitising: tests/safety/test_text.py; streamed
+text and `fragment generate`: tests/inference/test_text.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -16,23 +16,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_config import extremes, numeric_fields  # the same walk over every range
 
-from fragment_llm.checkpoint.save import save_checkpoint
-from fragment_llm.checkpoint.trained import load_trained
 from fragment_llm.cli.app import cli
 from fragment_llm.cli.chat import ChatTerminal
-from fragment_llm.config import ChatConfig, ModelConfig, TokenizerConfig
+from fragment_llm.config import ChatConfig, ModelConfig
 from fragment_llm.errors import TokenizerError
 from fragment_llm.inference.chat import ChatSession, run_repl
-from fragment_llm.inference.text import TextStream
 from fragment_llm.model.gpt import GPT
 from fragment_llm.safety.text import (
     BIDI_CHARS,
     CONTROL_CHARS,
     ZERO_WIDTH_CHARS,
-    OutputSanitizer,
-    sanitize_output,
     sanitize_prompt,
 )
 from fragment_llm.tokenizer.chat_template import (
@@ -45,73 +39,12 @@ from fragment_llm.tokenizer.chat_template import (
     template_for,
 )
 from fragment_llm.tokenizer.tokenizer import Tokenizer
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = set(CONTROL_CHARS + BIDI_CHARS + ZERO_WIDTH_CHARS)
-CORPUS = ("User: hello there, how are you?\nAssistant: I am well, thank you kindly.\n"
-          "The quick brown fox jumps over the lazy dog. Café, naïve, 日本語, emoji 🙂.\n") * 20
-# What the hostile model says, forever: "ok", a CSI clearing the screen, then an 8-bit
-# OSC (U+009D is the bytes C2 9D) setting the window title, ended by BEL.
-HOSTILE = b"ok\x1b[2J\xc2\x9d0;pwned\x07"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    Tokenizer.train([CORPUS], TokenizerConfig(vocab_size=300, workers=1)).save(path)
-    return path
-
-
-def save(run: Path, model: GPT, tokenizer_file: Path, **config) -> Path:
-    record = {"model": model.config.model_dump(mode="json"), "val_bpb": 2.5, **config}
-    return save_checkpoint(run, 7, model=model, optimizer=None, trainer_state={"step": 7},
-                           config=record, tokenizer_file=tokenizer_file)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer_file) -> Path:
-    """A random tiny model: babble, but real babble through the real loader."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=32, block_size=64)
-    return save(tmp_path_factory.mktemp("ckpt") / "run", GPT(config), tokenizer_file)
-
-
-def hostile_model(vocab: int) -> GPT:
-    """A bigram machine whose greedy output cycles through HOSTILE's bytes.
-
-    Attention and MLP write nothing (zero output projections), so the final hidden
-    state is the current token's embedding: one-hot, hence logits = column `token` of
-    lm_head. Column b of a HOSTILE byte points at the byte after it; every other
-    token (prompt merges, specials) points at HOSTILE's first byte.
-    """
-    config = ModelConfig(vocab_size=vocab, n_layer=1, n_head=4, n_embd=320, block_size=64,
-                         tie_embeddings=False)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("proj.weight"):
-                param.zero_()
-        model.wte.weight.copy_(torch.eye(vocab, 320))
-        head = torch.zeros(vocab, 320)
-        head[HOSTILE[0], :vocab] = 1.0
-        for here, after in zip(HOSTILE, HOSTILE[1:] + HOSTILE[:1]):
-            head[:, here] = 0.0
-            head[after, here] = 1.0
-        model.lm_head.weight.copy_(head)
-    return model
-
-
-@pytest.fixture(scope="module")
-def hostile_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
-    return save(tmp_path_factory.mktemp("hostile") / "run", hostile_model(300), tokenizer_file)
-
-
-@pytest.fixture(scope="module")
-def trained(checkpoint):
-    return load_trained(checkpoint)
 
 
 def session(trained, **settings) -> ChatSession:
@@ -125,101 +58,7 @@ def ask(chat: ChatSession, line: str) -> str:
     return "".join(reply.answer) if reply.answer is not None else reply.message
 
 
-# ---------------------------------------------------------------- output sanitiser
-
-HOSTILE_OUTPUTS = {
-    "csi clear screen": ("a\x1b[2Jb", "ab"),
-    "csi colour": ("\x1b[31;1mred\x1b[0m", "red"),
-    "osc 8 link": ("\x1b]8;;http://x\x1b\\click\x1b]8;;\x1b\\", "click"),
-    "osc 52 clipboard": ("x\x1b]52;c;aGk=\x07y", "xy"),
-    "osc title, bel": ("\x1b]0;pwned\x07", ""),
-    "dcs": ("\x1bP1$qm\x1b\\z", "z"),
-    "apc": ("\x1b_hidden\x1b\\", ""),
-    "c1 csi": ("a\x9b2Jb", "ab"),
-    "c1 osc": ("\x9d0;title\x9cz", "z"),
-    "single esc": ("\x1bcreset\x1b(B", "reset"),
-    "carriage return": ("safe\rEVIL", "safeEVIL"),
-    "backspace": ("abc\x08\x08d", "abcd"),
-    "bell and nul": ("\x07\x00x", "x"),
-    "bidi override": ("abc\u202edcba\u2066", "abcdcba"),
-    "zero width": ("pay\u200bpal\ufeff", "paypal"),
-    "lone surrogates": ("a\ud800b\udfffc", "abc"),
-    "del and c1": ("a\x7fb\x85c", "abc"),
-    "unterminated osc": ("ok\x1b]52;c;aGk=", "ok"),
-    "broken csi": ("\x1b[12é", "[12é"),
-    "esc made by removal": ("\x1b\u200b[2J", "[2J"),
-    "rich markup is text": ("[link=http://x]a[/link] [/oops] [bold]", None),
-    "newline and tab kept": ("a\n\tb", "a\n\tb"),
-}
-
-
-@pytest.mark.parametrize("text, expected", HOSTILE_OUTPUTS.values(), ids=HOSTILE_OUTPUTS)
-def test_hostile_output(text, expected):
-    clean = sanitize_output(text)
-    assert clean == (text if expected is None else expected)
-    assert not FORBIDDEN.intersection(clean)
-    assert sanitize_output(clean) == clean
-
-
-@pytest.mark.parametrize("text, expected", HOSTILE_OUTPUTS.values(), ids=HOSTILE_OUTPUTS)
-def test_hostile_output_streamed_one_char_at_a_time(text, expected):
-    stream = OutputSanitizer()
-    shown = "".join(stream.feed(ch) for ch in text) + stream.flush()
-    assert shown == sanitize_output(text)
-
-
-TRICKY = st.text(st.sampled_from(list("ab[];0\\P_^X\x1b\x07\x9b\x9c\x9d\x90\r\n\x08é\u202e"
-                                      "\u200b\ud800")) | st.characters(), max_size=80)
-
-
-@given(TRICKY)
-def test_sanitised_output_is_safe_and_idempotent(text):
-    clean = sanitize_output(text)
-    assert not FORBIDDEN.intersection(clean)
-    assert not any(0xD800 <= ord(c) <= 0xDFFF for c in clean)
-    assert sanitize_output(clean) == clean
-
-
-@given(TRICKY)
-def test_sanitised_prompt_is_safe_idempotent_and_nfc(text):
-    clean = sanitize_prompt(text)
-    assert not FORBIDDEN.intersection(clean) and "\r" not in clean
-    assert sanitize_prompt(clean) == clean
-
-
-@given(TRICKY, st.lists(st.integers(0, 80), max_size=6))
-def test_streaming_equals_sanitising_at_once(text, cuts):
-    bounds = [0, *sorted(c for c in cuts if c <= len(text)), len(text)]
-    stream = OutputSanitizer()
-    shown = "".join(stream.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + stream.flush()
-    assert shown == sanitize_output(text)
-
-
-def test_a_sequence_split_across_chunks_is_removed_whole():
-    stream = OutputSanitizer()
-    pieces = [stream.feed(p) for p in ("ok\x1b", "]52;c;", "aGk=\x07done", "\x1b[", "2J")]
-    assert pieces == ["ok", "", "done", "", ""] and stream.flush() == ""
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.text(max_size=40), st.data())
-def test_stream_never_emits_a_broken_character_or_an_escape(trained, text, data):
-    tok = trained.tokenizer
-    raw = tok.encode(text) + list(tok.encode("\x1b[2J\x1b]8;;http://x\x1b\\"))
-    stream = TextStream(tok)
-    pieces = [stream.feed(t) for t in raw] + [stream.finish()]
-    for piece in pieces:
-        assert "\ufffd" not in piece or "\ufffd" in text
-        assert not FORBIDDEN.intersection(piece)
-    assert "".join(pieces) == sanitize_output(tok.decode(raw))
-
-
-def test_stop_string_split_across_tokens_is_never_shown(trained):
-    tok = trained.tokenizer
-    stream = TextStream(tok, ["\nUser:"])
-    shown = "".join(stream.feed(t) for t in tok.encode("fine.\nUs")) \
-        + "".join(stream.feed(t) for t in tok.encode("er: more"))
-    assert shown + stream.finish() == "fine." and stream.stopped
+# -------------------------------------------------------------------- the terminal
 
 
 def test_markup_in_model_text_is_printed_literally(capsys):
@@ -503,30 +342,6 @@ def test_fine_tuning_renders_what_chat_feeds_and_masks_only_the_answers(
         assert tok.decode(rendered.ids) == f"<|endoftext|>{head}{lines}"
 
 
-def test_the_loss_mask_in_words(trained):
-    tok = trained.tokenizer
-    conversation = Conversation("S", [Turn("user", "hi"), Turn("assistant", "yo")])
-    rendered = render(conversation, SpecialTokenTemplate(), tok)
-    marked = [tok.decode([i]) for i, on in zip(rendered.ids, rendered.mask) if on]
-    assert "".join(marked) == "yo<|end|>" and rendered.ids[0] == tok.eot_id
-
-
-@pytest.fixture(scope="module", params=["gpt2", "gpt4"])
-def named_pattern_tokenizer(request) -> Tokenizer:
-    return Tokenizer.train([CORPUS], TokenizerConfig(vocab_size=300, pattern=request.param,
-                                                     workers=1))
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.sampled_from(["user", "assistant"]), st.text(max_size=30))
-def test_a_transcript_turn_is_the_ids_of_its_whole_line(named_pattern_tokenizer, role, text):
-    """The opening and the body are encoded apart; with a named split pattern that is
-    the same as encoding the line at once, as chat did before the template had a mask."""
-    tok, template = named_pattern_tokenizer, TranscriptTemplate()
-    assert template.opening(tok, role) + template.body(tok, text) == \
-        tok.encode(f"{role.capitalize()}: {text}\n")
-
-
 def test_chat_format_comes_from_the_checkpoint(trained):
     chat = ChatSession(trained.model, trained.tokenizer, ChatConfig(), "special_tokens")
     assert isinstance(chat.template, SpecialTokenTemplate)
@@ -654,7 +469,7 @@ def fragment(*args: str, **kwargs) -> subprocess.CompletedProcess:
            **kwargs.pop("env", {})}
     env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run([sys.executable, "-m", "fragment_llm", *args], capture_output=True,
-                          env=env, cwd=ROOT, timeout=120, **kwargs)
+                          env=env, cwd=REPO, timeout=120, **kwargs)
 
 
 def test_chat_through_a_pipe(hostile_checkpoint, tmp_path):
@@ -729,7 +544,7 @@ def chat_in_a_pty(checkpoint: Path, home: Path, *args: str, **env: str) -> tuple
     pid, terminal = pty.fork()
     if pid == 0:  # the child: become the chat
         try:
-            os.chdir(ROOT)
+            os.chdir(REPO)
             # A user's terminal delivers SIGINT; a suite started in the background
             # (`cmd &` without job control) ignores it, and exec would pass that on.
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -816,109 +631,6 @@ def exit_code(pid: int, timeout: float) -> int | None:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     return None
-
-
-# -------------------------------------------------------------- fragment generate
-
-
-def test_generate_prints_only_the_completion(runner, hostile_checkpoint):
-    result = runner.invoke(cli, ["generate", "--checkpoint", str(hostile_checkpoint),
-                                 "--prompt", "hi", "--temperature", "0",
-                                 "--max-new-tokens", "16"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout == "ok\n"
-
-
-def test_generate_json(runner, checkpoint):
-    args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick",
-            "--max-new-tokens", "10", "--seed", "4", "--json"]
-    first = runner.invoke(cli, args)
-    assert first.exit_code == 0, first.output
-    doc = json.loads(first.stdout)
-    assert set(doc) == {"text", "new_tokens", "prompt_tokens", "tokens_per_s",
-                        "time_to_first_token_s"}
-    assert 1 <= doc["new_tokens"] <= 10 and doc["prompt_tokens"] >= 2
-    assert json.loads(runner.invoke(cli, args).stdout)["text"] == doc["text"]  # same seed
-
-
-def test_generate_reads_a_file_and_stdin(runner, checkpoint, tmp_path):
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text("The quick\r\n")
-    base = ["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "3", "--json"]
-    assert runner.invoke(cli, [*base, "--prompt-file", str(prompt)]).exit_code == 0
-    assert runner.invoke(cli, [*base, "--prompt", "-"], input="The quick").exit_code == 0
-    prompt.write_bytes(b"\xff\xfe bad")
-    result = runner.invoke(cli, [*base, "--prompt-file", str(prompt)])
-    assert result.exit_code == 1 and "UTF-8" in result.stderr
-
-
-def test_generate_stop_flag_cuts_before_the_stop_text(runner, checkpoint, tmp_path):
-    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick",
-            "--temperature", "0", "--max-new-tokens", "24", "--json"]
-    full = json.loads(runner.invoke(cli, base).stdout)["text"]
-    stop = full[len(full) // 2:len(full) // 2 + 2]
-    assert stop.strip(), full  # the stop text must be visible for the test to mean anything
-    cut = runner.invoke(cli, [*base, "--stop", "zzz-never", "--stop", stop])
-    assert cut.exit_code == 0, cut.output
-    assert json.loads(cut.stdout)["text"] == full[:full.index(stop)]
-    config = tmp_path / "stop.toml"
-    config.write_text(f"[generate]\nstop = [{json.dumps(stop)}]\n")
-    from_file = runner.invoke(cli, [*base, "--config", str(config)])  # no --stop: file wins
-    assert json.loads(from_file.stdout)["text"] == full[:full.index(stop)]
-
-
-@pytest.mark.parametrize("args, code, text", [
-    (["--prompt", "x" * 50, "--config", "CONFIG"], 1, "characters"),
-    (["--prompt", "\x1b[2J"], 1, "empty"),
-    ([], 2, "exactly one"),
-    (["--prompt", "a", "--temperature", "nan"], 1, "temperature"),
-    (["--prompt", "a", "--top-p", "0"], 1, "top_p"),
-    (["--prompt", "a", "--top-k", "0"], 1, "top_k"),
-    (["--prompt", "a", "--max-new-tokens", "0"], 1, "max_new_tokens"),
-])
-def test_generate_refusals(runner, checkpoint, tmp_path, args, code, text):
-    config = tmp_path / "gen.toml"
-    config.write_text("[generate]\nmax_prompt_chars = 10\n")
-    args = [str(config) if a == "CONFIG" else a for a in args]
-    result = runner.invoke(cli, ["generate", "--checkpoint", str(checkpoint), *args])
-    assert result.exit_code == code and text in result.output
-    assert result.stdout == "" and "Traceback" not in result.output
-
-
-def test_generate_temperature_1e_50_is_greedy(runner, checkpoint):
-    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick",
-            "--max-new-tokens", "12", "--json"]
-    tiny = runner.invoke(cli, [*base, "--temperature", "1e-50", "--seed", "1"])
-    assert tiny.exit_code == 0, tiny.output
-    greedy = runner.invoke(cli, [*base, "--temperature", "0"])
-    assert json.loads(tiny.stdout)["text"] == json.loads(greedy.stdout)["text"]
-
-
-SAMPLING_CASES = [pytest.param(name, value, accepted, id=f"{name}={label}")
-                  for table, name, kind, bounds in numeric_fields() if table == "generate"
-                  for label, value, accepted in extremes(kind, bounds)]
-
-
-@pytest.mark.parametrize("name, value, accepted", SAMPLING_CASES)
-def test_every_sampling_setting_works_at_its_extremes_or_is_refused(runner, checkpoint,
-                                                                     tmp_path, name, value,
-                                                                     accepted):
-    """Each number of [generate] at its min and max, just outside, inf and NaN, end to
-    end: in range it generates (exit 0), outside it is one error naming the field."""
-    values = {"max_new_tokens": 8, name: value}
-    config = tmp_path / "gen.toml"
-    config.write_text("[generate]\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items()))
-    try:
-        result = runner.invoke(cli, ["generate", "--checkpoint", str(checkpoint), "--prompt",
-                                     "a", "--config", str(config), "--json"])
-    finally:
-        torch.set_num_threads(1)  # threads = 256 is in range: undo it for the next tests
-    if accepted:
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["new_tokens"] <= values["max_new_tokens"]
-    else:
-        assert result.exit_code == 1 and f"invalid generate.{name} = " in result.stderr
-        assert result.stdout == "" and "Traceback" not in result.output
 
 
 # -------------------------------------------------------------- hostile checkpoints
