@@ -94,11 +94,7 @@ class Sampler:
         if self.settings.temperature == 0.0:
             token = int(logits.argmax())
         else:
-            # Shifted so the largest is 0 before the division, every temperature in range
-            # works: a tiny one (1e-50) sends the others to -inf (greedy, its limit)
-            # instead of the largest to +inf and softmax to NaN; a huge one flattens
-            # towards uniform. Softmax is unchanged by the shift.
-            token = self._draw((logits - logits.max()) / self.settings.temperature)
+            token = self._draw(logits)
         if self.seen is not None:
             self.seen[token] = True
         return token
@@ -113,13 +109,20 @@ class Sampler:
         return torch.where(self.seen, penalised, logits)
 
     def _draw(self, logits: Tensor) -> int:
+        # Candidates are chosen on the logits as they are: after the shift below, two
+        # that differ by less than the largest's rounding step (0 and 1e-38 beside 1.0)
+        # become equal, and top-k could keep the smaller one.
         ids = None  # candidates' ids when narrowed (top-k) or reordered (top-p)
         top_k, top_p = self.settings.top_k, self.settings.top_p
         if top_k is not None and top_k < logits.numel():
             logits, ids = torch.topk(logits, top_k)  # (k,), sorted, most likely first
         elif top_p < 1.0:
             logits, ids = torch.sort(logits, descending=True)
-        probs = torch.softmax(logits, dim=-1)
+        # Shifted so the largest is 0 before the division, every temperature in range
+        # works: a tiny one (1e-50) sends the others to -inf (greedy, its limit) instead
+        # of the largest to +inf and softmax to NaN; a huge one flattens towards
+        # uniform. Softmax is unchanged by the shift.
+        probs = torch.softmax((logits - logits.max()) / self.settings.temperature, dim=-1)
         if top_p < 1.0:
             # Keep the smallest prefix whose mass reaches top_p: a token stays when the
             # mass before it is below top_p, so the most likely token always stays.

@@ -204,6 +204,15 @@ def test_sample_is_always_among_the_top_k(values, k, seed):
     assert logits[token] >= torch.topk(logits, min(k, len(values))).values[-1]
 
 
+def test_top_k_tells_apart_logits_that_round_together_once_shifted():
+    """1e-38 beats 0.0, but both become -1.0 once 1.0 (the largest) is subtracted: the
+    top two are ids 1 and 2, never 0 (hypothesis found it; the shift came first)."""
+    logits = torch.tensor([0.0, 1.0, 1.175e-38])
+    for seed in range(200):
+        sampler = Sampler(GenerateConfig(temperature=1.0, top_k=2, seed=seed), 3)
+        assert sampler(logits) != 0
+
+
 INVALID = [
     {"temperature": -1}, {"temperature": float("nan")}, {"temperature": float("inf")},
     {"temperature": "nan"}, {"top_p": 0}, {"top_p": 1.5}, {"top_p": float("nan")},
