@@ -155,6 +155,34 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp
     assert find_latest_valid(run)[0].name == "step-0000040"
 
 
+SIGTERM_JUST_AFTER_THE_THIRD_AGREEMENT = """
+import signal
+import fragment_llm.train.run as train
+real_agree, agreements = train.agree, []
+def agree_then_signal(values, env, device):
+    agreed = real_agree(values, env, device)
+    agreements.append(values)
+    if len(agreements) == 3:  # as if it had arrived while rank 1 waited in the all-reduce
+        os.kill(os.getpid(), signal.SIGTERM)
+    return agreed
+train.agree = agree_then_signal
+"""
+
+
+def test_sigterm_handled_just_after_the_ranks_agreed_stops_both_at_the_next(corpus, tmp_path):  # noqa: F811
+    """A signal that reaches a rank waiting in the stop all-reduce is handled as soon as
+    the all-reduce returns: too late for this agreement, whose "go on" the other rank
+    already has. Rank 1 must go on too (it used to stop alone and wait for ever in its
+    final evaluation), and both stop at the next agreement: after step 3, not 2."""
+    run, config = tmp_path / "run", ddp_config(tmp_path, max_steps=40, checkpoint_every=0)
+    ranks = launch(train_args(corpus, run, config), tmp_path / "logs",
+                   {1: SIGTERM_JUST_AFTER_THE_THIRD_AGREEMENT})
+    assert wait_all(ranks) == [143, 143], [r.lines for r in ranks]
+    assert all(len(r.lines) == 1 and r.lines[0].startswith("terminated: checkpoint saved at ")
+               for r in ranks), [r.lines for r in ranks]
+    assert [saved_step(r.lines[0]) for r in ranks] == [3, 3]
+
+
 SLOW_FINAL_EVALUATION = """
 import fragment_llm.train.run as train
 final_evaluation = train.TrainLoop._final_evaluation

@@ -218,12 +218,20 @@ class InterruptFlag:
     as Ctrl-C; `signum` records which came first, so the CLI can exit 130 or 143. Under
     torchrun a rank may also stop because another rank was signalled (`adopt`); only a
     second signal to this process itself aborts it.
+
+    Whether to stop is decided from `agreed` (what `adopt` last took from every rank),
+    never from `signum`: a signal that reaches a rank while it waits in the all-reduce
+    of its flags is handled right after that all-reduce returns, so it is in this rank's
+    `signum` but in no other rank's agreement. Stopping on it would leave this rank in
+    its final evaluation and the others in their next step, each waiting in a different
+    collective for ever; kept for the next agreement, it stops every rank a step later.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed: int | None = None  # the signal every rank stops for, once agreed
         self.received = False
         self.previous: dict[int, Any] = {}
 
@@ -243,11 +251,12 @@ class InterruptFlag:
             self.signum = signum
 
     def adopt(self, sigint: bool, sigterm: bool) -> None:
-        """Take on what the other ranks received (SIGTERM wins: the stricter stop)."""
+        """Take on what the ranks agreed they received (SIGTERM wins: the stricter stop)."""
         if sigterm:
             self.signum = signal.SIGTERM
         elif sigint and self.signum is None:
             self.signum = signal.SIGINT
+        self.agreed = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
 
     def __enter__(self) -> InterruptFlag:
         with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
