@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import FAST, MODEL, corpus  # noqa: F401 - corpus is a fixture
 
 from fragment_llm.checkpoint.layout import list_checkpoints
@@ -130,6 +131,42 @@ def test_last_step_being_a_checkpoint_step_ends_cleanly_under_torchrun(corpus, t
     assert done.returncode == 0, done.stderr[-3000:]
     assert "internal error" not in done.stderr
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000004"]
+
+
+GLOO_REFERENCES_AFTER_AGREE = """
+import sys
+import torch
+from fragment_llm.train.runtime import DistEnv, agree
+given, all_reduce = [], torch.distributed.all_reduce
+def recording_all_reduce(tensor, *args, **kwargs):
+    given.append(tensor)
+    return all_reduce(tensor, *args, **kwargs)
+torch.distributed.all_reduce = recording_all_reduce
+torch.distributed.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
+sys.setswitchinterval(10)  # the GIL changes hands only where the code lets it go
+counts = []
+for _ in range(3000):
+    agree([1.0], DistEnv(0, 2), torch.device("cpu"))  # a world of 2 only for agree's sake
+    counts.append(given.pop()._use_count())
+print(max(counts))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "_use_count"), reason="torch without _use_count")
+def test_a_collective_returns_once_gloo_has_let_go_of_its_tensors(tmp_path):
+    """Gloo's worker thread drops its references to a collective's tensors a moment
+    after the collective returns, and dropping a tensor Python made takes the GIL: if
+    the rank is shutting its interpreter down by then, the process aborts ("terminate
+    called without an active exception"; both ranks of the test above, once). So the
+    collectives return only once Python alone holds the tensor (a use count of 1).
+    Without that wait, 3,000 agreements here always left some tensor held."""
+    script = GLOO_REFERENCES_AFTER_AGREE.format(store=tmp_path / "store")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1"], done.stdout
 
 
 # ------------------------------------------------------------------------------ signals
