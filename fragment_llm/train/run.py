@@ -388,7 +388,8 @@ class TrainLoop:
                 self._save()
         # As agreed by the last `_should_stop`: a signal arriving from here on must not
         # make this rank's final evaluation differ from the others'.
-        interrupted, terminated = interrupt.requested, interrupt.terminated
+        interrupted = interrupt.agreed is not None
+        terminated = interrupt.agreed == signal.SIGTERM
         self._final_evaluation(interrupted)
         if self.saved_step != trainer.step:  # the same on every rank (not only rank 0)
             self._save()
@@ -414,7 +415,9 @@ class TrainLoop:
         trainer.elapsed = elapsed
         interrupt.adopt(sigint > 0, sigterm > 0)
         out_of_time = cfg.max_time_s is not None and trainer.elapsed >= cfg.max_time_s
-        return interrupt.requested or trainer.step >= cfg.max_steps or out_of_time
+        # `agreed`, not `requested`: a signal handled since this rank's flags went into
+        # the all-reduce is this rank's alone until the next agreement (InterruptFlag).
+        return interrupt.agreed is not None or trainer.step >= cfg.max_steps or out_of_time
 
     def _after_step(self, result: StepResult, seconds: float) -> None:
         """Report the step, and log it to metrics.jsonl: every `log_every` steps, the

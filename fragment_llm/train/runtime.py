@@ -13,6 +13,7 @@ import fcntl
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,31 @@ def agree(values: list[float], env: DistEnv, device: torch.device) -> list[float
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    _wait_for_gloo_to_let_go(tensor)
     return tensor.tolist()
+
+
+def _wait_for_gloo_to_let_go(*tensors: torch.Tensor) -> None:
+    """Return once gloo's worker thread has dropped its references to `tensors`, which
+    a collective that has just returned was given.
+
+    The collective returns as soon as its result is in; the gloo thread that ran it
+    drops its references a moment later (after a quarter of 2,000 all-reduces timed
+    here), and dropping a tensor that Python made takes the GIL. If this rank has gone
+    on to leave meanwhile and the interpreter is shutting down, that thread is ended
+    inside a C++ destructor and the process aborts ("terminate called without an active
+    exception", SIGABRT) at the end of a run that went well: seen on a busy 2-core
+    machine, on both ranks of a last-step save and on one rank after a SIGTERM. Waiting
+    here, with the GIL free, keeps the drop inside the run. Gloo's CPU tensors only; a
+    torch without `Tensor._use_count` does not wait.
+    """
+    deadline = time.monotonic() + 10.0  # a bound, not an expected wait (< 1 ms seen)
+    for tensor in tensors:
+        use_count = getattr(tensor, "_use_count", None)
+        if tensor.device.type != "cpu" or use_count is None:
+            continue
+        while use_count() > 1 and time.monotonic() < deadline:  # 1: the Python tensor's
+            time.sleep(0.0002)
 
 
 def broadcast_text(text: str | None, device: torch.device) -> str | None:
@@ -136,6 +161,7 @@ def broadcast_text(text: str | None, device: torch.device) -> str | None:
     data = b"" if text is None else text.encode("utf-8")
     size = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64, device=device)
     torch.distributed.broadcast(size, src=0)
+    _wait_for_gloo_to_let_go(size)
     length = int(size.item())
     if length < 0:
         return None
@@ -143,6 +169,7 @@ def broadcast_text(text: str | None, device: torch.device) -> str | None:
     if data and torch.distributed.get_rank() == 0:
         buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     torch.distributed.broadcast(buffer, src=0)
+    _wait_for_gloo_to_let_go(buffer)
     return bytes(buffer.cpu().tolist()).decode("utf-8")
 
 
@@ -176,6 +203,7 @@ def all_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.world > 1:
         value = value.clone()
         torch.distributed.all_reduce(value)
+        _wait_for_gloo_to_let_go(value)
         value /= env.world
     return value
 
@@ -218,12 +246,20 @@ class InterruptFlag:
     as Ctrl-C; `signum` records which came first, so the CLI can exit 130 or 143. Under
     torchrun a rank may also stop because another rank was signalled (`adopt`); only a
     second signal to this process itself aborts it.
+
+    Whether to stop is decided from `agreed` (what `adopt` last took from every rank),
+    never from `signum`: a signal that reaches a rank while it waits in the all-reduce
+    of its flags is handled right after that all-reduce returns, so it is in this rank's
+    `signum` but in no other rank's agreement. Stopping on it would leave this rank in
+    its final evaluation and the others in their next step, each waiting in a different
+    collective for ever; kept for the next agreement, it stops every rank a step later.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed: int | None = None  # the signal every rank stops for, once agreed
         self.received = False
         self.previous: dict[int, Any] = {}
 
@@ -243,11 +279,12 @@ class InterruptFlag:
             self.signum = signum
 
     def adopt(self, sigint: bool, sigterm: bool) -> None:
-        """Take on what the other ranks received (SIGTERM wins: the stricter stop)."""
+        """Take on what the ranks agreed they received (SIGTERM wins: the stricter stop)."""
         if sigterm:
             self.signum = signal.SIGTERM
         elif sigint and self.signum is None:
             self.signum = signal.SIGINT
+        self.agreed = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
 
     def __enter__(self) -> InterruptFlag:
         with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from fragment_llm.checkpoint.layout import list_checkpoints
 from fragment_llm.checkpoint.load import find_latest_valid, load_checkpoint
@@ -132,6 +133,42 @@ def test_last_step_being_a_checkpoint_step_ends_cleanly_under_torchrun(corpus, t
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000004"]
 
 
+GLOO_REFERENCES_AFTER_AGREE = """
+import sys
+import torch
+from fragment_llm.train.runtime import DistEnv, agree
+given, all_reduce = [], torch.distributed.all_reduce
+def recording_all_reduce(tensor, *args, **kwargs):
+    given.append(tensor)
+    return all_reduce(tensor, *args, **kwargs)
+torch.distributed.all_reduce = recording_all_reduce
+torch.distributed.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
+sys.setswitchinterval(10)  # the GIL changes hands only where the code lets it go
+counts = []
+for _ in range(3000):
+    agree([1.0], DistEnv(0, 2), torch.device("cpu"))  # a world of 2 only for agree's sake
+    counts.append(given.pop()._use_count())
+print(max(counts))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "_use_count"), reason="torch without _use_count")
+def test_a_collective_returns_once_gloo_has_let_go_of_its_tensors(tmp_path):
+    """Gloo's worker thread drops its references to a collective's tensors a moment
+    after the collective returns, and dropping a tensor Python made takes the GIL: if
+    the rank is shutting its interpreter down by then, the process aborts ("terminate
+    called without an active exception"; both ranks of the test above, once). So the
+    collectives return only once Python alone holds the tensor (a use count of 1).
+    Without that wait, 3,000 agreements here always left some tensor held."""
+    script = GLOO_REFERENCES_AFTER_AGREE.format(store=tmp_path / "store")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1"], done.stdout
+
+
 # ------------------------------------------------------------------------------ signals
 
 
@@ -153,6 +190,34 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume(corpus, tmp
     assert wait_all(resumed) == [0, 0], [r.lines for r in resumed]
     assert_clean_lines(resumed)
     assert find_latest_valid(run)[0].name == "step-0000040"
+
+
+SIGTERM_JUST_AFTER_THE_THIRD_AGREEMENT = """
+import signal
+import fragment_llm.train.run as train
+real_agree, agreements = train.agree, []
+def agree_then_signal(values, env, device):
+    agreed = real_agree(values, env, device)
+    agreements.append(values)
+    if len(agreements) == 3:  # as if it had arrived while rank 1 waited in the all-reduce
+        os.kill(os.getpid(), signal.SIGTERM)
+    return agreed
+train.agree = agree_then_signal
+"""
+
+
+def test_sigterm_handled_just_after_the_ranks_agreed_stops_both_at_the_next(corpus, tmp_path):
+    """A signal that reaches a rank waiting in the stop all-reduce is handled as soon as
+    the all-reduce returns: too late for this agreement, whose "go on" the other rank
+    already has. Rank 1 must go on too (it used to stop alone and wait for ever in its
+    final evaluation), and both stop at the next agreement: after step 3, not 2."""
+    run, config = tmp_path / "run", ddp_config(tmp_path, max_steps=40, checkpoint_every=0)
+    ranks = launch(train_args(corpus, run, config), tmp_path / "logs",
+                   {1: SIGTERM_JUST_AFTER_THE_THIRD_AGREEMENT})
+    assert wait_all(ranks) == [143, 143], [r.lines for r in ranks]
+    assert all(len(r.lines) == 1 and r.lines[0].startswith("terminated: checkpoint saved at ")
+               for r in ranks), [r.lines for r in ranks]
+    assert [saved_step(r.lines[0]) for r in ranks] == [3, 3]
 
 
 SLOW_FINAL_EVALUATION = """
