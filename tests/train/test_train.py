@@ -76,6 +76,7 @@ def test_lr_cosine_starts_where_a_time_bound_warmup_ended():
 
 _REFAULTS = """
 import resource, sys, torch
+import fragment_llm.train.run  # noqa: F401 - what `fragment train` has loaded when it calls it
 from fragment_llm.train.runtime import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
