@@ -21,11 +21,9 @@ from fragment_llm.checkpoint.tensors import (
     TensorSpec,
     _check_spec,
     _preview,
+    metadata_document,
 )
 from fragment_llm.errors import CheckpointError
-from fragment_llm.safety.files import (
-    parse_json_guarded,
-)
 from fragment_llm.safety.text import escape_for_display
 
 _TUPLE_TAG = "__tuple__"
@@ -140,12 +138,7 @@ def _decode(value: object, where: str) -> object:
 
 
 def _parse_optimizer_layout(header: SafetensorsHeader, where: Path) -> dict[str, Any]:
-    meta = header.metadata
-    if set(meta) != {"format", "layout"} or meta["format"] != OPTIMIZER_FORMAT:
-        raise CheckpointError(f"optimizer __metadata__ must be exactly "
-                              f"format={OPTIMIZER_FORMAT!r} and layout, in {where}")
-    layout = parse_json_guarded(meta["layout"], f"the layout metadata of {where}",
-                                CheckpointError, max_depth=16)
+    layout = metadata_document(header, OPTIMIZER_FORMAT, "layout", where, max_depth=16)
     try:
         unflatten_optimizer_state(header.tensors, layout)  # structure only: specs, no data
     except CheckpointError as exc:

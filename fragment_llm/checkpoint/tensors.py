@@ -24,6 +24,7 @@ from fragment_llm.checkpoint.layout import (
 )
 from fragment_llm.errors import CheckpointError
 from fragment_llm.safety.files import (
+    JsonValue,
     open_regular,
     parse_json_guarded,
 )
@@ -233,13 +234,20 @@ def _preview(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _parse_aliases(header: SafetensorsHeader, where: Path) -> dict[str, str]:
+def metadata_document(header: SafetensorsHeader, file_format: str, key: str, where: Path,
+                      max_depth: int) -> JsonValue:
+    """The one JSON document our safetensors files carry beside their format name
+    (`aliases` for weights, `layout` for optimizer state), parsed as untrusted JSON."""
     meta = header.metadata
-    if set(meta) != {"format", "aliases"} or meta["format"] != MODEL_FORMAT:
-        raise CheckpointError(f"model __metadata__ must be exactly format={MODEL_FORMAT!r} and "
-                              f"aliases, in {where}")
-    aliases = parse_json_guarded(meta["aliases"], f"the aliases metadata of {where}",
-                                 CheckpointError, max_depth=2)
+    if set(meta) != {"format", key} or meta["format"] != file_format:
+        raise CheckpointError(f"{file_format.removeprefix('fragment-')} __metadata__ must be "
+                              f"exactly format={file_format!r} and {key}, in {where}")
+    return parse_json_guarded(meta[key], f"the {key} metadata of {where}", CheckpointError,
+                              max_depth=max_depth)
+
+
+def _parse_aliases(header: SafetensorsHeader, where: Path) -> dict[str, str]:
+    aliases = metadata_document(header, MODEL_FORMAT, "aliases", where, max_depth=2)
     if not isinstance(aliases, dict) or not all(
             isinstance(v, str) and v in header.tensors and k not in header.tensors
             for k, v in aliases.items()):
