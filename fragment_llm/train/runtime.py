@@ -264,10 +264,6 @@ class InterruptFlag:
         self.previous: dict[int, Any] = {}
 
     @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
     def terminated(self) -> bool:
         return self.signum == signal.SIGTERM
 
