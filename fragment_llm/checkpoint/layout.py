@@ -1,6 +1,10 @@
 """The pinned layout of a run folder: `RUN/step-NNNNNNN/` and the files inside it, their
 size caps, step names, listing the step folders, and removing what a killed save left.
-The only module that knows a run folder's file names (docs/checkpoints.md)."""
+The only module that knows a run folder's file names (docs/checkpoints.md).
+
+A step folder holds a whole model (`model.safetensors`) or, written by a LoRA/DoRA
+fine-tuning run, an adapter (`adapter.safetensors` + `adapter_config.json`) meant for the
+base checkpoint that config names; both share the manifest, the records and the loader."""
 
 from __future__ import annotations
 
@@ -27,9 +31,13 @@ TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_FORMAT = "fragment-adapter"
 METRICS_FILE = "metrics.jsonl"  # beside the step folders: one JSON object per logged step
 REQUIRED_FILES = frozenset({MODEL_FILE, TRAINER_STATE_FILE, CONFIG_FILE, TOKENIZER_FILE})
-KNOWN_FILES = REQUIRED_FILES | {OPTIMIZER_FILE, MANIFEST_FILE}
+ADAPTER_REQUIRED_FILES = (REQUIRED_FILES - {MODEL_FILE}) | {ADAPTER_FILE, ADAPTER_CONFIG_FILE}
+KNOWN_FILES = REQUIRED_FILES | ADAPTER_REQUIRED_FILES | {OPTIMIZER_FILE, MANIFEST_FILE}
 
 # Formats that can carry pickled code; named in the refusal so nobody "just renames" one.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".joblib")
@@ -53,7 +61,8 @@ _TEMP_NAME = re.compile(rf"\.(step-\d{{7}})(?:{re.escape(TEMP_MARKER)}|{re.escap
 
 
 FileName = Literal["model.safetensors", "optimizer.safetensors", "trainer_state.json",
-                   "config.json", "tokenizer.json"]
+                   "config.json", "tokenizer.json", "adapter.safetensors",
+                   "adapter_config.json"]
 
 
 def step_path(run_dir: Path, step: int) -> Path:

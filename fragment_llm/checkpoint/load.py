@@ -24,6 +24,9 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from fragment_llm.checkpoint.layout import (
     ABSENT,
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    ADAPTER_REQUIRED_FILES,
     CONFIG_FILE,
     CONFIG_MAX_BYTES,
     DEFAULT_MAX_BYTES,
@@ -80,13 +83,14 @@ from fragment_llm.safety.files import (
 # -------------------------------------------------------------------------- manifest
 
 
-def _read_manifest(folder: Path) -> Manifest:
+def _read_manifest(folder: Path) -> tuple[Manifest, str]:
+    """The manifest, and the sha256 of its bytes."""
     path = folder / MANIFEST_FILE
     if not os.path.lexists(path):
         raise CheckpointError(f"missing {MANIFEST_FILE}, in {folder}",
                               hint="the save was interrupted or the folder is not a checkpoint")
-    doc = parse_json_guarded(read_capped(path, MANIFEST_MAX_BYTES, CheckpointError),
-                             str(path), CheckpointError, max_depth=8)
+    raw = read_capped(path, MANIFEST_MAX_BYTES, CheckpointError)
+    doc = parse_json_guarded(raw, str(path), CheckpointError, max_depth=8)
     manifest = _validate_manifest(doc, path)
     if Manifest.body_checksum(doc) != manifest.checksum:
         raise CheckpointError(f"manifest checksum mismatch (edited or damaged), in {path}")
@@ -94,7 +98,7 @@ def _read_manifest(folder: Path) -> Manifest:
     if named and int(named.group(1)) != manifest.step:
         raise CheckpointError(f"manifest says step {manifest.step} but the folder is "
                               f"{folder.name}, in {path}")
-    return manifest
+    return manifest, sha256_bytes(raw)
 
 
 # --------------------------------------------------------------------------- finding
@@ -247,10 +251,35 @@ class Checkpoint:
     optimizer_header: SafetensorsHeader | None
     optimizer_layout: dict[str, Any] | None
     max_bytes: int = DEFAULT_MAX_BYTES
+    manifest_sha256: str = ""  # of manifest.json's bytes: this step folder's identity
+    # An adapter's step folder (layout.py): `model_header` is adapter.safetensors's.
+    weights_file: str = MODEL_FILE
 
     @property
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER_FILE
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.weights_file == ADAPTER_FILE
+
+    def read_adapter_config(self) -> dict[str, Any]:
+        """adapter_config.json, verified against the manifest; its fields are checked by
+        finetune/artifact.py (which knows what an adapter needs)."""
+        path = self.path / ADAPTER_CONFIG_FILE
+        doc = parse_json_guarded(_read_verified(path, self.files[ADAPTER_CONFIG_FILE],
+                                                CONFIG_MAX_BYTES),
+                                 str(path), CheckpointError, JSON_MAX_DEPTH)
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{path.name} must hold a JSON object, in {self.path}")
+        return doc
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        """The weights file's tensors as read (and re-hashed) now; the caller has checked
+        the header against what it will copy them into."""
+        where = self.path / self.weights_file
+        data = _read_verified(where, self.files[self.weights_file], self.max_bytes)
+        return _views_of(data, self.model_header, where)
 
     @property
     def has_optimizer(self) -> bool:
@@ -258,11 +287,13 @@ class Checkpoint:
 
     def load_model_into(self, model: torch.nn.Module) -> None:
         """Copy the weights into `model` (same names, shapes, dtypes and tying, or refused)."""
+        if self.is_adapter:
+            raise CheckpointError(f"{self.path} holds an adapter, not a model",
+                                  hint="pass the base checkpoint, and this folder as --adapter")
         target = _unwrap(model).state_dict()
-        where = self.path / MODEL_FILE
-        _check_model_layout(self.model_header, self.model_aliases, target, where)
-        data = _read_verified(where, self.files[MODEL_FILE], self.max_bytes)
-        tensors = _views_of(data, self.model_header, where)
+        _check_model_layout(self.model_header, self.model_aliases, target,
+                            self.path / MODEL_FILE)
+        tensors = self.read_weights()
         with torch.no_grad():
             for name, value in tensors.items():
                 target[name].copy_(value)  # state_dict tensors share the parameters' memory
@@ -341,16 +372,22 @@ def _removed(path: Path) -> CheckpointRemovedError:
 
 def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
     present = _check_entries(path)
-    manifest = _read_manifest(path)
+    manifest, manifest_sha256 = _read_manifest(path)
     listed = set(manifest.files)
-    if missing := sorted((REQUIRED_FILES | listed) - present):
+    adapter = ADAPTER_FILE in listed or ADAPTER_FILE in present
+    required = ADAPTER_REQUIRED_FILES if adapter else REQUIRED_FILES
+    if adapter and MODEL_FILE in present | listed:
+        raise CheckpointError(f"both {MODEL_FILE} and {ADAPTER_FILE}: a step folder holds a "
+                              f"model or an adapter, in {path}")
+    if missing := sorted((required | listed) - present):
         raise CheckpointError(f"missing {', '.join(missing)}, in {path}")
     if unlisted := sorted(present - listed - {MANIFEST_FILE}):
         raise CheckpointError(f"{', '.join(unlisted)} not listed in the manifest, in {path}")
     for name, entry in sorted(manifest.files.items()):
         _verify_file(path / name, entry, max_bytes)
     files = dict(manifest.files)
-    model_header = read_safetensors_header(path / MODEL_FILE)
+    weights_file = ADAPTER_FILE if adapter else MODEL_FILE
+    model_header = read_safetensors_header(path / weights_file)
     opt_header = (read_safetensors_header(path / OPTIMIZER_FILE)
                   if OPTIMIZER_FILE in files else None)
     checkpoint = Checkpoint(
@@ -361,12 +398,12 @@ def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
                                    files[TRAINER_STATE_FILE], TRAINER_STATE_MAX_BYTES),
         provenance=Provenance.model_validate(manifest.provenance), files=files,
         model_header=model_header,
-        model_aliases=_parse_aliases(model_header, path / MODEL_FILE),
+        model_aliases={} if adapter else _parse_aliases(model_header, path / MODEL_FILE),
         optimizer_header=opt_header,
         optimizer_layout=(_parse_optimizer_layout(opt_header, path / OPTIMIZER_FILE)
                           if opt_header is not None else None),
-        max_bytes=max_bytes)
-    _refuse_non_finite_file(path / MODEL_FILE, model_header)
+        max_bytes=max_bytes, manifest_sha256=manifest_sha256, weights_file=weights_file)
+    _refuse_non_finite_file(path / weights_file, model_header)
     if opt_header is not None:  # `train --resume` would step from NaN moments
         _refuse_non_finite_file(path / OPTIMIZER_FILE, opt_header)
     return checkpoint

@@ -18,6 +18,9 @@ from pydantic import JsonValue
 from safetensors import SafetensorError
 
 from fragment_llm.checkpoint.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    ADAPTER_FORMAT,
     CONFIG_FILE,
     CONFIG_MAX_BYTES,
     FORMAT,
@@ -78,6 +81,15 @@ def build_manifest(folder: Path, step: int, provenance: Mapping[str, str]) -> Ma
                               folder / MANIFEST_FILE)
 
 
+@dataclass(frozen=True)
+class AdapterWeights:
+    """What an adapter step folder holds instead of the whole model: the adapter's own
+    tensors and its config (finetune/artifact.py writes both)."""
+
+    tensors: dict[str, torch.Tensor]
+    config: Mapping[str, JsonValue]
+
+
 @dataclass
 class _Payload:
     """Everything a checkpoint holds, checked and serialised before a byte is written."""
@@ -87,15 +99,19 @@ class _Payload:
     optimizer: dict[str, torch.Tensor] | None
     optimizer_meta: dict[str, str]
     texts: dict[str, bytes] = field(default_factory=dict)
+    weights_file: str = MODEL_FILE
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
+def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer | None,
                     trainer_state: TrainerState | Mapping[str, Any],
                     config: CheckpointConfig | Mapping[str, Any], tokenizer_file: Path,
                     provenance: Provenance | Mapping[str, str] | None = None,
-                    keep_last: int = 3) -> Path:
+                    keep_last: int = 3, adapter: AdapterWeights | None = None) -> Path:
     """Write `run_dir/step-NNNNNNN/` atomically, then prune to the newest `keep_last`.
+
+    With `adapter`, the folder holds the adapter (its tensors and config) instead of
+    the model's weights; `optimizer` is then the adapter's.
 
     The records are written as `document()` gives them, so loading the step gives back
     the same records; a plain mapping is written as it is (tests build odd ones).
@@ -109,11 +125,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     if type(keep_last) is not int or keep_last < 1:
         raise CheckpointError(f"keep_last must be an int >= 1, got {keep_last!r}")
     payload = _prepare(model, optimizer, trainer_state, config, tokenizer_file)
+    if adapter is not None:
+        _with_adapter(payload, adapter)
     if isinstance(provenance, Provenance):
         provenance = provenance.document()
     sealed = _validate_provenance(provenance or {})
     with staged_dir(target, overwrite=True) as tmp, translate_os_errors(target):
-        _write_tensors(tmp / MODEL_FILE, payload.model, payload.model_meta)
+        _write_tensors(tmp / payload.weights_file, payload.model, payload.model_meta)
         if payload.optimizer is not None:
             _write_tensors(tmp / OPTIMIZER_FILE, payload.optimizer, payload.optimizer_meta)
         for name, data in payload.texts.items():
@@ -124,10 +142,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module,
     return target
 
 
-def _prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def _prepare(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
              trainer_state: TrainerState | Mapping[str, Any],
              config: CheckpointConfig | Mapping[str, Any], tokenizer_file: Path) -> _Payload:
-    stored, aliases = model_tensors(model)
+    stored, aliases = ({}, {}) if model is None else model_tensors(model)
     _refuse_non_finite(stored, "model")
     payload = _Payload(_for_disk(stored), {"format": MODEL_FORMAT,
                                            "aliases": _compact_json(aliases)}, None, {})
@@ -142,6 +160,15 @@ def _prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     payload.texts[TOKENIZER_FILE] = read_capped(tokenizer_file, TOKENIZER_MAX_BYTES,
                                                 CheckpointError)
     return payload
+
+
+def _with_adapter(payload: _Payload, adapter: AdapterWeights) -> None:
+    _refuse_non_finite(adapter.tensors, "adapter")
+    payload.model = _for_disk(adapter.tensors)
+    payload.model_meta = {"format": ADAPTER_FORMAT}
+    payload.weights_file = ADAPTER_FILE
+    payload.texts[ADAPTER_CONFIG_FILE] = _json_bytes(adapter.config, ADAPTER_CONFIG_FILE,
+                                                     CONFIG_MAX_BYTES)
 
 
 def _compact_json(obj: JsonValue) -> str:

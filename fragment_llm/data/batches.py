@@ -7,7 +7,9 @@ deterministic, resumable orders built on them: `TokenStream` (training, one rank
 sample of a split) and `consecutive_batches` (the first blocks of a flat array).
 
 Knows nothing of files, manifests or models: `TokenSplit` is handed memory-mapped
-arrays by `shards.py`, and batches are plain int64 tensors. The orders are part of a
+arrays by `shards.py` (and, for conversations, a loss mask beside each: a target whose
+mask is False becomes `IGNORED`, which the loss skips), and batches are plain int64
+tensors. The orders are part of a
 run's resumable state: changing them breaks an exact resume.
 """
 
@@ -32,11 +34,20 @@ def slice_block(tokens: np.ndarray, index: int, block_size: int) -> np.ndarray:
     return tokens[start:start + block_size + 1]
 
 
-def inputs_and_targets(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+IGNORED = -1  # a target the loss does not count (model/loss.py's default ignore_index)
+
+
+def inputs_and_targets(blocks: np.ndarray, masks: np.ndarray | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks of T+1 tokens, (..., T+1), as int64 inputs and their next-token targets,
-    each (..., T): the targets are the inputs shifted by one."""
+    each (..., T): the targets are the inputs shifted by one. With `masks` (the blocks'
+    loss masks, same shape), a target whose mask is False is `IGNORED`."""
     data = torch.from_numpy(blocks.astype(np.int64))
-    return data[..., :-1], data[..., 1:]
+    inputs, targets = data[..., :-1], data[..., 1:]
+    if masks is not None:
+        keep = torch.from_numpy(np.asarray(masks[..., 1:], dtype=np.bool_))
+        targets = targets.where(keep, IGNORED)
+    return inputs, targets
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,20 @@ class TokenSplit:
     """One split as memory-mapped shards, addressed as non-overlapping blocks.
 
     Block k of size T is a `slice_block` of one shard: T inputs plus the shifted targets.
-    Blocks never straddle shards.
+    Blocks never straddle shards. `masks`, when given, hold one loss-mask array per shard
+    (same length, nonzero: the token is one the model is trained to produce).
     """
 
     shards: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.masks and [len(m) for m in self.masks] != [len(s) for s in self.shards]:
+            raise DatasetError("each token shard needs a loss mask of its own length")
+
+    @property
+    def masked(self) -> bool:
+        return bool(self.masks)
 
     def block_counts(self, block_size: int) -> list[int]:
         return [max(0, (len(s) - 1) // block_size) for s in self.shards]
@@ -59,6 +80,19 @@ class TokenSplit:
         """Block `index`, given `starts` = cumulative block counts (see `block_starts`)."""
         shard = bisect.bisect_right(starts, index) - 1
         return slice_block(self.shards[shard], index - starts[shard], block_size)
+
+    def mask_block(self, index: int, block_size: int, starts: list[int]) -> np.ndarray:
+        """The loss mask of block `index` (a masked split only)."""
+        shard = bisect.bisect_right(starts, index) - 1
+        return slice_block(self.masks[shard], index - starts[shard], block_size)
+
+    def examples(self, indices: list[int], block_size: int, starts: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks `indices` as inputs (B, T) and targets (B, T), masked targets IGNORED."""
+        blocks = np.stack([self.block(k, block_size, starts) for k in indices])
+        masks = (np.stack([self.mask_block(k, block_size, starts) for k in indices])
+                 if self.masked else None)
+        return inputs_and_targets(blocks, masks)
 
     def block_starts(self, block_size: int) -> list[int]:
         starts, total = [], 0
@@ -120,17 +154,24 @@ class TokenStream:
                                hint="add text, or lower block_size")
         self.cursor = 0
 
+    def block_index(self, k: int) -> int:
+        return permuted_index(k % self.num_blocks, self.num_blocks, self.seed,
+                              k // self.num_blocks)
+
     def item(self, k: int) -> np.ndarray:
-        index = permuted_index(k % self.num_blocks, self.num_blocks, self.seed,
-                               k // self.num_blocks)
-        return self.split.block(index, self.block_size, self.starts)
+        return self.split.block(self.block_index(k), self.block_size, self.starts)
+
+    def examples(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of global items `items`, (len(items), T) each."""
+        return self.split.examples([self.block_index(k) for k in items], self.block_size,
+                                   self.starts)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (B, T) and targets (B, T) of this rank's next B items."""
         first = self.cursor + self.rank * batch_size
-        rows = np.stack([self.item(first + j) for j in range(batch_size)])
+        batch = self.examples(list(range(first, first + batch_size)))
         self.cursor += self.world * batch_size
-        return inputs_and_targets(rows)
+        return batch
 
     @property
     def epoch(self) -> float:
@@ -169,7 +210,8 @@ class TokenBlockDataset(torch.utils.data.IterableDataset):
         stride = self.world * workers
         k = self.start + self.rank * workers + worker
         while self.limit is None or k < self.start + self.limit:
-            yield inputs_and_targets(self.stream.item(k))  # inputs (T,), targets (T,)
+            x, y = self.stream.examples([k])
+            yield x[0], y[0]  # inputs (T,), targets (T,)
             k += stride
 
 
@@ -193,8 +235,7 @@ def eval_batches(split: TokenSplit, block_size: int, batch_size: int, max_blocks
     starts = split.block_starts(block_size)
     mine = spread_indices(split.num_blocks(block_size), max_blocks)[rank::world]
     for first in range(0, len(mine), batch_size):
-        yield inputs_and_targets(np.stack([split.block(k, block_size, starts)
-                                           for k in mine[first:first + batch_size]]))
+        yield split.examples(mine[first:first + batch_size], block_size, starts)
 
 
 def consecutive_batches(tokens: np.ndarray, block_size: int, batch_size: int,

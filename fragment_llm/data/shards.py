@@ -6,7 +6,10 @@ which hands each split to `batches.TokenSplit`. The order batches are read in, a
 blocks are cut, live in `batches.py`. Knows nothing of models or optimisers.
 
 Format: each shard is a flat little-endian array of token ids (uint16 when the
-vocabulary fits, else uint32); every document is followed by `<|endoftext|>`.
+vocabulary fits, else uint32); every document is followed by `<|endoftext|>`. Shards of
+conversations (finetune/shards.py) also hold a loss mask per shard, `train-00000.mask`:
+one byte per token, 1 where the model is trained to produce it; their manifest says
+how many tokens the mask counts (`loss_tokens`) and which chat template rendered them.
 Documents go to the train or validation split by their content hash, so the split
 is deterministic and does not depend on file order.
 """
@@ -64,14 +67,26 @@ class ShardEntry(BaseModel):
     file: str = Field(pattern=f"^{SHARD_NAME.pattern}$")
     tokens: int = Field(ge=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mask_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # of its loss mask
+
+    @property
+    def mask_file(self) -> str:
+        return mask_name(self.file)
 
 
 class SplitEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     documents: int = Field(ge=0)
     tokens: int = Field(ge=0)
-    text_bytes: int = Field(ge=0, description="UTF-8 bytes of the documents, for bits/byte")
+    text_bytes: int = Field(ge=0, description="UTF-8 bytes of the documents, for bits/byte "
+                                              "(of the text the loss counts, when masked)")
     shards: list[ShardEntry]
+    loss_tokens: int | None = Field(None, ge=0)  # tokens the loss mask counts, when masked
+
+    @property
+    def counted_tokens(self) -> int:
+        """The tokens a loss is averaged over: all of them, or those the mask counts."""
+        return self.tokens if self.loss_tokens is None else self.loss_tokens
 
 
 class TokensManifest(BaseModel):
@@ -89,17 +104,34 @@ class TokensManifest(BaseModel):
     processed_manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     train: SplitEntry
     val: SplitEntry
+    # Shards of conversations: the chat format they were rendered with
+    # (tokenizer/chat_template.py), and `processed_manifest_sha256` is their report's.
+    chat_format: str | None = Field(None, pattern=r"^[a-z_]{1,32}$")
+
+    @property
+    def masked(self) -> bool:
+        return self.train.loss_tokens is not None
+
+
+def mask_name(shard_file: str) -> str:
+    """`train-00000.bin -> train-00000.mask`."""
+    return shard_file.removesuffix(".bin") + ".mask"
 
 
 def dump_manifest(manifest: TokensManifest) -> str:
-    """The manifest's file text (safety.files.dump_json: sorted keys, ASCII)."""
-    return dump_json(manifest.model_dump(mode="json"))
+    """The manifest's file text (safety.files.dump_json: sorted keys, ASCII). Keys a
+    document corpus does not use stay out, so its manifest reads as it always has."""
+    return dump_json(manifest.model_dump(mode="json", exclude_none=True))
 
 
 def cache_key(processed_sha256: str, tokenizer_sha256: str, val_fraction: float) -> str:
     """Name of the cache folder: changes whenever an input of the shards changes."""
     text = f"{TOKENS_VERSION}:{processed_sha256}:{tokenizer_sha256}:{val_fraction!r}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def is_validation(doc_sha256: str, val_fraction: float) -> bool:
@@ -161,8 +193,8 @@ def build_token_shards(request: BuildRequest, progress: ProgressFn | None = None
 
 def _write_shards(tmp: Path, corpus: ProcessedCorpus, tokenizer: Tokenizer,
                   request: BuildRequest, progress: ProgressFn) -> TokensManifest:
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    writers = {split: _ShardWriter(tmp, split, dtype, request.shard_tokens)
+    dtype = shard_dtype(tokenizer.vocab_size)
+    writers = {split: ShardWriter(tmp, split, dtype, request.shard_tokens)
                for split in ("train", "val")}
     docs = _document_splits(corpus, request.val_fraction)
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
@@ -200,19 +232,27 @@ def _forced_validation_doc(corpus: ProcessedCorpus, val_fraction: float) -> str 
     return smallest if count >= 2 else None
 
 
-class _ShardWriter:
-    """Accumulates token arrays for one split and writes fixed-size shards into `folder`."""
+class ShardWriter:
+    """Accumulates token arrays for one split and writes fixed-size shards into `folder`;
+    with loss masks (conversations), a `.mask` file beside each shard."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 masked: bool = False) -> None:
         self.folder, self.split, self.dtype = folder, split, dtype
-        self.shard_tokens = shard_tokens
+        self.shard_tokens, self.masked = shard_tokens, masked
         self.pending: list[np.ndarray] = []
+        self.pending_masks: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[ShardEntry] = []
-        self.documents = self.tokens = self.text_bytes = 0
+        self.documents = self.tokens = self.text_bytes = self.loss_tokens = 0
 
-    def add(self, ids: np.ndarray, text_bytes: int) -> None:
+    def add(self, ids: np.ndarray, text_bytes: int, mask: np.ndarray | None = None) -> None:
+        if (mask is not None) != self.masked or (mask is not None and len(mask) != len(ids)):
+            raise ValueError("a masked split needs one mask entry per token, and only it")
         self.pending.append(ids)
+        if mask is not None:
+            self.pending_masks.append(mask.astype(np.uint8))
+            self.loss_tokens += int(mask.sum())
         self.pending_tokens += len(ids)
         self.documents += 1
         self.tokens += len(ids)
@@ -227,13 +267,20 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.bin"
         raw = data.tobytes()
         atomic_write_bytes(self.folder / name, raw)
-        self.shards.append(ShardEntry(file=name, tokens=len(data), sha256=sha256_bytes(raw)))
-        self.pending, self.pending_tokens = [], 0
+        mask_sha256 = None
+        if self.masked:
+            mask = np.concatenate(self.pending_masks).tobytes()
+            atomic_write_bytes(self.folder / mask_name(name), mask)
+            mask_sha256 = sha256_bytes(mask)
+        self.shards.append(ShardEntry(file=name, tokens=len(data), sha256=sha256_bytes(raw),
+                                      mask_sha256=mask_sha256))
+        self.pending, self.pending_masks, self.pending_tokens = [], [], 0
 
     def entry(self) -> SplitEntry:
         self.flush()
         return SplitEntry(documents=self.documents, tokens=self.tokens,
-                          text_bytes=self.text_bytes, shards=self.shards)
+                          text_bytes=self.text_bytes, shards=self.shards,
+                          loss_tokens=self.loss_tokens if self.masked else None)
 
 
 def _windows(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -298,10 +345,21 @@ class TokenShards:
         if manifest.eot_id >= manifest.vocab_size:
             raise DatasetError(f"eot_id {manifest.eot_id} is not below vocab_size, in {folder}")
         dtype = np.dtype(manifest.dtype).newbyteorder("<")
-        splits = {name: TokenSplit(tuple(_open_shard(folder, entry, dtype, manifest.vocab_size)
-                                         for entry in getattr(manifest, name).shards))
+        splits = {name: _open_split(folder, getattr(manifest, name), dtype, manifest.vocab_size)
                   for name in ("train", "val")}
         return cls(folder, manifest, sha256_bytes(raw), splits["train"], splits["val"])
+
+
+def _open_split(folder: Path, split: SplitEntry, dtype: np.dtype, vocab_size: int
+                ) -> TokenSplit:
+    shards = tuple(_open_shard(folder, entry, dtype, vocab_size) for entry in split.shards)
+    if split.loss_tokens is None:
+        return TokenSplit(shards)
+    masks = tuple(_open_mask(folder, entry) for entry in split.shards)
+    if sum(int(mask.sum()) for mask in masks) != split.loss_tokens:
+        raise DatasetError(f"the loss masks count other than loss_tokens "
+                           f"({split.loss_tokens}), in {folder / MANIFEST}")
+    return TokenSplit(shards, masks)
 
 
 def _parse_manifest(raw: bytes, path: Path) -> TokensManifest:
@@ -316,30 +374,49 @@ def _parse_manifest(raw: bytes, path: Path) -> TokensManifest:
     for split in (manifest.train, manifest.val):
         if sum(entry.tokens for entry in split.shards) != split.tokens:
             raise DatasetError(f"split token count disagrees with its shards, in {path}")
+        masked = {entry.mask_sha256 is not None for entry in split.shards}
+        if masked - {split.loss_tokens is not None} or (manifest.chat_format is None) != (
+                split.loss_tokens is None):
+            raise DatasetError(f"loss masks, loss_tokens and chat_format must come together, "
+                               f"in {path}")
     return manifest
 
 
 def _open_shard(folder: Path, entry: ShardEntry, dtype: np.dtype, vocab_size: int) -> np.ndarray:
     path = folder / entry.file  # the schema's name pattern allows no separators
-    fd = open_regular(path, DatasetError)
-    with open(fd, "rb", closefd=True) as fh:
-        size = fh.seek(0, 2)
-        if size % dtype.itemsize or size // dtype.itemsize != entry.tokens:
-            raise DatasetError(f"shard size {size} bytes does not hold {entry.tokens} "
-                               f"{dtype.name} tokens, in {path}")
-        array = np.memmap(fh, dtype=dtype, mode="r", shape=(entry.tokens,))
-    # Hash the mapping itself, not a read() of the file before mapping it: bytes rewritten
-    # between the two would otherwise be used unchecked.
-    raw = array.view(np.uint8)
-    digest = hashlib.sha256()
-    for start in range(0, raw.size, HASH_CHUNK):
-        digest.update(raw[start:start + HASH_CHUNK])
-    if digest.hexdigest() != entry.sha256:
-        raise DatasetError(f"sha256 mismatch (file changed or corrupted), in {path}")
+    array = _map_verified(path, dtype, entry.tokens, entry.sha256)
     step = 1 << 24  # every id below the vocab size, 16M ids at a time
     for start in range(0, len(array), step):
         top = int(array[start:start + step].max(initial=0))
         if top >= vocab_size:
             raise DatasetError(f"token id {top} is not below the vocab size {vocab_size}, "
                                f"in {path}")
+    return array
+
+
+def _open_mask(folder: Path, entry: ShardEntry) -> np.ndarray:
+    path = folder / entry.mask_file
+    mask = _map_verified(path, np.dtype(np.uint8), entry.tokens, str(entry.mask_sha256))
+    if int(mask.max(initial=0)) > 1:
+        raise DatasetError(f"a loss mask holds a value other than 0 and 1, in {path}")
+    return mask
+
+
+def _map_verified(path: Path, dtype: np.dtype, count: int, sha256: str) -> np.ndarray:
+    """`count` items of `dtype` memory-mapped from `path`, whose bytes hash to `sha256`."""
+    fd = open_regular(path, DatasetError)
+    with open(fd, "rb", closefd=True) as fh:
+        size = fh.seek(0, 2)
+        if size % dtype.itemsize or size // dtype.itemsize != count:
+            raise DatasetError(f"shard size {size} bytes does not hold {count} "
+                               f"{dtype.name} tokens, in {path}")
+        array = np.memmap(fh, dtype=dtype, mode="r", shape=(count,))
+    # Hash the mapping itself, not a read() of the file before mapping it: bytes rewritten
+    # between the two would otherwise be used unchecked.
+    raw = array.view(np.uint8)
+    digest = hashlib.sha256()
+    for start in range(0, raw.size, HASH_CHUNK):
+        digest.update(raw[start:start + HASH_CHUNK])
+    if digest.hexdigest() != sha256:
+        raise DatasetError(f"sha256 mismatch (file changed or corrupted), in {path}")
     return array

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fragment_llm.config import TrainConfig
-from fragment_llm.data.batches import TokenStream, eval_batches
+from fragment_llm.data.batches import IGNORED, TokenStream, eval_batches
 from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import (
     TrainingError,
@@ -151,7 +151,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, max_blocks: int | None = None) -> tuple[float, float] | None:
         """Validation loss (nats/token) and bits per byte over up to `max_blocks` blocks
-        (default `eval_blocks`), or None without a val split."""
+        (default `eval_blocks`), or None without a val split. On conversations, over the
+        tokens the loss mask counts (the assistant's)."""
         split = self.shards.val
         block = self.model.config.block_size
         if split.num_blocks(block) == 0:
@@ -164,13 +165,13 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with autocast_for(self.precision, self.device):
                 logits = self.model(x)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total += torch.stack([nll.double(), torch.tensor(y.numel(), device=self.device,
-                                                            dtype=torch.float64)])
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                                  ignore_index=IGNORED)
+            total += torch.stack([nll.double(), (y != IGNORED).sum().double()])
         total = all_mean(total, self.env)
-        loss = float(total[0] / total[1])
+        loss = float(total[0] / total[1].clamp(min=1))
         val = self.shards.manifest.val
-        return loss, bits_per_byte(loss, val.tokens, val.text_bytes)
+        return loss, bits_per_byte(loss, val.counted_tokens, val.text_bytes)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "elapsed_s": self.elapsed, "data": self.stream.state_dict(),

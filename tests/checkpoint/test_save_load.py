@@ -17,10 +17,10 @@ from torch import nn
 
 import fragment_llm.checkpoint.save as checkpoint_save
 from fragment_llm.checkpoint.layout import (
-    KNOWN_FILES,
     MANIFEST_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    REQUIRED_FILES,
     clean_stale_temporaries,
     list_checkpoints,
     step_path,
@@ -104,7 +104,8 @@ def test_round_trip_is_bit_identical_and_keeps_tied_weights(tmp_path, tokenizer_
     path = save(tmp_path / "run", 2, model, opt, tokenizer_file,
                 provenance={"tokenizer_sha256": "a" * 64})
     assert path.name == "step-0000002"
-    assert sorted(p.name for p in path.iterdir()) == sorted(KNOWN_FILES)
+    assert sorted(p.name for p in path.iterdir()) == sorted(REQUIRED_FILES | {OPTIMIZER_FILE,
+                                                                    MANIFEST_FILE})
 
     loaded = load_checkpoint(path)
     assert loaded.step == 2 and loaded.config.document() == {"model": {"vocab_size": VOCAB}}
