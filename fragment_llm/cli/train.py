@@ -101,6 +101,13 @@ def _train_configs(preset: str | None, config_path: Path | None,
     return model, train, GivenSettings.collect(preset, tables, config_path, flags)
 
 
+def _model_of(checkpoint: Path) -> ModelConfig:
+    from fragment_llm.checkpoint.load import open_checkpoint
+    from fragment_llm.checkpoint.trained import checkpoint_model_config
+
+    return checkpoint_model_config(open_checkpoint(checkpoint))
+
+
 def _flag_name(param: click.Option, value: FlagValue) -> str:
     """The flag as the user typed it: `--max-time` for max_time_s, `--no-compile`."""
     return param.secondary_opts[0] if value is False and param.secondary_opts else param.opts[0]
@@ -141,12 +148,15 @@ def _flag_name(param: click.Option, value: FlagValue) -> str:
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its latest valid checkpoint, with the "
                    "settings it recorded.")
+@click.option("--init-from", type=click.Path(path_type=Path),
+              help="Start a new run from this checkpoint's weights (continued pretraining "
+                   "on new text): same model and tokenizer, fresh optimizer and schedule.")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan, a timing probe and the estimated training time, then exit.")
 @json_option('"steps", "val_bpb", "checkpoint", "plan", ...')
 def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
-          config_path: Path | None, resume: bool, dry_run: bool, as_json: bool,
-          **flags: FlagValue) -> int:
+          config_path: Path | None, resume: bool, init_from: Path | None, dry_run: bool,
+          as_json: bool, **flags: FlagValue) -> int:
     """Train a GPT on the processed corpus; checkpoints go to --out.
 
     \b
@@ -170,15 +180,21 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
       fragment train --max-time 10m                # small preset, ten minutes
       fragment train --resume                      # continue checkpoints/
       fragment train --preset base --dry-run       # memory and speed plan only
+      fragment train --init-from checkpoints --data more/processed --out runs/more
     """
     from fragment_llm.cli.display import TrainDisplay
     from fragment_llm.train.run import TrainRequest, run_training
     from fragment_llm.train.runtime import keep_freed_memory
 
     keep_freed_memory()  # ~25% faster CPU steps; this process exists to train
+    if init_from is not None and resume:
+        raise click.UsageError("--init-from starts a new run and --resume continues one: "
+                               "give one of them")
     model_config, train_config, given = _train_configs(preset, config_path, flags)
+    if init_from is not None and not given.model:
+        model_config = _model_of(init_from)  # the checkpoint's model, not a preset's
     request = TrainRequest(data=data, tokenizer=tokenizer_path, out=out, model=model_config,
-                           train=train_config, resume=resume, given=given)
+                           train=train_config, resume=resume, given=given, init_from=init_from)
     with TrainDisplay(not FLAGS.quiet, train_config.max_steps) as display:
         summary = run_training(request, display, dry_run=dry_run)
     if summary.terminated:  # one line and exit 143, like any verb stopped by SIGTERM

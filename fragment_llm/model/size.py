@@ -107,8 +107,11 @@ def activation_bytes(model: ModelConfig, batch: int, bytes_per_value: int,
 
 
 def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
-                device_type: str = "cpu") -> MemoryPlan:
+                device_type: str = "cpu", trainable: int | None = None) -> MemoryPlan:
+    """Peak memory of training `model`: weights, and gradients plus AdamW's two moments
+    for the `trainable` parameters (all of them unless said: LoRA trains few)."""
     params = count_parameters(model)
+    trainable = params if trainable is None else trainable
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     logits = 3 * train.batch_size * model.block_size * vocab_size_of(model) * 4
     # The allocator keeps freed logits-sized blocks that later, differently sized
@@ -117,8 +120,8 @@ def plan_memory(model: ModelConfig, train: TrainConfig, precision: str,
     # (unified memory) the limit is host RAM, which holds the process too.
     runtime = CPU_RUNTIME + logits // 2 if device_type != "cuda" else 0
     return MemoryPlan(
-        parameters=params, weights=4 * params, gradients=4 * params, optimizer=8 * params,
-        activations=activation_bytes(model, train.batch_size, act_bytes,
+        parameters=params, weights=4 * params, gradients=4 * trainable,
+        optimizer=8 * trainable, activations=activation_bytes(model, train.batch_size, act_bytes,
                                      train.activation_checkpointing),
         logits=logits, runtime=runtime)
 

@@ -42,12 +42,8 @@ from fragment_llm.checkpoint.records import (
     TrainerState,
     model_config_sha256,
 )
-from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT, GivenSettings, ModelConfig, TrainConfig
-from fragment_llm.data.shards import (
-    BuildRequest,
-    TokenShards,
-    build_token_shards,
-)
+from fragment_llm.config import GivenSettings, ModelConfig, TrainConfig
+from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import (
     CheckpointError,
     ConfigError,
@@ -64,7 +60,6 @@ from fragment_llm.events import (
     ProgressEvent,
     StepEvent,
 )
-from fragment_llm.model.gpt import GPT
 from fragment_llm.model.size import (
     MemoryPlan,
     count_parameters,
@@ -75,6 +70,7 @@ from fragment_llm.model.size import (
 from fragment_llm.safety.files import atomic_write_text, make_dirs, translate_os_errors
 from fragment_llm.safety.signals import uninterrupted
 from fragment_llm.safety.workers import cap_workers, tokenizer_bytes
+from fragment_llm.train.recipe import Pretraining, Recipe
 from fragment_llm.train.resume import ResumedSettings, resumed_settings
 from fragment_llm.train.runtime import (
     DistEnv,
@@ -116,6 +112,8 @@ class TrainRequest:
     tokens_dir: Path | None = None  # default: <data>/../tokens
     given: GivenSettings | None = None
     resumed: ResumedSettings | None = None
+    init_from: Path | None = None  # start from this checkpoint's weights (pretraining)
+    recipe: Recipe | None = None  # None: pretraining (train/recipe.py)
 
 
 @dataclass(frozen=True)
@@ -153,16 +151,23 @@ def _effective_model_config(request: TrainRequest, vocab_size: int) -> ModelConf
         raise ConfigError(f"model config does not fit the tokenizer: {exc}") from None
 
 
-def prepare_shards(request: TrainRequest, env: DistEnv, vocab_size: int,
-                   on_event: EventFn, device: torch.device) -> TokenShards:
-    """Rank 0 tokenizes (or reuses the cache); every rank then opens and verifies."""
-    tokens_root = request.tokens_dir or request.data.parent / "tokens"
-    build = BuildRequest(request.data, request.tokenizer, tokens_root,
-                         request.train.val_fraction, workers=request.train.workers)
+def pretraining(request: TrainRequest) -> Pretraining:
+    """The recipe of `fragment train`: the processed corpus, tokenized into a cache."""
+    from fragment_llm.checkpoint.load import open_checkpoint
+
+    init_from = open_checkpoint(request.init_from) if request.init_from is not None else None
+    return Pretraining(request.data, request.tokenizer,
+                       request.tokens_dir or request.data.parent / "tokens",
+                       request.train.val_fraction, request.train.workers, init_from)
+
+
+def prepare_shards(recipe: Recipe, env: DistEnv, vocab_size: int, on_event: EventFn,
+                   device: torch.device) -> TokenShards:
+    """Rank 0 builds the shards (or reuses the cache); every rank then opens and verifies."""
     folder, error = None, None
     if env.is_main:
         try:
-            folder = build_token_shards(build, lambda phase, done, total: on_event(
+            folder = recipe.build_shards(lambda phase, done, total: on_event(
                 ProgressEvent(phase, done, total)))
         except BaseException as exc:  # Ctrl-C and SIGTERM too: the others wait for us
             if env.world == 1:
@@ -225,14 +230,18 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
     if resume_from is not None:  # refuse a changed tokenizer before tokenizing anything
         checked_tokenizer(resume_from)
         require(resume_links(resume_from, tokenizer), CheckpointError, HINT_RESUME)
-    plan = plan_memory(model_config, request.train, precision, device.type)
-    check_memory(plan, request.train.max_memory or default_memory_limit(device))
-    shards = prepare_shards(request, env, tokenizer.vocab_size, on_event, device)
+    recipe = request.recipe or pretraining(request)
+    recipe.check(model_config, tokenizer)
+    shards = prepare_shards(recipe, env, tokenizer.vocab_size, on_event, device)
     _check_shard_chain(request, tokenizer, shards, resume_from)
     torch.manual_seed(request.train.seed)  # the initial weights are part of the run
-    trainer = Trainer(GPT(model_config).to(device), request.train, shards, device, precision, env)
+    model = recipe.build_model(model_config, device)
+    plan = plan_memory(model_config, request.train, precision, device.type,
+                       trainable=recipe.trainable_parameters(model))
+    check_memory(plan, request.train.max_memory or default_memory_limit(device))
+    trainer = Trainer(model, request.train, shards, device, precision, env)
     if resume_from is not None:
-        _restore(trainer, resume_from)
+        _restore(trainer, recipe, resume_from)
         if request.resumed is not None and request.resumed.budget_extended:
             trainer.extend_budget(request.resumed.recorded)
     on_event(_plan_event(trainer, plan, device, precision))
@@ -244,8 +253,18 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
     with contextlib.ExitStack() as stack:
         interrupt = stack.enter_context(InterruptFlag())
         run_on_main(env, device, lambda: _open_run_folder(request.out, stack))
-        loop = TrainLoop(request, trainer, tokenizer, model_config, on_event)
+        loop = TrainLoop(request, trainer, tokenizer, model_config, on_event,
+                         recipe, _carried_provenance(resume_from))
         return loop.run(interrupt)
+
+
+def _carried_provenance(resume_from: Checkpoint | None) -> dict[str, str]:
+    """What a run started from (`base_*` keys) stays in the provenance of every step it
+    saves, resumed or not."""
+    if resume_from is None:
+        return {}
+    return {key: value for key, value in resume_from.provenance.document().items()
+            if key.startswith("base_") and isinstance(value, str)}
 
 
 def _open_run_folder(out: Path, stack: contextlib.ExitStack) -> None:
@@ -317,8 +336,8 @@ def _find_resume_point(request: TrainRequest, env: DistEnv,
     return latest
 
 
-def _restore(trainer: Trainer, checkpoint: Checkpoint) -> None:
-    checkpoint.load_model_into(trainer.model)
+def _restore(trainer: Trainer, recipe: Recipe, checkpoint: Checkpoint) -> None:
+    recipe.restore(trainer.model, checkpoint)
     checkpoint.load_optimizer_into(trainer.optimizer)
     trainer.load_state_dict(checkpoint.trainer_state.document())
     from fragment_llm.checkpoint.rng import restore_rng_state
@@ -348,9 +367,11 @@ class TrainLoop:
     """
 
     def __init__(self, request: TrainRequest, trainer: Trainer, tokenizer: Tokenizer,
-                 model_config: ModelConfig, on_event: EventFn) -> None:
+                 model_config: ModelConfig, on_event: EventFn, recipe: Recipe,
+                 carried_provenance: dict[str, str]) -> None:
         self.request, self.trainer, self.tokenizer = request, trainer, tokenizer
         self.model_config, self.on_event = model_config, on_event
+        self.recipe, self.carried_provenance = recipe, carried_provenance
         self.failure: Exception | None = None  # rank 0's, until the ranks agree to stop
         self.metrics = MetricsLog(request.out / METRICS_FILE, trainer.env.is_main)
         self._hold_failure(lambda: self.metrics.truncate_after(trainer.step))
@@ -482,12 +503,14 @@ class TrainLoop:
             tokenizer_sha256=self.tokenizer.sha256,
             tokens_manifest_sha256=trainer.shards.manifest_sha256,
             processed_manifest_sha256=trainer.shards.manifest.processed_manifest_sha256,
-            model_config_sha256=model_config_sha256(config.model))
+            model_config_sha256=model_config_sha256(config.model),
+            **self.carried_provenance, **self.recipe.provenance())
+        adapter = self.recipe.adapter_weights(trainer.model)
         path = save_checkpoint(
-            self.request.out, trainer.step, model=trainer.model,
+            self.request.out, trainer.step, model=None if adapter else trainer.model,
             optimizer=trainer.optimizer, trainer_state=state, config=config,
             tokenizer_file=self.request.tokenizer, provenance=provenance,
-            keep_last=self.request.train.keep_checkpoints)
+            keep_last=self.request.train.keep_checkpoints, adapter=adapter)
         self.on_event(CheckpointEvent(trainer.step, path))
 
     def _config_record(self) -> CheckpointConfig:
@@ -497,8 +520,9 @@ class TrainLoop:
             train=self.request.train.model_dump(mode="json"),
             fragment_version=__version__,
             # How chat renders turns for this model (chat.py): plain-text documents
-            # train a model that continues a "User: ... Assistant:" transcript.
-            chat_format=TRANSCRIPT_CHAT_FORMAT,
+            # train a model that continues a "User: ... Assistant:" transcript, and
+            # conversations one that answers between special tokens.
+            chat_format=self.recipe.chat_format,
             val_loss=evaluation[0] if evaluation else None,
             val_bpb=evaluation[1] if evaluation else None,
             # What resuming changed ([train] holds the values in force now).
