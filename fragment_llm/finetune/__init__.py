@@ -1,0 +1,1 @@
+"""Fine-tuning on conversations: data, adapters, the run."""
