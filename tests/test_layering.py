@@ -29,7 +29,7 @@ LAYERS = {
     "fragment_llm": 0, "errors": 0, "config": 0, "events": 0, "safety": 0,
     "data": 1, "tokenizer": 1, "model": 1,
     "checkpoint": 2,
-    "train": 3, "inference": 3, "export": 3,
+    "train": 3, "inference": 3, "export": 3, "finetune": 3,
     "evaluate": 4, "verify": 4,
     "cli": 5, "__main__": 5,
 }
