@@ -2,7 +2,8 @@
 
 `discover(inputs, config)` walks the inputs in sorted order without leaving an input
 root, keeping only regular files with a supported extension (`.txt`, `.md`, `.jsonl`,
-`.parquet`) as `FileTask`s and recording why every other path was rejected or skipped
+`.parquet`; `kinds` names others for another boundary, e.g. fine-tuning's conversations)
+as `FileTask`s and recording why every other path was rejected or skipped
 (an `InputFile` with a `Reason`). `apply_caps` then rejects files over
 `max_file_bytes`, and every file once `max_total_bytes` is reached, from the sizes
 discovery saw, so the outcome never depends on timing.
@@ -15,13 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fragment_llm.config import PreprocessConfig
 from fragment_llm.data.processed import SKIP_REASONS, InputFile, Reason, Status
-from fragment_llm.data.readers import KINDS, SUPPORTED, FileTask, file_type
+from fragment_llm.data.readers import KINDS, FileTask, file_type
 from fragment_llm.errors import InputDataError
 
 Discovered = FileTask | InputFile  # a file to read, or one already rejected/skipped
@@ -32,7 +33,8 @@ class _Descend:
     real: Path  # a folder to walk next
 
 
-def discover(inputs: Sequence[Path], config: PreprocessConfig) -> list[Discovered]:
+def discover(inputs: Sequence[Path], config: PreprocessConfig,
+             kinds: Mapping[str, str] = KINDS) -> list[Discovered]:
     """Every path below `inputs`, in a fixed order, as a task or as a rejection.
 
     Stops after `max_files` entries, recording one `too-many-files` rejection.
@@ -40,7 +42,7 @@ def discover(inputs: Sequence[Path], config: PreprocessConfig) -> list[Discovere
     found: list[Discovered] = []
     seen_files: set[tuple[int, int]] = set()
     for given in inputs:
-        for entry in _entries_of(given, seen_files):
+        for entry in _entries_of(given, seen_files, kinds):
             if len(found) >= config.max_files:
                 found.append(_record(entry.root, entry_path(entry), 0, Reason.TOO_MANY_FILES,
                                      f"discovery stopped after max_files={config.max_files}"))
@@ -71,11 +73,12 @@ def apply_caps(entries: list[Discovered], config: PreprocessConfig) -> list[Disc
     return capped
 
 
-def _entries_of(given: Path, seen_files: set[tuple[int, int]]) -> Iterator[Discovered]:
+def _entries_of(given: Path, seen_files: set[tuple[int, int]],
+                kinds: Mapping[str, str]) -> Iterator[Discovered]:
     """An explicit input is followed even if it is a symlink: the user named it."""
     real = resolve(given)
     if real.is_dir():
-        yield from _walk(real, path_label(str(given)), seen_files)
+        yield from _walk(real, path_label(str(given)), seen_files, kinds)
         return
     root = path_label(str(given.parent))
     try:
@@ -83,12 +86,13 @@ def _entries_of(given: Path, seen_files: set[tuple[int, int]]) -> Iterator[Disco
     except OSError:
         yield _record(root, path_label(given.name), 0, Reason.VANISHED, "disappeared")
         return
-    item = _classify(real, info, path_label(given.name), root, set(), seen_files)
+    item = _classify(real, info, path_label(given.name), root, set(), seen_files, kinds)
     assert not isinstance(item, _Descend)  # real is not a folder
     yield item
 
 
-def _walk(root: Path, label: str, seen_files: set[tuple[int, int]]) -> Iterator[Discovered]:
+def _walk(root: Path, label: str, seen_files: set[tuple[int, int]],
+          kinds: Mapping[str, str]) -> Iterator[Discovered]:
     """Depth-first, names sorted, with an explicit stack (no recursion limit to hit)."""
     visited = {_key(os.stat(root))}
     stack: list[tuple[Path, str, list[str]]] = []
@@ -101,7 +105,7 @@ def _walk(root: Path, label: str, seen_files: set[tuple[int, int]]) -> Iterator[
             stack.pop()
             continue
         name = names.pop()
-        item = _examine(folder, name, prefix + name, root, label, visited, seen_files)
+        item = _examine(folder, name, prefix + name, root, label, visited, seen_files, kinds)
         if not isinstance(item, _Descend):
             yield item
         elif unlistable := _push_folder(stack, item.real, prefix + name, label):
@@ -121,8 +125,8 @@ def _push_folder(stack: list[tuple[Path, str, list[str]]], folder: Path, rel: st
 
 
 def _examine(folder: Path, name: str, rel: str, root: Path, label: str,
-             visited: set[tuple[int, int]], seen_files: set[tuple[int, int]]
-             ) -> Discovered | _Descend:
+             visited: set[tuple[int, int]], seen_files: set[tuple[int, int]],
+             kinds: Mapping[str, str]) -> Discovered | _Descend:
     """One name in a folder being walked: a symlink is followed only inside the root."""
     path = folder / name
     try:
@@ -130,7 +134,7 @@ def _examine(folder: Path, name: str, rel: str, root: Path, label: str,
     except OSError:
         return _record(label, path_label(rel), 0, Reason.VANISHED, "disappeared during discovery")
     if not stat.S_ISLNK(info.st_mode):
-        return _classify(path, info, path_label(rel), label, visited, seen_files)
+        return _classify(path, info, path_label(rel), label, visited, seen_files, kinds)
     target = Path(os.path.realpath(path))
     if not target.is_relative_to(root):
         return _record(label, path_label(rel), 0, Reason.SYMLINK_ESCAPES_ROOT,
@@ -143,12 +147,12 @@ def _examine(folder: Path, name: str, rel: str, root: Path, label: str,
     if stat.S_ISDIR(info.st_mode) and folder.is_relative_to(target):
         return _record(label, path_label(rel), 0, Reason.SYMLINK_LOOP,
                        "symlink points to a folder that contains it; not followed")
-    return _classify(target, info, path_label(rel), label, visited, seen_files)
+    return _classify(target, info, path_label(rel), label, visited, seen_files, kinds)
 
 
 def _classify(real: Path, info: os.stat_result, rel: str, label: str,
-              visited: set[tuple[int, int]], seen_files: set[tuple[int, int]]
-              ) -> Discovered | _Descend:
+              visited: set[tuple[int, int]], seen_files: set[tuple[int, int]],
+              kinds: Mapping[str, str]) -> Discovered | _Descend:
     if stat.S_ISDIR(info.st_mode):
         if _key(info) in visited:
             return _record(label, rel, 0, Reason.ALREADY_VISITED, "folder already walked")
@@ -157,10 +161,10 @@ def _classify(real: Path, info: os.stat_result, rel: str, label: str,
     if not stat.S_ISREG(info.st_mode):
         return _record(label, rel, 0, Reason.NOT_REGULAR_FILE,
                        f"{file_type(info.st_mode)}: only regular files are read")
-    kind = KINDS.get(real.suffix.lower())
+    kind = kinds.get(real.suffix.lower())
     if kind is None:
         return _record(label, rel, info.st_size, Reason.UNSUPPORTED_EXTENSION,
-                       f"not one of {SUPPORTED}")
+                       f"not one of {', '.join(kinds)}")
     if _key(info) in seen_files:
         return _record(label, rel, info.st_size, Reason.ALREADY_VISITED,
                        "same file as an earlier input")

@@ -144,6 +144,24 @@ def read_batch_in_helper(tasks: list[FileTask], config: PreprocessConfig,
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why `read_whole_file` did not return a file's bytes."""
+
+    reason: Reason
+    detail: str
+
+
+def read_whole_file(path: Path, max_bytes: int) -> bytes | Refusal:
+    """The exact bytes of the regular file `path`, read once and at most `max_bytes`,
+    or why not (gone, replaced by a symlink, too large, changed while read): the first
+    step of `read_input_file`, for another boundary that parses its own formats."""
+    try:
+        return _read_stable(path, max_bytes, FileResult())
+    except _Rejected as rejected:
+        return Refusal(rejected.reason, rejected.detail)
+
+
 def _signature(fd: int) -> tuple[int, int, int, int]:
     info = os.fstat(fd)
     return (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
@@ -285,12 +303,12 @@ def _parse_record(text: str, max_depth: int) -> object:
     except ValueError as exc:  # JSONDecodeError, duplicate key, NaN
         raise ValueError(f"invalid JSON: {first_line(exc)}") from None
     # Walking the parsed record visits only its containers: a flat record costs ~1 us.
-    if isinstance(record, dict | list) and _depth(record) > max_depth:
+    if isinstance(record, dict | list) and json_value_depth(record) > max_depth:
         raise ValueError(f"JSON nested deeper than max_json_depth={max_depth}")
     return record
 
 
-def _depth(value: object) -> int:
+def json_value_depth(value: object) -> int:
     """Nesting depth of parsed JSON, iteratively: `{"a": [1, [2]]} -> 3`, `"[[["` -> 0."""
     deepest = 0
     stack = [(value, 1)]

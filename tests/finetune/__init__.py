@@ -1,0 +1,1 @@
+"""Tests of fragment_llm.finetune."""
