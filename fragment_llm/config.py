@@ -23,7 +23,7 @@ from fragment_llm.safety.text import escape_for_display
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_CONFIG_FILE_BYTES = 1 * MiB
-STAGE_TABLES = ("preprocess", "tokenizer", "model", "train", "generate", "chat")
+STAGE_TABLES = ("preprocess", "tokenizer", "model", "train", "finetune", "generate", "chat")
 
 
 class StageConfig(BaseModel):
@@ -292,6 +292,8 @@ class TrainConfig(StageConfig):
     max_memory: int | None = Field(None, ge=1 << 20, le=1 << 50,
                                    description="refuse plans above this many bytes")
     workers: int = Field(2, ge=1, le=256, description="processes for tokenizing the corpus")
+    epochs: float | None = Field(None, gt=0.0, le=1e6, allow_inf_nan=False,
+                                 description="passes over the training split; sets max_steps")
 
 
 # Training values that go with each model preset; flags and [train] override them.
@@ -352,6 +354,41 @@ class GivenSettings:
 # (<|user|> ... <|end|>) is for models trained on data rendered with those tokens.
 TRANSCRIPT_CHAT_FORMAT = "transcript"
 SPECIAL_TOKENS_CHAT_FORMAT = "special_tokens"
+
+
+AdapterTarget = Literal["qkv", "attn_proj", "mlp_fc", "mlp_proj"]
+
+
+class FinetuneConfig(StageConfig):
+    """The `[finetune]` table: how `fragment finetune` tunes a base model on
+    conversations (docs/finetune.md). The [train] table sets the optimisation."""
+
+    method: Literal["full", "lora", "dora"] = Field(
+        "lora", description="full: every weight; lora/dora: a small adapter, base frozen")
+    rank: int = Field(16, ge=1, le=256, description="LoRA/DoRA rank r")
+    alpha: float = Field(32.0, gt=0.0, le=1e4, allow_inf_nan=False,
+                         description="LoRA scale numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    targets: list[AdapterTarget] = Field(
+        ["qkv", "attn_proj", "mlp_fc", "mlp_proj"], min_length=1, max_length=4,
+        description="projections that get an adapter")
+    rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+
+    @model_validator(mode="after")
+    def _distinct_targets(self) -> FinetuneConfig:
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets must not repeat")
+        return self
+
+
+# [train] values for `fragment finetune` (flags and [train] override them): a short run
+# over a small dataset, evaluated and saved often. An adapter starts at zero and wants
+# a larger step than the full model, whose pretrained weights a large one would wreck.
+FINETUNE_TRAIN: dict[str, Any] = {
+    "batch_size": 8, "lr": 2e-3, "max_steps": 300, "warmup_steps": 20, "weight_decay": 0.0,
+    "eval_every": 100, "eval_blocks": 32, "final_eval_blocks": 256, "checkpoint_every": 100,
+    "val_fraction": 0.05, "min_lr_ratio": 0.1}
+FINETUNE_FULL_LR = 3e-4
 
 
 MAX_NEW_TOKENS = 4096  # per answer; the wall-clock limit max_time_s also applies

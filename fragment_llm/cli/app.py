@@ -35,6 +35,7 @@ from fragment_llm.cli.common import (
     report_internal_error,
 )
 from fragment_llm.cli.evaluate import evaluate
+from fragment_llm.cli.finetune import finetune
 from fragment_llm.cli.generate import generate
 from fragment_llm.cli.preprocess import preprocess
 from fragment_llm.cli.tokenizer import export_tokenizer_command, train_tokenizer_command
@@ -121,7 +122,8 @@ def cli(debug: bool, quiet: bool) -> None:
       fragment preprocess        data/raw/        -> data/processed/
       fragment train-tokenizer   data/processed/  -> data/tokenizer.json
       fragment train             data/processed/  -> checkpoints/
-      fragment chat              checkpoints/     -> your terminal
+      fragment finetune          data/conversations/ + checkpoints/ -> checkpoints-chat/
+      fragment chat              checkpoints-chat/ -> your terminal
 
     Every verb validates what it is given and refuses bad input with one line
     naming the file or field and the rule broken. Run `fragment VERB --help`.
@@ -131,8 +133,8 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 # The verbs, each in its own module; `fragment --help` lists them alphabetically.
-for command in (preprocess, train_tokenizer_command, export_tokenizer_command, train, evaluate,
-                verify, generate, chat):
+for command in (preprocess, train_tokenizer_command, export_tokenizer_command, train, finetune,
+                evaluate, verify, generate, chat):
     cli.add_command(command)
 
 

@@ -71,7 +71,7 @@ def listing_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[ob
     return table
 
 
-BYTE_PHASES = frozenset({"reading", "counting"})
+BYTE_PHASES = frozenset({"reading", "counting", "reading conversations"})
 
 
 def _amount(phase: str, value: int | None) -> str:
@@ -204,7 +204,9 @@ class TrainDisplay:
             case NoteEvent():
                 self._print(event.message)
             case ProgressEvent():
-                said = f"tokenizing the corpus ({event.total} documents)..."
+                said = (f"tokenizing the corpus ({event.total} documents)..."
+                        if event.phase == "tokenizing" else
+                        f"{event.phase} ({_amount(event.phase, event.total)})...")
                 if said != self._said:
                     self._said = said
                     self._print(said)

@@ -23,6 +23,7 @@ from fragment_llm.cli.common import (
     DEFAULT_TOKENIZER,
     EXIT_INTERRUPTED,
     FLAGS,
+    Decorated,
     FlagValue,
     FragmentCommand,
     config_option,
@@ -113,6 +114,42 @@ def _flag_name(param: click.Option, value: FlagValue) -> str:
     return param.secondary_opts[0] if value is False and param.secondary_opts else param.opts[0]
 
 
+def training_options(func: Decorated) -> Decorated:
+    """The [train] flags `train` and `finetune` share: budget, batch, optimiser, cadence,
+    device and memory."""
+    int_at_least = click.IntRange
+    options = [
+        click.option("--max-steps", type=int_at_least(min=1), help="Optimizer steps planned."),
+        click.option("--max-time", "max_time_s", type=Duration(),
+                     help="Stop after this much training time (90s, 10m, 2h); the lr "
+                          "schedule ends with it."),
+        click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
+                     help="Passes over the training split (sets the steps planned)."),
+        click.option("--batch-size", type=int_at_least(min=1), help="Sequences per micro-step."),
+        click.option("--grad-accum", type=int_at_least(min=1), help="Micro-steps per step."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+                     help="Peak learning rate."),
+        click.option("--seed", type=int_at_least(min=0), help="Seed for weights and data order."),
+        click.option("--checkpoint-every", type=int_at_least(min=0),
+                     help="Steps between checkpoints."),
+        click.option("--eval-every", type=int_at_least(min=0), help="Steps between evaluations."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                     help="auto: bf16/fp16 on CUDA, fp32 on CPU."),
+        click.option("--compile/--no-compile", "compile", default=None,
+                     help="torch.compile the model (optional)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+                     help="auto: CUDA, then MPS, then CPU."),
+        click.option("--activation-checkpointing", is_flag=True, default=None,
+                     help="Recompute activations to fit a larger model in less memory."),
+        click.option("--max-memory", type=ByteSize(), help="Refuse plans above this (e.g. 4G)."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+                     help="Share of documents (or conversations) held out for validation."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @click.command(cls=FragmentCommand)
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False),
               default=DEFAULT_PROCESSED, show_default=True, help="Processed folder.")
@@ -124,27 +161,7 @@ def _flag_name(param: click.Option, value: FlagValue) -> str:
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]),
               help="Model + training preset [small]; see docs/model.md.")
 @config_option
-@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps planned.")
-@click.option("--max-time", "max_time_s", type=Duration(),
-              help="Stop after this much training time (90s, 10m, 2h); the lr schedule "
-                   "ends with it.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-step.")
-@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-steps per step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
-@click.option("--seed", type=click.IntRange(min=0), help="Seed for weights and data order.")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints.")
-@click.option("--eval-every", type=click.IntRange(min=0), help="Steps between evaluations.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="auto: bf16/fp16 on CUDA, fp32 on CPU.")
-@click.option("--compile/--no-compile", "compile", default=None,
-              help="torch.compile the model (optional).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-              help="auto: CUDA, then MPS, then CPU.")
-@click.option("--activation-checkpointing", is_flag=True, default=None,
-              help="Recompute activations to fit a larger model in less memory.")
-@click.option("--max-memory", type=ByteSize(), help="Refuse plans above this (e.g. 4G).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
-              help="Documents held out for validation.")
+@training_options
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its latest valid checkpoint, with the "
                    "settings it recorded.")

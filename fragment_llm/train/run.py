@@ -234,6 +234,8 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
     recipe.check(model_config, tokenizer)
     shards = prepare_shards(recipe, env, tokenizer.vocab_size, on_event, device)
     _check_shard_chain(request, tokenizer, shards, resume_from)
+    if request.train.epochs is not None and resume_from is None:
+        request = _steps_for_epochs(request, shards, model_config, env)
     torch.manual_seed(request.train.seed)  # the initial weights are part of the run
     model = recipe.build_model(model_config, device)
     plan = plan_memory(model_config, request.train, precision, device.type,
@@ -265,6 +267,17 @@ def _carried_provenance(resume_from: Checkpoint | None) -> dict[str, str]:
         return {}
     return {key: value for key, value in resume_from.provenance.document().items()
             if key.startswith("base_") and isinstance(value, str)}
+
+
+def _steps_for_epochs(request: TrainRequest, shards: TokenShards, model_config: ModelConfig,
+                      env: DistEnv) -> TrainRequest:
+    """`epochs` passes over the training blocks, as optimizer steps (at least one); the
+    run records the steps, so a resume needs no shards to know its budget."""
+    cfg = request.train
+    blocks = shards.train.num_blocks(model_config.block_size)
+    per_step = cfg.batch_size * cfg.grad_accum * env.world
+    steps = max(1, math.ceil(float(cfg.epochs or 0) * blocks / per_step))
+    return dataclasses.replace(request, train=cfg.model_copy(update={"max_steps": steps}))
 
 
 def _open_run_folder(out: Path, stack: contextlib.ExitStack) -> None:

@@ -1,0 +1,164 @@
+"""A fine-tuning run: a base checkpoint, conversations, and `run_training`.
+
+`FineTuning` is the run's recipe (train/recipe.py): conversation shards with a loss
+mask (finetune/shards.py), the base's weights, and for LoRA/DoRA the adapters
+(finetune/adapters.py) as the only trainable parameters, saved as adapter step folders
+(finetune/artifact.py). Everything else is `fragment train`'s own loop: accumulation,
+AMP, DDP, evaluation, metrics.jsonl, checkpoints, signals, exact resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fragment_llm.checkpoint.load import Checkpoint, latest_valid_checkpoint, open_checkpoint
+from fragment_llm.checkpoint.provenance import checked_tokenizer
+from fragment_llm.checkpoint.save import AdapterWeights
+from fragment_llm.checkpoint.trained import checkpoint_model_config
+from fragment_llm.config import (
+    SPECIAL_TOKENS_CHAT_FORMAT,
+    FinetuneConfig,
+    GivenSettings,
+    TrainConfig,
+)
+from fragment_llm.errors import CheckpointError, ConfigError
+from fragment_llm.events import EventFn, NoteEvent, ProgressFn
+from fragment_llm.finetune.adapters import AdapterSpec, attach_adapters, load_adapter_tensors
+from fragment_llm.finetune.artifact import (
+    adapter_of,
+    adapter_record,
+    adapter_weights,
+    check_adapter_base,
+    check_adapter_tensors,
+)
+from fragment_llm.finetune.conversations import ConversationLimits, read_conversations
+from fragment_llm.finetune.shards import build_conversation_shards
+from fragment_llm.model.gpt import GPT
+from fragment_llm.train.recipe import starting_weights_check
+from fragment_llm.train.run import TrainRequest, TrainSummary, run_training
+
+if TYPE_CHECKING:
+    from fragment_llm.config import ModelConfig
+    from fragment_llm.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """Everything `fragment finetune` needs, validated by the config layer. `base` may be
+    None on `resume`: the run's recorded base is used (and verified)."""
+
+    base: Path | None
+    data: Path
+    out: Path
+    finetune: FinetuneConfig
+    train: TrainConfig
+    resume: bool = False
+    tokens_dir: Path | None = None  # default: OUT/tokens
+    given: GivenSettings | None = None
+    limits: ConversationLimits = field(default_factory=ConversationLimits)
+
+
+@dataclass
+class FineTuning:
+    """The recipe: conversations, the base's weights, and optionally an adapter."""
+
+    base: Checkpoint
+    data: Path
+    tokens_root: Path
+    val_fraction: float
+    tokenizer: Tokenizer
+    spec: AdapterSpec | None
+    limits: ConversationLimits
+    on_event: EventFn
+    chat_format: str = field(default=SPECIAL_TOKENS_CHAT_FORMAT, init=False)
+
+    def check(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+        starting_weights_check(self.base, model_config, tokenizer, "--base")
+
+    def build_shards(self, progress: ProgressFn) -> Path:
+        found = read_conversations(self.data, self.limits, lambda _phase, done, total:
+                                   progress("reading conversations", done, total))
+        refused = ", ".join(f"{reason} {count:,}" for reason, count in
+                            sorted(found.refused_counts.items()))
+        self.on_event(NoteEvent(f"{len(found.conversations):,} conversations from "
+                                f"{len(found.sources):,} files"
+                                + (f"; refused: {refused}" if refused else "")))
+        return build_conversation_shards(found, self.tokenizer, self.tokens_root,
+                                         self.val_fraction, progress)
+
+    def build_model(self, config: ModelConfig, device: torch.device) -> GPT:
+        model = GPT(config).to(device)
+        self.base.load_model_into(model)
+        if self.spec is not None:  # seeded by the caller: the same A for the same --seed
+            attach_adapters(model, self.spec)
+        return model
+
+    def trainable_parameters(self, model: GPT) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def restore(self, model: GPT, checkpoint: Checkpoint) -> None:
+        if self.spec is None:
+            checkpoint.load_model_into(model)
+            return
+        if not checkpoint.is_adapter:
+            raise CheckpointError(f"{checkpoint.path} holds a whole model, this run trains "
+                                  f"an adapter", hint="resume with the run's own --method")
+        saved = adapter_of(checkpoint)
+        check_adapter_base(saved, self.base)
+        check_adapter_tensors(saved, checkpoint_model_config(self.base))
+        load_adapter_tensors(model, checkpoint.read_weights())
+
+    def provenance(self) -> dict[str, str]:
+        return {"base_manifest_sha256": self.base.manifest_sha256}
+
+    def adapter_weights(self, model: GPT) -> AdapterWeights | None:
+        if self.spec is None:
+            return None
+        return adapter_weights(model, adapter_record(self.spec, self.base))
+
+
+def adapter_spec(config: FinetuneConfig) -> AdapterSpec | None:
+    if config.method == "full":
+        return None
+    return AdapterSpec(method=config.method, rank=config.rank, alpha=config.alpha,
+                       dropout=config.dropout, targets=tuple(config.targets),
+                       rslora=config.rslora)
+
+
+def run_finetune(request: FinetuneRequest, on_event: EventFn,
+                 dry_run: bool = False) -> TrainSummary:
+    """Fine-tune `request.base` on the conversations in `request.data`."""
+    base = open_checkpoint(_base_path(request))
+    if base.is_adapter:
+        raise CheckpointError(f"--base {base.path} is an adapter",
+                              hint="merge it first (`fragment merge`), or fine-tune its base")
+    tokenizer = checked_tokenizer(base)
+    model_config = checkpoint_model_config(base)
+    recipe = FineTuning(base, request.data, request.tokens_dir or request.out / "tokens",
+                        request.train.val_fraction, tokenizer, adapter_spec(request.finetune),
+                        request.limits, on_event)
+    train = TrainRequest(data=request.data, tokenizer=base.tokenizer_path, out=request.out,
+                         model=model_config, train=request.train, resume=request.resume,
+                         tokens_dir=request.tokens_dir, given=request.given, recipe=recipe)
+    return run_training(train, on_event, dry_run=dry_run)
+
+
+def _base_path(request: FinetuneRequest) -> Path:
+    """--base, or on --resume without it, the base the run's newest step recorded."""
+    if request.base is not None:
+        return request.base
+    if not request.resume:
+        raise ConfigError("--base is required", hint="pass the pretrained checkpoint to tune, "
+                                                     "e.g. --base checkpoints")
+    latest, _damaged = latest_valid_checkpoint(request.out)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint in {request.out} to resume",
+                              hint="start the run with --base")
+    if latest.is_adapter:
+        return adapter_of(latest).base_path
+    raise ConfigError(f"--resume of a full fine-tuning run needs --base, in {request.out}",
+                      hint="pass the checkpoint it started from (its steps record its hash)")
