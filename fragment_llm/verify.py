@@ -57,7 +57,7 @@ from fragment_llm.checkpoint.provenance import (
     short,
 )
 from fragment_llm.checkpoint.trained import check_weights_layout, checkpoint_model_config
-from fragment_llm.config import ModelConfig
+from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ModelConfig
 from fragment_llm.data.processed import InputFile, ProcessedCorpus
 from fragment_llm.data.shards import TokenShards
 from fragment_llm.errors import (
@@ -69,6 +69,8 @@ from fragment_llm.errors import (
     ProcessedDataError,
     TokenizerError,
 )
+from fragment_llm.finetune.artifact import adapter_layout, base_step, recorded_base
+from fragment_llm.finetune.shards import report_check
 from fragment_llm.model.size import check_inference_memory, default_memory_limit
 from fragment_llm.safety.files import parse_json_guarded, read_capped, sha256_bytes, sha256_file
 from fragment_llm.tokenizer.tokenizer import Tokenizer
@@ -92,11 +94,12 @@ class Upstream:
     processed: Path | None = None
     tokenizer: Path | None = None
     tokens: Path | None = None  # a shard folder, or the `tokens/` folder holding them
+    base: Path | None = None  # the checkpoint a fine-tuning run started from
 
 
 # How to point verify at each kind of upstream artifact it did not find.
 _POINT_AT = {Kind.PROCESSED: "--processed DIR", Kind.TOKENIZER: "--tokenizer FILE",
-             Kind.TOKENS: "--tokens DIR"}
+             Kind.TOKENS: "--tokens DIR", Kind.CHECKPOINT: "--base DIR"}
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,9 @@ class _Verifier:
             self.add(Kind.TOKENS, art, "vocabulary", Status.FAILED,
                      f"shards were built for vocab {manifest.vocab_size} / eot "
                      f"{manifest.eot_id}, the tokenizer has {tok.vocab_size} / {tok.eot_id}")
+        if manifest.masked:  # conversations: their read report, not a processed folder
+            self.checks.append(report_check(shards))
+            return shards
         corpus = self.chain(Kind.TOKENS, art, "processed", manifest.processed_manifest_sha256,
                             self.hints.processed or data / "processed", Kind.PROCESSED,
                             self.processed, lambda c: c.manifest_sha256)
@@ -404,8 +410,9 @@ class _Verifier:
         config = self.attempt(Kind.CHECKPOINT, art, "model config",
                               lambda: _model_config(ckpt))
         if config is not None:
+            layout = adapter_layout if ckpt.is_adapter else check_weights_layout
             self.attempt(Kind.CHECKPOINT, art, "weights layout",
-                         lambda: (None, check_weights_layout(ckpt, config)))
+                         lambda: (None, layout(ckpt, config)))
             self.attempt(Kind.CHECKPOINT, art, "memory plan",
                          lambda: (None, _check_memory(ckpt, config)))
         self.attempt(Kind.CHECKPOINT, art, "trainer state", lambda: (None, _check_state(ckpt)))
@@ -421,14 +428,25 @@ class _Verifier:
 
     def _checkpoint_upstream(self, art: str, ckpt: Checkpoint) -> None:
         recorded, data = ckpt.provenance, ckpt.path.parent.parent / "data"
+        base = recorded.document().get("base_manifest_sha256")
+        if isinstance(base, str):  # fine-tuned or --init-from: the weights it started from
+            where = self.hints.base or recorded_base(ckpt)
+            self.chain(Kind.CHECKPOINT, art, "base checkpoint", base,
+                       where and base_step(where, base), Kind.CHECKPOINT,
+                       self.checkpoint, lambda c: c.manifest_sha256)
         self.chain(Kind.CHECKPOINT, art, "tokenizer", recorded.tokenizer_sha256,
                    self.hints.tokenizer or data / "tokenizer.json", Kind.TOKENIZER,
                    self.tokenizer, lambda t: t.sha256)
         # The shard folder the run trained on is named by the cache key of the hashes
-        # the checkpoint records and the run's val_fraction.
-        self.chain(Kind.CHECKPOINT, art, "token shards", recorded.tokens_manifest_sha256,
-                   recorded_tokens_folder(self.hints.tokens or data / "tokens", ckpt),
-                   Kind.TOKENS, self.tokens, lambda s: s.manifest_sha256)
+        # the checkpoint records and the run's val_fraction; fine-tuning keeps its own.
+        beside = ckpt.path.parent / "tokens"
+        tokens = self.hints.tokens or (beside if beside.is_dir() else data / "tokens")
+        shards = self.chain(Kind.CHECKPOINT, art, "token shards",
+                            recorded.tokens_manifest_sha256, recorded_tokens_folder(tokens, ckpt),
+                            Kind.TOKENS, self.tokens, lambda s: s.manifest_sha256)
+        if (shards.manifest.masked if shards is not None
+                else ckpt.config.chat_format == SPECIAL_TOKENS_CHAT_FORMAT):
+            return  # conversations: the shards' own report is the end of the chain
         self.chain(Kind.CHECKPOINT, art, "processed", recorded.processed_manifest_sha256,
                    self.hints.processed or data / "processed", Kind.PROCESSED,
                    self.processed, lambda c: c.manifest_sha256)

@@ -37,6 +37,7 @@ from fragment_llm.cli.common import (
 from fragment_llm.cli.evaluate import evaluate
 from fragment_llm.cli.finetune import finetune
 from fragment_llm.cli.generate import generate
+from fragment_llm.cli.merge import merge
 from fragment_llm.cli.preprocess import preprocess
 from fragment_llm.cli.tokenizer import export_tokenizer_command, train_tokenizer_command
 from fragment_llm.cli.train import train
@@ -134,7 +135,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 # The verbs, each in its own module; `fragment --help` lists them alphabetically.
 for command in (preprocess, train_tokenizer_command, export_tokenizer_command, train, finetune,
-                evaluate, verify, generate, chat):
+                merge, evaluate, verify, generate, chat):
     cli.add_command(command)
 
 

@@ -16,6 +16,7 @@ from fragment_llm.cli.common import (
     FragmentCommand,
     checkpoint_option,
     config_option,
+    model_paths,
     report_internal_error,
     sampling_options,
     show,
@@ -146,8 +147,8 @@ CHAT_HINT = "/help lists the commands; Ctrl-D leaves, Ctrl-C stops an answer"
 @sampling_options
 @click.option("--system", help="System prompt (what the assistant should be).")
 @config_option
-def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
-         **flags: FlagValue) -> int:
+def chat(checkpoint_path: Path | None, adapter_path: Path | None, system: str | None,
+         config_path: Path | None, **flags: FlagValue) -> int:
     """Talk to a trained model: an interactive REPL with streamed answers.
 
     \b
@@ -164,19 +165,22 @@ def chat(checkpoint_path: Path, system: str | None, config_path: Path | None,
       fragment chat                                      # checkpoints/, latest step
       fragment chat --temperature 0.5 --system "You are terse."
       printf 'hello\\nhow are you?\\n' | fragment chat -q
+      fragment chat --adapter checkpoints-chat           # a base + its chat adapter
+      fragment chat --checkpoint checkpoints-merged      # a tuned or merged model
     """
-    from fragment_llm.checkpoint.trained import load_trained
     from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ChatConfig, load_stage_config
+    from fragment_llm.finetune.artifact import load_tuned
     from fragment_llm.inference.chat import ChatSession, banner_rows, enable_line_editing, run_repl
 
     settings = load_stage_config(ChatConfig, "chat", config_path, {**flags, "system": system})
     use_threads(settings.threads)
-    trained = load_trained(checkpoint_path)
+    trained = load_tuned(model_paths(checkpoint_path, adapter_path), adapter_path)
     terminal = ChatTerminal.for_this_process()
-    session = ChatSession(trained.model, trained.tokenizer, settings,
-                          trained.checkpoint.config.chat_format, confirm=terminal.confirm)
-    show(summary_table("fragment chat", banner_rows(trained)))
+    session = ChatSession(trained.model, trained.tokenizer, settings, trained.chat_format,
+                          confirm=terminal.confirm)
+    adapter = trained.adapter.checkpoint.path if trained.adapter is not None else None
+    show(summary_table("fragment chat", banner_rows(trained, trained.chat_format, adapter)))
     # readline only for a terminal: a pipe is read line by line, with no editing
     save_history = (enable_line_editing(settings.history) if terminal.interactive
                     else (lambda: None))

@@ -120,10 +120,23 @@ def _none_if_empty(ctx: click.Context, param: click.Parameter, value: tuple) -> 
 
 
 def checkpoint_option(func: Decorated) -> Decorated:
+    """--checkpoint and --adapter: a model, and optionally a LoRA/DoRA adapter on it."""
+    func = click.option(
+        "--adapter", "adapter_path", type=click.Path(path_type=Path),
+        help="A fine-tuning run's adapter (its folder or one step folder), applied to "
+             "--checkpoint, by default the base it was trained on.")(func)
     return click.option(
         "--checkpoint", "checkpoint_path", type=click.Path(path_type=Path),
-        default=DEFAULT_CHECKPOINTS, show_default=True,
-        help="A run folder (its latest valid checkpoint) or one step folder.")(func)
+        help=f"A run folder (its latest valid checkpoint) or one step folder "
+             f"[{DEFAULT_CHECKPOINTS}, or the adapter's base].")(func)
+
+
+def model_paths(checkpoint: Path | None, adapter: Path | None) -> Path | None:
+    """The checkpoint to load: the one given, else none when an adapter names its base,
+    else the default run folder."""
+    if checkpoint is not None or adapter is not None:
+        return checkpoint
+    return DEFAULT_CHECKPOINTS
 
 
 def use_threads(count: int) -> None:

@@ -14,7 +14,13 @@ from fragment_llm.cli.common import (
 
 
 @click.command(cls=FragmentCommand)
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.option("--adapter", "adapter_path", type=click.Path(path_type=Path),
+              help="Verify this adapter (run or step folder) against PATH as its base "
+                   "[the base it recorded].")
+@click.option("--base", type=click.Path(path_type=Path),
+              help="The checkpoint a fine-tuned or --init-from run started from "
+                   "[an adapter's recorded base].")
 @click.option("--processed", type=click.Path(path_type=Path, file_okay=False),
               help="Processed folder to follow the chain to [the data folder's processed/].")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -26,8 +32,9 @@ from fragment_llm.cli.common import (
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"path", "kind", "ok", "complete", "note", "latest_valid", '
                    '"checks": [...]} as JSON.')
-def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
-           tokens: Path | None, strict: bool, as_json: bool) -> None:
+def verify(path: Path | None, adapter_path: Path | None, base: Path | None,
+           processed: Path | None, tokenizer_path: Path | None, tokens: Path | None,
+           strict: bool, as_json: bool) -> None:
     """Check an artifact and the chain of hashes back to its inputs; exit 0 only if all holds.
 
     \b
@@ -43,6 +50,10 @@ def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
                                  and config against the recorded provenance, then the
                                  tokenizer, token shards and processed folder it names
       checkpoints                every step folder, and which one is the latest valid
+      checkpoints-chat           a fine-tuning run: the same, plus each adapter's
+                                 tensors against the base's config, the base it was
+                                 trained on (by its manifest's sha256) and the
+                                 conversations report its token shards record
     Upstream artifacts are looked for next to PATH (processed/, tokenizer.json and
     tokens/ in one data folder; data/ next to a run folder) or where the options say.
     An absent one is "not present" and the summary says the chain was not verified
@@ -55,12 +66,17 @@ def verify(path: Path, processed: Path | None, tokenizer_path: Path | None,
       fragment verify data/tokenizer.json --processed other/processed
       fragment verify checkpoints --strict         # exit 1 unless every link was followed
       fragment verify checkpoints/step-0000200 --json
+      fragment verify checkpoints --adapter checkpoints-chat   # adapter and its base
     """
     from fragment_llm.cli.display import listing_table
     from fragment_llm.verify import Upstream, describe
     from fragment_llm.verify import verify as run_verify
 
-    report = run_verify(path, Upstream(processed, tokenizer_path, tokens))
+    if path is None and adapter_path is None:
+        raise click.UsageError("give the PATH to verify (or --adapter DIR)")
+    if adapter_path is not None:  # the adapter, with PATH (if any) as its base
+        path, base = adapter_path, base or path
+    report = run_verify(path, Upstream(processed, tokenizer_path, tokens, base))
     if as_json:
         click.echo(json.dumps(report.as_json()))
     else:

@@ -12,7 +12,9 @@ named by the sha256 of that base's manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,7 +22,14 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from fragment_llm.checkpoint.layout import ADAPTER_CONFIG_FILE, ADAPTER_FORMAT
+from fragment_llm.checkpoint.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FORMAT,
+    MANIFEST_FILE,
+    MANIFEST_MAX_BYTES,
+    STEP_NAME,
+    list_checkpoints,
+)
 from fragment_llm.checkpoint.load import Checkpoint, open_checkpoint
 from fragment_llm.checkpoint.records import model_config_sha256
 from fragment_llm.checkpoint.save import AdapterWeights
@@ -36,6 +45,7 @@ from fragment_llm.finetune.adapters import (
     expected_adapter_shapes,
     load_adapter_tensors,
 )
+from fragment_llm.safety.files import sha256_bytes
 from fragment_llm.safety.text import escape_for_display
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -152,6 +162,40 @@ def check_adapter_tensors(adapter: Adapter, config: ModelConfig) -> None:
         raise CheckpointError(f"adapter tensor {bad[0]} is not float32, in {where}")
 
 
+def base_step(path: Path, manifest_sha256: str) -> Path:
+    """A base given as a run folder means its step the adapter was trained on (found by
+    its manifest's sha256), not its newest one; a step folder is itself. When no step
+    matches, `path`: loading it then refuses it, naming both hashes."""
+    if STEP_NAME.fullmatch(path.name) or os.path.lexists(path / MANIFEST_FILE):
+        return path
+    for step in reversed(list_checkpoints(path) if path.is_dir() else []):
+        with contextlib.suppress(OSError):
+            manifest = step / MANIFEST_FILE
+            if not manifest.is_symlink() and manifest.stat().st_size <= MANIFEST_MAX_BYTES \
+                    and sha256_bytes(manifest.read_bytes()) == manifest_sha256:
+                return step
+    return path
+
+
+def adapter_layout(checkpoint: Checkpoint, config: ModelConfig) -> str:
+    """`fragment verify`'s weights check for an adapter step folder: its config's rules,
+    and its tensors against the base's model config."""
+    adapter = adapter_of(checkpoint)
+    check_adapter_tensors(adapter, config)
+    record = adapter.record
+    return (f"{record.method} rank {record.rank} on {', '.join(record.targets)}: "
+            f"{len(checkpoint.model_header.tensors)} tensors fit the base's model config")
+
+
+def recorded_base(checkpoint: Checkpoint) -> Path | None:
+    """Where the base of an adapter step folder was (None: not an adapter, or its config
+    is refused, which its own checks report)."""
+    try:
+        return adapter_of(checkpoint).base_path if checkpoint.is_adapter else None
+    except CheckpointError:
+        return None
+
+
 def apply_adapter(model: torch.nn.Module, adapter: Adapter, config: ModelConfig) -> None:
     """Attach the adapter's layers to `model` (the base, loaded) and load its tensors."""
     check_adapter_tensors(adapter, config)
@@ -185,7 +229,8 @@ def load_tuned(checkpoint: Path | None, adapter_path: Path | None,
             raise CheckpointError("no checkpoint given")
         return Tuned(**_fields(load_trained(checkpoint, device, evaluating)))
     adapter = load_adapter(adapter_path)
-    base = checkpoint if checkpoint is not None else adapter.base_path
+    base = base_step(checkpoint if checkpoint is not None else adapter.base_path,
+                     adapter.record.base_manifest_sha256)
     trained = load_trained(base, device, evaluating)
     check_adapter_base(adapter, trained.checkpoint)
     apply_adapter(trained.model, adapter, checkpoint_model_config(trained.checkpoint))

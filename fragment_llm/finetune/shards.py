@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fragment_llm import __version__
+from fragment_llm.checkpoint.provenance import Check, Kind, Status, link
 from fragment_llm.data.shards import (
     DEFAULT_SHARD_TOKENS,
     MANIFEST,
@@ -40,6 +41,7 @@ from fragment_llm.safety.files import (
     atomic_write_bytes,
     dump_json,
     make_dirs,
+    read_capped,
     refuse_oversized,
     sha256_bytes,
     staged_dir,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 REPORT_FILE = "conversations.json"
+MAX_REPORT_BYTES = 64 << 20
 
 
 def report_bytes(found: ConversationSet) -> bytes:
@@ -120,3 +123,16 @@ def validation_set(hashes: tuple[str, ...], val_fraction: float) -> set[str]:
     if not chosen and val_fraction > 0 and len(hashes) >= 2:
         chosen = {min(hashes)}
     return chosen
+
+
+def report_check(shards: TokenShards) -> Check:
+    """Conversation shards record their read report's sha256 where document shards
+    record the processed folder's: the report beside them must still hash to it."""
+    path, recorded = shards.folder / REPORT_FILE, shards.manifest.processed_manifest_sha256
+    try:
+        actual = sha256_bytes(read_capped(path, MAX_REPORT_BYTES, DatasetError))
+    except DatasetError as exc:
+        return Check(Kind.TOKENS, str(shards.folder), "conversations report", Status.FAILED,
+                     exc.message)
+    return link(Kind.TOKENS, str(shards.folder), "conversations report", recorded, actual,
+                str(path))

@@ -421,14 +421,17 @@ def _safe_history_path(path: Path) -> bool:
         return False
 
 
-def banner_rows(trained: Trained) -> list[tuple[str, object]]:
+def banner_rows(trained: Trained, chat_format: str | None,
+                adapter: Path | None = None) -> list[tuple[str, object]]:
     """The chat banner: what model this is and how good it was at training's end."""
     model = trained.model
     bpb = trained.val_bpb
-    return [("checkpoint", trained.checkpoint.path),
-            ("parameters", f"{count_parameters(model):,}"),
-            ("training steps", f"{trained.step:,}"),
-            ("val bits/byte", "-" if bpb is None else f"{bpb:.4f}"),
-            ("device", str(trained.device)),
-            ("context window", f"{model.config.block_size} tokens"),
-            ("format", template_for(trained.checkpoint.config.chat_format).title)]
+    rows: list[tuple[str, object]] = [("checkpoint", trained.checkpoint.path)]
+    if adapter is not None:
+        rows.append(("adapter", adapter))
+    return rows + [("parameters", f"{count_parameters(model):,}"),
+                   ("training steps", f"{trained.step:,}"),
+                   ("val bits/byte", "-" if bpb is None else f"{bpb:.4f}"),
+                   ("device", str(trained.device)),
+                   ("context window", f"{model.config.block_size} tokens"),
+                   ("format", template_for(chat_format).title)]

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT
 from fragment_llm.errors import PromptError
 from fragment_llm.inference.engine import Engine, GenerationStats
 from fragment_llm.safety.files import read_capped
 from fragment_llm.safety.text import OutputSanitizer, sanitize_prompt
+from fragment_llm.tokenizer.chat_template import Conversation, Turn, render_prompt, template_for
 
 if TYPE_CHECKING:
     from fragment_llm.config import GenerateConfig
@@ -172,15 +174,23 @@ class Completion:
 
 
 def complete(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerateConfig,
-             on_text: Callable[[str], None] | None = None) -> Completion:
+             on_text: Callable[[str], None] | None = None,
+             chat_format: str | None = None) -> Completion:
     """Continue `prompt` as a document would (after `<|endoftext|>`), up to a special
     token, a stop string or a limit; `on_text` hears each safe piece as it is generated.
-    PromptError for an empty or over-long prompt."""
+    For a model tuned to chat (`chat_format` "special_tokens"), the prompt is a user's
+    message and the completion the answer, ended by `<|end|>`, rendered as chat
+    renders a first turn. PromptError for an empty or over-long prompt."""
     clean = check_prompt(prompt, settings, tokenizer)
     if not clean.strip():
         raise PromptError("the prompt is empty (after removing control characters)",
                           hint="pass some text with --prompt, --prompt-file or --prompt -")
-    ids = [tokenizer.eot_id, *tokenizer.encode(clean)]
+    if chat_format == SPECIAL_TOKENS_CHAT_FORMAT:
+        question = Conversation(turns=[Turn("user", clean)])
+        ids = render_prompt(question, template_for(chat_format), tokenizer,
+                            budget=settings.max_prompt_tokens + 8)
+    else:
+        ids = [tokenizer.eot_id, *tokenizer.encode(clean)]
     run = Engine(model).generate(ids, settings, stop_ids=special_ids(tokenizer))
     pieces = list(stream_text(run, TextStream(tokenizer, settings.stop), on_text))
     return Completion("".join(pieces), run.stats)
