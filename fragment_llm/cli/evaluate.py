@@ -56,7 +56,7 @@ def evaluate(checkpoint_path: Path | None, adapter_path: Path | None, tokens: Pa
       fragment eval                                  # checkpoints/, held-out split
       fragment eval --data other/processed --json    # another folder's documents
       fragment eval --adapter checkpoints-chat       # tuned vs base, held-out chats
-      fragment eval --checkpoint merged --tokens checkpoints-chat/tokens --baseline checkpoints
+      fragment eval --checkpoint checkpoints-merged --tokens checkpoints-chat/tokens
     """
     from fragment_llm.cli.display import progress_bars, summary_table
     from fragment_llm.evaluate import EvalRequest, evaluate_documents, evaluate_held_out

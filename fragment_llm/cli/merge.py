@@ -32,7 +32,7 @@ def merge(adapter_path: Path, base: Path | None, out: Path, as_json: bool) -> No
     \b
     Examples:
       fragment merge --adapter checkpoints-chat --out checkpoints-merged
-      fragment merge --adapter checkpoints-chat/step-0000300 --base checkpoints --out m
+      fragment merge --adapter checkpoints-chat --base checkpoints --out merged
       fragment chat --checkpoint checkpoints-merged
     """
     from fragment_llm.cli.display import summary_table

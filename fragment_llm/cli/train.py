@@ -197,7 +197,7 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
       fragment train --max-time 10m                # small preset, ten minutes
       fragment train --resume                      # continue checkpoints/
       fragment train --preset base --dry-run       # memory and speed plan only
-      fragment train --init-from checkpoints --data more/processed --out runs/more
+      fragment train --init-from checkpoints --data other/processed --out runs/more
     """
     from fragment_llm.cli.display import TrainDisplay
     from fragment_llm.train.run import TrainRequest, run_training

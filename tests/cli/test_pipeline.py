@@ -74,7 +74,22 @@ def workspace(tmp_path_factory) -> Path:
                 for i in range(5)))
     (root / "start.txt").write_text("To be, or not to be")
     shutil.copytree(root / "data" / "processed", root / "other" / "processed")
+    write_conversations(root / "data" / "conversations")
+    with contextlib.chdir(root):
+        ok(fragment("-q", "finetune", "--base", "checkpoints", "--max-steps", "10",
+                    "--batch-size", "2", "--checkpoint-every", "5", "--eval-every", "5"))
+        ok(fragment("-q", "merge", "--adapter", "checkpoints-chat", "--out",
+                    "checkpoints-merged"))
     return root
+
+
+def write_conversations(folder: Path, count: int = 60) -> None:
+    """The first conversations of the bundled hand-written set: what the finetune
+    examples read from data/conversations."""
+    folder.mkdir(parents=True)
+    lines = (REPO / "data" / "conversations" / "fragment.jsonl").read_text(
+        encoding="utf-8").splitlines(keepends=True)
+    (folder / "chats.jsonl").write_text("".join(lines[:count]), encoding="utf-8")
 
 
 @pytest.fixture
@@ -118,14 +133,21 @@ LONG = {
     "fragment train --resume": "continues checkpoints/ to the end of its run",
     "fragment train --preset base --dry-run": "its probe times 3 steps of the 40M-parameter "
                                               "model: about 5 minutes on 2 cores",
+    "fragment finetune --base checkpoints --data data/conversations": "300 steps",
+    "fragment finetune --base checkpoints --method dora --rank 8 --max-time 10m":
+        "ten minutes by design",
+    "fragment finetune --base checkpoints --method full --out checkpoints-full": "300 steps",
 }
-NEVER_EXACT = {"fragment train --max-time 10m"}
+NEVER_EXACT = {"fragment train --max-time 10m",
+               "fragment finetune --base checkpoints --method dora --rank 8 --max-time 10m"}
 
 # What a verb writes by default, removed before its examples run: each example runs at
 # the point in the pipeline where a user types it (`--resume` continues what exists).
 NOT_YET_WRITTEN = {"preprocess": ["data/processed"],
                    "train-tokenizer": ["data/tokenizer.json"],
-                   "train": ["checkpoints"]}
+                   "train": ["checkpoints"],
+                   "finetune": ["checkpoints-chat", "checkpoints-full"],
+                   "merge": ["checkpoints-merged", "merged"]}
 
 
 def without_comment(line: str) -> str:
@@ -134,11 +156,11 @@ def without_comment(line: str) -> str:
 
 def prepare(folder: Path, line: str) -> None:
     verb = shlex.split(line, comments=True)[1]
-    if "--resume" in line:
+    if "--resume" in line or "--init-from" in line:  # they read what the verb wrote
         return
     for relative in NOT_YET_WRITTEN.get(verb, []):
         path = folder / relative
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def run_example(line: str, folder: Path) -> tuple[int, str]:
