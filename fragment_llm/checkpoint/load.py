@@ -26,6 +26,7 @@ from fragment_llm.checkpoint.layout import (
     ABSENT,
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
+    ADAPTER_FORMAT,
     ADAPTER_REQUIRED_FILES,
     CONFIG_FILE,
     CONFIG_MAX_BYTES,
@@ -285,11 +286,16 @@ class Checkpoint:
     def has_optimizer(self) -> bool:
         return self.optimizer_header is not None
 
-    def load_model_into(self, model: torch.nn.Module) -> None:
-        """Copy the weights into `model` (same names, shapes, dtypes and tying, or refused)."""
+    def require_model(self) -> None:
+        """Refuse an adapter's step folder where a whole model is needed, before its
+        config is used to plan or build one."""
         if self.is_adapter:
             raise CheckpointError(f"{self.path} holds an adapter, not a model",
                                   hint="pass the base checkpoint, and this folder as --adapter")
+
+    def load_model_into(self, model: torch.nn.Module) -> None:
+        """Copy the weights into `model` (same names, shapes, dtypes and tying, or refused)."""
+        self.require_model()
         target = _unwrap(model).state_dict()
         _check_model_layout(self.model_header, self.model_aliases, target,
                             self.path / MODEL_FILE)
@@ -398,7 +404,8 @@ def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
                                    files[TRAINER_STATE_FILE], TRAINER_STATE_MAX_BYTES),
         provenance=Provenance.model_validate(manifest.provenance), files=files,
         model_header=model_header,
-        model_aliases={} if adapter else _parse_aliases(model_header, path / MODEL_FILE),
+        model_aliases=(_adapter_aliases(model_header, path / ADAPTER_FILE) if adapter else
+                       _parse_aliases(model_header, path / MODEL_FILE)),
         optimizer_header=opt_header,
         optimizer_layout=(_parse_optimizer_layout(opt_header, path / OPTIMIZER_FILE)
                           if opt_header is not None else None),
@@ -407,6 +414,15 @@ def _load_verified(path: Path, max_bytes: int) -> Checkpoint:
     if opt_header is not None:  # `train --resume` would step from NaN moments
         _refuse_non_finite_file(path / OPTIMIZER_FILE, opt_header)
     return checkpoint
+
+
+def _adapter_aliases(header: SafetensorsHeader, where: Path) -> dict[str, str]:
+    """adapter.safetensors names its format and nothing else: an adapter's tensors are
+    never tied, so it has no aliases (a renamed model file is refused here)."""
+    if header.metadata != {"format": ADAPTER_FORMAT}:
+        raise CheckpointError(f"adapter __metadata__ must be exactly "
+                              f"format={ADAPTER_FORMAT!r}, in {where}")
+    return {}
 
 
 def _check_model_config_hash(checkpoint: Checkpoint) -> None:

@@ -56,6 +56,7 @@ def load_trained(path: Path, device: torch.device | None = None,
     `generate`/`chat`, or for `eval` (its memory is planned for the run's batch size)."""
     device = device or torch.device("cpu")
     checkpoint = open_checkpoint(path)
+    checkpoint.require_model()
     config = checkpoint_model_config(checkpoint)
     tokenizer = checked_tokenizer(checkpoint)  # the copy and config match the provenance
     if tokenizer.vocab_size != config.vocab_size:
