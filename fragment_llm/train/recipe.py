@@ -52,6 +52,7 @@ def starting_weights_check(start: Checkpoint, model_config: ModelConfig,
     would mean other text."""
     from fragment_llm.checkpoint.trained import checkpoint_model_config
 
+    start.require_model()  # an adapter has no weights to start from
     recorded = checkpoint_model_config(start)
     if recorded != model_config:
         changed = sorted(key for key, value in model_config.model_dump().items()
