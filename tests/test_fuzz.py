@@ -59,6 +59,7 @@ from fragment_llm.checkpoint.tensors import read_safetensors_header
 from fragment_llm.config import (
     STAGE_TABLES,
     ChatConfig,
+    FinetuneConfig,
     GenerateConfig,
     ModelConfig,
     PreprocessConfig,
@@ -746,8 +747,8 @@ def test_preprocess_api_on_one_fuzzed_file(scratch, data):
 # ------------------------------------------------------------------------------ config
 
 STAGE_MODELS = {"preprocess": PreprocessConfig, "tokenizer": TokenizerConfig,
-                "model": ModelConfig, "train": TrainConfig, "generate": GenerateConfig,
-                "chat": ChatConfig}
+                "model": ModelConfig, "train": TrainConfig, "finetune": FinetuneConfig,
+                "generate": GenerateConfig, "chat": ChatConfig}
 assert set(STAGE_MODELS) == set(STAGE_TABLES)
 
 TOML_SCALARS = st.one_of(
