@@ -38,8 +38,11 @@ from fragment_llm.finetune.artifact import (
 from fragment_llm.finetune.conversations import ConversationLimits, read_conversations
 from fragment_llm.finetune.shards import build_conversation_shards
 from fragment_llm.model.gpt import GPT
+from fragment_llm.safety.text import escape_for_display
 from fragment_llm.train.recipe import starting_weights_check
 from fragment_llm.train.run import TrainRequest, TrainSummary, run_training
+
+SHOWN_REFUSALS = 5  # refused records named on screen; conversations.json lists more
 
 if TYPE_CHECKING:
     from fragment_llm.config import ModelConfig
@@ -87,6 +90,10 @@ class FineTuning:
         self.on_event(NoteEvent(f"{len(found.conversations):,} conversations from "
                                 f"{len(found.sources):,} files"
                                 + (f"; refused: {refused}" if refused else "")))
+        for refusal in found.refused[:SHOWN_REFUSALS]:  # the rest: the cache's report
+            where = f"{refusal.source}:{refusal.record}" if refusal.record else refusal.source
+            self.on_event(NoteEvent(escape_for_display(
+                f"  refused {where}: {refusal.reason} ({refusal.detail})", max_chars=200)))
         return build_conversation_shards(found, self.tokenizer, self.tokens_root,
                                          self.val_fraction, progress)
 
