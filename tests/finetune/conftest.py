@@ -4,6 +4,8 @@ conversations, built once per session and handed out read only.
 - `base_checkpoint`: a random `TINY_GPT` (vocab of `chat_tokenizer`, context 64) saved as
   a pretraining step folder, with the provenance a `fragment train` step records
   (tokenizer and model config hashes), so `fragment finetune --base` takes it.
+- `other_base`, `other_tokenizer_base`: a base of the same shape with other weights, and
+  one trained with another tokenizer (same vocabulary size).
 - `conversations_file`: `CONVERSATIONS` short two-turn conversations in the OpenAI
   `messages` format, a few with a system prompt: a train split of some dozens of
   64-token blocks and a validation split of at least one.
@@ -15,12 +17,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fragment_llm.checkpoint.records import model_config_sha256
 from fragment_llm.checkpoint.save import save_checkpoint
-from fragment_llm.config import TokenizerConfig
+from fragment_llm.config import ModelConfig, TokenizerConfig
+from fragment_llm.model.gpt import GPT
 from fragment_llm.tokenizer.tokenizer import Tokenizer
-from tests.helpers import CHAT_VOCAB, tiny_gpt
+from tests.helpers import CHAT_VOCAB, TINY_GPT
 
 CONVERSATIONS = 40
 BASE_BLOCK_SIZE = 64
@@ -35,10 +39,11 @@ def conversation_record(number: int) -> dict[str, object]:
     return {"messages": messages}
 
 
-def save_base(run: Path, tokenizer_file: Path) -> Path:
-    """A tiny random model saved as `fragment train` would save a step: the records'
-    hashes in the provenance. Returns the step folder."""
-    model = tiny_gpt(vocab_size=CHAT_VOCAB, block_size=BASE_BLOCK_SIZE)
+def save_base(run: Path, tokenizer_file: Path, seed: int = 0) -> Path:
+    """A tiny random model (weights from `seed`) saved as `fragment train` would save a
+    step: the records' hashes in the provenance. Returns the step folder."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**TINY_GPT, vocab_size=CHAT_VOCAB, block_size=BASE_BLOCK_SIZE))
     config = model.config.model_dump(mode="json")
     provenance = {"tokenizer_sha256": Tokenizer.load(tokenizer_file).sha256,
                   "model_config_sha256": model_config_sha256(config)}
@@ -51,6 +56,13 @@ def save_base(run: Path, tokenizer_file: Path) -> Path:
 def base_checkpoint(tmp_path_factory, chat_tokenizer) -> Path:
     """The base step folder every fine-tuning test tunes. Read only."""
     return save_base(tmp_path_factory.mktemp("base") / "run", chat_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory, chat_tokenizer) -> Path:
+    """A base like `base_checkpoint` (same config, same tokenizer) with other weights.
+    Read only."""
+    return save_base(tmp_path_factory.mktemp("other-weights") / "run", chat_tokenizer, seed=1)
 
 
 @pytest.fixture(scope="session")
