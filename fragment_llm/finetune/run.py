@@ -40,6 +40,7 @@ from fragment_llm.finetune.shards import build_conversation_shards
 from fragment_llm.model.gpt import GPT
 from fragment_llm.safety.text import escape_for_display
 from fragment_llm.train.recipe import starting_weights_check
+from fragment_llm.train.resume import resumed_settings
 from fragment_llm.train.run import TrainRequest, TrainSummary, run_training
 
 SHOWN_REFUSALS = 5  # refused records named on screen; conversations.json lists more
@@ -109,6 +110,15 @@ class FineTuning:
 
     def restore(self, model: GPT, checkpoint: Checkpoint) -> None:
         if self.spec is None:
+            # The weights come from the checkpoint, but they were tuned from its base:
+            # another --base would be recorded as theirs.
+            recorded = checkpoint.provenance.document().get("base_manifest_sha256")
+            if recorded != self.base.manifest_sha256:
+                raise CheckpointError(
+                    f"{checkpoint.path} was tuned from a base whose manifest hashes to "
+                    f"{str(recorded)[:16]}…, but --base {self.base.path} hashes to "
+                    f"{self.base.manifest_sha256[:16]}…",
+                    hint="resume with the base the run started from, or tune into a new --out")
             checkpoint.load_model_into(model)
             return
         if not checkpoint.is_adapter:
@@ -128,6 +138,11 @@ class FineTuning:
         return adapter_weights(model, adapter_record(self.spec, self.base))
 
 
+# The [finetune] keys an adapter records (adapter_config.json), so a resume can take them.
+ADAPTER_SETTINGS = ("method", "rank", "alpha", "dropout", "targets", "rslora")
+FLAG_NAMES = {"dropout": "lora-dropout"}  # the flags not named after their key
+
+
 def adapter_spec(config: FinetuneConfig) -> AdapterSpec | None:
     if config.method == "full":
         return None
@@ -138,30 +153,51 @@ def adapter_spec(config: FinetuneConfig) -> AdapterSpec | None:
 
 def run_finetune(request: FinetuneRequest, on_event: EventFn,
                  dry_run: bool = False) -> TrainSummary:
-    """Fine-tune `request.base` on the conversations in `request.data`."""
-    base = open_checkpoint(_base_path(request))
+    """Fine-tune `request.base` on the conversations in `request.data`; on --resume, with
+    the adapter and the split the run recorded (the rest is resumed by `run_training`)."""
+    latest = latest_valid_checkpoint(request.out)[0] if request.resume else None
+    base = open_checkpoint(_base_path(request, latest))
     if base.is_adapter:
         raise CheckpointError(f"--base {base.path} is an adapter",
                               hint="merge it first (`fragment merge`), or fine-tune its base")
     tokenizer = checked_tokenizer(base)
     model_config = checkpoint_model_config(base)
+    tuning, val_fraction = request.finetune, request.train.val_fraction
+    if latest is not None:  # the shards and the adapter are built before the resume
+        tuning = _resumed_tuning(tuning, latest)
+        val_fraction = resumed_settings(latest, model_config, request.train,
+                                        request.given).train.val_fraction
     recipe = FineTuning(base, request.data, request.tokens_dir or request.out / "tokens",
-                        request.train.val_fraction, tokenizer, adapter_spec(request.finetune),
-                        request.limits, on_event)
+                        val_fraction, tokenizer, adapter_spec(tuning), request.limits, on_event)
     train = TrainRequest(data=request.data, tokenizer=base.tokenizer_path, out=request.out,
                          model=model_config, train=request.train, resume=request.resume,
                          tokens_dir=request.tokens_dir, given=request.given, recipe=recipe)
     return run_training(train, on_event, dry_run=dry_run)
 
 
-def _base_path(request: FinetuneRequest) -> Path:
+def _resumed_tuning(given: FinetuneConfig, latest: Checkpoint) -> FinetuneConfig:
+    """The [finetune] settings of the run being resumed: its adapter's, or "full" for a
+    whole-model run. A setting given (flag or --config) must agree, as [train]'s do."""
+    recorded: dict[str, object] = {"method": "full"}
+    if latest.is_adapter:
+        recorded = adapter_of(latest).record.model_dump(include=set(ADAPTER_SETTINGS))
+    for key in sorted(given.model_fields_set & recorded.keys()):
+        if getattr(given, key) != recorded[key]:
+            raise ConfigError(f"finetune.{key} is {recorded[key]!r} in the run being resumed "
+                              f"({latest.path}), but {getattr(given, key)!r} is given",
+                              hint=f"a resumed run keeps the adapter it was started with: "
+                                   f"leave out --{FLAG_NAMES.get(key, key)}, or tune into a new "
+                                   f"--out")
+    return given.model_copy(update=recorded)
+
+
+def _base_path(request: FinetuneRequest, latest: Checkpoint | None) -> Path:
     """--base, or on --resume without it, the base the run's newest step recorded."""
     if request.base is not None:
         return request.base
     if not request.resume:
         raise ConfigError("--base is required", hint="pass the pretrained checkpoint to tune, "
                                                      "e.g. --base checkpoints")
-    latest, _damaged = latest_valid_checkpoint(request.out)
     if latest is None:
         raise CheckpointError(f"no checkpoint in {request.out} to resume",
                               hint="start the run with --base")

@@ -517,7 +517,9 @@ class TrainLoop:
             tokens_manifest_sha256=trainer.shards.manifest_sha256,
             processed_manifest_sha256=trainer.shards.manifest.processed_manifest_sha256,
             model_config_sha256=model_config_sha256(config.model),
-            **{**self.carried_provenance, **self.recipe.provenance()})
+            # A resumed fine-tuning run has its base both ways: one set of keys, and the
+            # one it started from wins.
+            **{**self.recipe.provenance(), **self.carried_provenance})
         adapter = self.recipe.adapter_weights(trainer.model)
         path = save_checkpoint(
             self.request.out, trainer.step, model=None if adapter else trainer.model,
