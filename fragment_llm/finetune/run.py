@@ -32,6 +32,7 @@ from fragment_llm.finetune.artifact import (
     adapter_of,
     adapter_record,
     adapter_weights,
+    base_step,
     check_adapter_base,
     check_adapter_tensors,
 )
@@ -156,7 +157,10 @@ def run_finetune(request: FinetuneRequest, on_event: EventFn,
     """Fine-tune `request.base` on the conversations in `request.data`; on --resume, with
     the adapter and the split the run recorded (the rest is resumed by `run_training`)."""
     latest = latest_valid_checkpoint(request.out)[0] if request.resume else None
-    base = open_checkpoint(_base_path(request, latest))
+    where = _base_path(request, latest)
+    if latest is not None and latest.is_adapter:  # a run folder: the step it was tuned on
+        where = base_step(where, adapter_of(latest).record.base_manifest_sha256)
+    base = open_checkpoint(where)
     if base.is_adapter:
         raise CheckpointError(f"--base {base.path} is an adapter",
                               hint="merge it first (`fragment merge`), or fine-tune its base")
