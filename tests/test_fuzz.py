@@ -45,7 +45,6 @@ from torch import nn
 
 from fragment_llm.checkpoint.layout import (
     CONFIG_FILE,
-    KNOWN_FILES,
     MANIFEST_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -406,7 +405,7 @@ def vandalise_checkpoint(draw: st.DrawFn, folder: Path) -> None:
         path = folder / draw(st.sampled_from(TENSOR_FILES))
         path.write_bytes(draw(hostile_safetensors(path.read_bytes())))
     elif edit == "remove":
-        (folder / draw(st.sampled_from(sorted(KNOWN_FILES)))).unlink()
+        (folder / draw(st.sampled_from(sorted(p.name for p in folder.iterdir())))).unlink()
     else:
         name = draw(st.sampled_from(["model.pt", "notes.txt", "extra.json", ".hidden"]))
         (folder / name).write_bytes(b"{}")

@@ -9,6 +9,7 @@ AMP, DDP, evaluation, metrics.jsonl, checkpoints, signals, exact resume.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +28,12 @@ from fragment_llm.config import (
 )
 from fragment_llm.errors import CheckpointError, ConfigError
 from fragment_llm.events import EventFn, NoteEvent, ProgressFn
-from fragment_llm.finetune.adapters import AdapterSpec, attach_adapters, load_adapter_tensors
+from fragment_llm.finetune.adapters import (
+    AdapterSpec,
+    attach_adapters,
+    expected_adapter_shapes,
+    load_adapter_tensors,
+)
 from fragment_llm.finetune.artifact import (
     adapter_of,
     adapter_record,
@@ -39,6 +45,7 @@ from fragment_llm.finetune.artifact import (
 from fragment_llm.finetune.conversations import ConversationLimits, read_conversations
 from fragment_llm.finetune.shards import build_conversation_shards
 from fragment_llm.model.gpt import GPT
+from fragment_llm.model.size import count_parameters
 from fragment_llm.safety.text import escape_for_display
 from fragment_llm.train.recipe import starting_weights_check
 from fragment_llm.train.resume import resumed_settings
@@ -106,8 +113,11 @@ class FineTuning:
             attach_adapters(model, self.spec)
         return model
 
-    def trainable_parameters(self, model: GPT) -> int:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def trainable_parameters(self, config: ModelConfig) -> int:
+        if self.spec is None:
+            return count_parameters(config)
+        shapes = expected_adapter_shapes(config, self.spec)
+        return sum(math.prod(shape) for shape in shapes.values())
 
     def restore(self, model: GPT, checkpoint: Checkpoint) -> None:
         if self.spec is None:

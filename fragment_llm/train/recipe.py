@@ -21,6 +21,7 @@ from fragment_llm.data.shards import BuildRequest, build_token_shards
 from fragment_llm.errors import CheckpointError
 from fragment_llm.events import ProgressFn
 from fragment_llm.model.gpt import GPT
+from fragment_llm.model.size import count_parameters
 
 if TYPE_CHECKING:
     from fragment_llm.checkpoint.load import Checkpoint
@@ -30,16 +31,17 @@ if TYPE_CHECKING:
 
 
 class Recipe(Protocol):
-    """One kind of run. `run_training` calls, in order: `check`, `build_shards` (rank 0),
-    `build_model` (seeded), `restore` on resume; then, for each step folder,
-    `provenance` and `adapter_weights`."""
+    """One kind of run. `run_training` calls, in order: `check`, `trainable_parameters`
+    (for the memory plan, from the config alone), `build_shards` (rank 0), `build_model`
+    (seeded), `restore` on resume; then, for each step folder, `provenance` and
+    `adapter_weights`."""
 
     chat_format: str  # what the step folders' config.json records
 
     def check(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None: ...
     def build_shards(self, progress: ProgressFn) -> Path: ...
     def build_model(self, config: ModelConfig, device: torch.device) -> GPT: ...
-    def trainable_parameters(self, model: GPT) -> int: ...
+    def trainable_parameters(self, config: ModelConfig) -> int: ...
     def restore(self, model: GPT, checkpoint: Checkpoint) -> None: ...
     def provenance(self) -> dict[str, str]: ...
     def adapter_weights(self, model: GPT) -> AdapterWeights | None: ...
@@ -95,8 +97,8 @@ class Pretraining:
             self.init_from.load_model_into(model)
         return model
 
-    def trainable_parameters(self, model: GPT) -> int:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def trainable_parameters(self, config: ModelConfig) -> int:
+        return count_parameters(config)
 
     def restore(self, model: GPT, checkpoint: Checkpoint) -> None:
         checkpoint.load_model_into(model)

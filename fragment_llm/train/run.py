@@ -232,15 +232,16 @@ def _train(request: TrainRequest, on_event: EventFn, dry_run: bool) -> TrainSumm
         require(resume_links(resume_from, tokenizer), CheckpointError, HINT_RESUME)
     recipe = request.recipe or pretraining(request)
     recipe.check(model_config, tokenizer)
+    # Planned from the config, before the shards are built or a tensor allocated.
+    plan = plan_memory(model_config, request.train, precision, device.type,
+                       trainable=recipe.trainable_parameters(model_config))
+    check_memory(plan, request.train.max_memory or default_memory_limit(device))
     shards = prepare_shards(recipe, env, tokenizer.vocab_size, on_event, device)
     _check_shard_chain(request, tokenizer, shards, resume_from)
     if request.train.epochs is not None and resume_from is None:
         request = _steps_for_epochs(request, shards, model_config, env)
     torch.manual_seed(request.train.seed)  # the initial weights are part of the run
     model = recipe.build_model(model_config, device)
-    plan = plan_memory(model_config, request.train, precision, device.type,
-                       trainable=recipe.trainable_parameters(model))
-    check_memory(plan, request.train.max_memory or default_memory_limit(device))
     trainer = Trainer(model, request.train, shards, device, precision, env)
     if resume_from is not None:
         _restore(trainer, recipe, resume_from)
