@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run the whole pipeline on the bundled sample corpus in data/raw/:
-# clean it, train a tokenizer, train the `tiny` GPT, and generate text from it.
+# clean it, train a tokenizer, train the `tiny` GPT and generate text from it, then
+# fine-tune it on the bundled conversations so it answers, and ask it a question.
 # Safe to run again: each stage replaces its previous output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,19 @@ echo
 printf '%s' "$prompt"   # generate prints only the continuation, which goes on from here
 fragment generate --checkpoint checkpoints --prompt "$prompt" --max-new-tokens 80 --seed 1
 echo
-echo "Next, talk to it: .venv/bin/fragment chat   (or: source .venv/bin/activate; fragment chat)"
+echo
+echo "Now teaching it to answer: fine-tuning on data/conversations/fragment.jsonl"
+rm -rf checkpoints-chat   # a fresh fine-tuning run, not a resume
+# The tiny model is small enough to tune every weight (--method full); LoRA, the
+# default, pays off on larger models (docs/finetune.md).
+fragment finetune --base checkpoints --data data/conversations/fragment.jsonl \
+    --method full --lr 1e-3 --max-steps 200 --out checkpoints-chat
+fragment eval --checkpoint checkpoints-chat --baseline checkpoints   # tuned vs base
+question="Who are you?"
+echo
+echo "you> $question"
+printf '%s\n' "$question" | fragment chat --checkpoint checkpoints-chat -q --seed 1 \
+    --temperature 0.5 --max-new-tokens 60
+echo
+echo "Next, talk to it: .venv/bin/fragment chat --checkpoint checkpoints-chat"
+echo "(or: source .venv/bin/activate; fragment chat --checkpoint checkpoints-chat)"

@@ -241,9 +241,10 @@ def test_setup_says_what_it_installs_and_pip_stays_quiet(tmp_path):
     assert lines[-1].startswith("setup: done")
 
 
-def test_quickstart_ends_with_prompt_continuation_and_next_step(tmp_path):
+def test_quickstart_pretrains_fine_tunes_and_ends_with_a_chat_answer(tmp_path):
     """quickstart.sh as written, on a 30 KB corpus, with setup.sh stood in for (nothing to
-    install) and, to keep it to seconds, `train` given the one-layer model and 2 steps."""
+    install) and, to keep it to seconds, `train` given the one-layer model and 2 steps
+    and `finetune` 2 steps."""
     make_executable(tmp_path / "scripts" / "quickstart.sh",
                     (REPO / "scripts" / "quickstart.sh").read_text())
     make_executable(tmp_path / "scripts" / "setup.sh", "#!/bin/sh\necho 'setup: (stand-in)'\n")
@@ -252,8 +253,12 @@ def test_quickstart_ends_with_prompt_continuation_and_next_step(tmp_path):
         "#!/bin/sh\n"
         f'if [ "$1" = train ]; then set -- "$@" --config "{tmp_path}/micro.toml" '
         "--max-steps 2; fi\n"
+        'if [ "$1" = finetune ]; then set -- "$@" --max-steps 2 --batch-size 2; fi\n'
         f'exec "{sys.executable}" -m fragment_llm "$@"\n'))
     write_sample(tmp_path / "data" / "raw", chars=10_000)
+    write_conversations(tmp_path / "data" / "conversations")
+    (tmp_path / "data" / "conversations" / "chats.jsonl").rename(
+        tmp_path / "data" / "conversations" / "fragment.jsonl")
     (tmp_path / "checkpoints").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(tmp_path / "scripts" / "quickstart.sh")], env=env,
@@ -266,8 +271,14 @@ def test_quickstart_ends_with_prompt_continuation_and_next_step(tmp_path):
     said = done.stdout
     header = 'The model you just trained, continuing "ROMEO.":\n\n'
     assert header + "ROMEO." + continuation + "\n" in said  # the prompt, then its continuation
+    assert "baseline loss" in done.stderr  # eval: the tuned model beside the base
+    answer = subprocess.run(
+        [sys.executable, "-m", "fragment_llm", "chat", "--checkpoint", "checkpoints-chat", "-q",
+         "--seed", "1", "--temperature", "0.5", "--max-new-tokens", "60"], input="Who are you?\n",
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "you> Who are you?\n" + answer in said  # the model's answer, as chat gives it
     last = said.splitlines()[-1]
-    assert "fragment chat" in last and said.endswith("\n")
+    assert "fragment chat --checkpoint checkpoints-chat" in last and said.endswith("\n")
 
 
 # ------------------------------------------------------------- item 19: hints and eval
