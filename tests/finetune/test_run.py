@@ -401,7 +401,6 @@ def test_resume_refuses_a_base_trained_with_another_tokenizer(
 # ------------------------------------------------------------------------- torchrun
 
 
-@pytest.mark.slow
 def test_finetune_under_torchrun_with_two_processes(base_checkpoint, conversations_file,
                                                     config_file, tmp_path):
     out = tmp_path / "run"
