@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from fragment_llm.evaluate import EvalResult
 
 from fragment_llm.cli.common import (
     DEFAULT_TOKENS,
@@ -72,6 +76,11 @@ def evaluate(checkpoint_path: Path | None, adapter_path: Path | None, tokens: Pa
     if as_json:
         click.echo(json.dumps(result.as_json()))
         return
+    show(summary_table("Evaluation", _rows(result)))
+
+
+def _rows(result: EvalResult) -> list[tuple[str, object]]:
+    """The summary: what was measured, on what, and the baseline beside it."""
     text = (f"held-out split of {result.data}" if result.split == "val"
             else f"documents of {result.data}, from its start")
     counts = "assistant tokens" if result.assistant_only else "every token"
@@ -87,4 +96,4 @@ def evaluate(checkpoint_path: Path | None, adapter_path: Path | None, tokens: Pa
         rows += [("baseline", base.checkpoint), ("baseline loss", f"{base.loss:.4f}"),
                  ("baseline bits per byte", f"{base.bpb:.4f}"),
                  ("loss vs baseline", f"{change:+.1f}%")]
-    show(summary_table("Evaluation", rows))
+    return rows
