@@ -14,10 +14,23 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fragment_llm.config import DEFAULT_PRESET, TRAIN_PRESETS, ModelConfig, TrainConfig, resolve
+from fragment_llm.checkpoint.load import open_checkpoint
+from fragment_llm.checkpoint.save import save_checkpoint
+from fragment_llm.checkpoint.trained import load_trained
+from fragment_llm.config import (
+    DEFAULT_PRESET,
+    SPECIAL_TOKENS_CHAT_FORMAT,
+    TRAIN_PRESETS,
+    ModelConfig,
+    TrainConfig,
+    resolve,
+)
 from fragment_llm.data.shards import MANIFEST
+from fragment_llm.finetune.adapters import AdapterSpec, attach_adapters
+from fragment_llm.finetune.artifact import adapter_record, adapter_weights
 from fragment_llm.model.gpt import GPT
 from fragment_llm.safety.files import sha256_bytes
+from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "raw"  # the bundled plays: the real text every corpus is cut from
@@ -119,3 +132,65 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------ scripted chat models
+
+SCRIPTED_EMBD = 320  # one-hot embeddings need at least one dimension per token
+
+
+def scripted_model(vocab: int, after: dict[int, int], otherwise: int) -> GPT:
+    """A bigram machine: greedily, token `t` is followed by `after[t]`, any other token by
+    `otherwise`. Attention and MLP write nothing (zero output projections), so the last
+    hidden state is the current token's one-hot embedding, normalised, and the logits
+    are column `t` of lm_head."""
+    config = ModelConfig(vocab_size=vocab, n_layer=1, n_head=4, n_embd=SCRIPTED_EMBD,
+                         block_size=64, tie_embeddings=False)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.zero_()
+        model.wte.weight.copy_(torch.eye(vocab, SCRIPTED_EMBD))
+        head = torch.zeros(vocab, SCRIPTED_EMBD)
+        head[otherwise, :vocab] = 1.0
+        for here, then in after.items():
+            head[:, here] = 0.0
+            head[then, here] = 1.0
+        model.lm_head.weight.copy_(head)
+    return model.eval()
+
+
+def scripted_answer(tok: Tokenizer, answer: str, otherwise: str = "x") -> GPT:
+    """A model that answers `<|assistant|>` with `answer` then `<|end|>` (greedily), and
+    continues anything else with `otherwise`, repeated."""
+    chain = [tok.special_id("<|assistant|>"), *tok.encode(answer), tok.special_id("<|end|>")]
+    assert len(set(chain)) == len(chain), "each token of the answer once"
+    (filler,) = tok.encode(otherwise)
+    return scripted_model(tok.vocab_size, dict(zip(chain, chain[1:])), filler)
+
+
+def save_scripted(run: Path, model: GPT, tokenizer_file: Path,
+                  chat_format: str | None = None) -> Path:
+    """`model` as step 1 of `run`: a base model, or with `chat_format` a tuned one."""
+    config: dict[str, object] = {"model": model.config.model_dump(mode="json")}
+    if chat_format is not None:
+        config["chat_format"] = chat_format
+    return save_checkpoint(run, 1, model=model, optimizer=None, trainer_state={"step": 1},
+                           config=config, tokenizer_file=tokenizer_file)
+
+
+def save_untrained_adapter(run: Path, base: Path) -> Path:
+    """A LoRA adapter of `base` as a fine-tuning run's step 1 would hold it before any
+    step (B = 0: base + adapter computes the base), which chats with the special tokens."""
+    checkpoint = open_checkpoint(base)
+    model = load_trained(base).model
+    spec = AdapterSpec(method="lora", rank=2, alpha=4.0)
+    attach_adapters(model, spec)
+    provenance = {"tokenizer_sha256": Tokenizer.load(checkpoint.tokenizer_path).sha256,
+                  "base_manifest_sha256": checkpoint.manifest_sha256}
+    return save_checkpoint(
+        run, 1, model=None, optimizer=None, trainer_state={"step": 1},
+        config={"model": checkpoint.config.model, "chat_format": SPECIAL_TOKENS_CHAT_FORMAT},
+        tokenizer_file=checkpoint.tokenizer_path, provenance=provenance,
+        adapter=adapter_weights(model, adapter_record(spec, checkpoint)))

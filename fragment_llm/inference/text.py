@@ -185,12 +185,16 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerateCo
     if not clean.strip():
         raise PromptError("the prompt is empty (after removing control characters)",
                           hint="pass some text with --prompt, --prompt-file or --prompt -")
+    engine = Engine(model)
     if chat_format == SPECIAL_TOKENS_CHAT_FORMAT:
+        # Chat's budget: the window less room for the answer. A longer turn is refused,
+        # as chat refuses it; the engine would slide it, cutting off its <|user|>.
+        room = min(settings.max_new_tokens, engine.window // 2)
         question = Conversation(turns=[Turn("user", clean)])
         ids = render_prompt(question, template_for(chat_format), tokenizer,
-                            budget=settings.max_prompt_tokens + 8)
+                            budget=engine.window - room)
     else:
         ids = [tokenizer.eot_id, *tokenizer.encode(clean)]
-    run = Engine(model).generate(ids, settings, stop_ids=special_ids(tokenizer))
+    run = engine.generate(ids, settings, stop_ids=special_ids(tokenizer))
     pieces = list(stream_text(run, TextStream(tokenizer, settings.stop), on_text))
     return Completion("".join(pieces), run.stats)

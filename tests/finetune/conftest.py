@@ -83,3 +83,38 @@ def other_tokenizer_base(tmp_path_factory) -> Path:
     Tokenizer.train([text], TokenizerConfig(vocab_size=CHAT_VOCAB, workers=1)).save(
         root / "tokenizer.json")
     return save_base(root / "run", root / "tokenizer.json")
+
+
+# ------------------------------------------------- tuned models (tests of using them)
+
+# A few steps at a high learning rate: LoRA's B and DoRA's magnitude move well away from
+# their start, so a merge or an eval that ignored the adapter would show. Every held-out
+# block is evaluated at the end (final_eval_blocks covers the split).
+TUNED_TRAIN = {"batch_size": 4, "max_steps": 3, "warmup_steps": 1, "lr": 3e-2,
+               "eval_every": 0, "checkpoint_every": 0, "eval_blocks": 4,
+               "final_eval_blocks": 64, "log_every": 1, "device": "cpu", "precision": "fp32",
+               "workers": 1}
+
+
+def tune(base: Path, data: Path, out: Path, method: str) -> Path:
+    """`fragment finetune --method METHOD` of `base` on `data` into the run folder `out`
+    (rank 4, alpha 8 for the adapters), as `TUNED_TRAIN` says. Returns `out`."""
+    from fragment_llm.config import FINETUNE_TRAIN, FinetuneConfig, TrainConfig, resolve
+    from fragment_llm.finetune.run import FinetuneRequest, run_finetune
+
+    train = resolve(TrainConfig, "train", {"train": TUNED_TRAIN}, None, {},
+                    base=dict(FINETUNE_TRAIN))
+    tuning = FinetuneConfig(method=method, rank=4, alpha=8.0)
+    run_finetune(FinetuneRequest(base=base, data=data, out=out, finetune=tuning, train=train),
+                 lambda _event: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tuned_runs(tmp_path_factory, base_checkpoint, conversations_file) -> dict[str, Path]:
+    """A LoRA, a DoRA and a full fine-tuning run folder of `base_checkpoint` on
+    `conversations_file`, `TUNED_TRAIN`'s few steps each (one step folder, the
+    conversation shards in RUN/tokens). Keyed by method. Read only."""
+    root = tmp_path_factory.mktemp("tuned")
+    return {method: tune(base_checkpoint, conversations_file, root / method, method)
+            for method in ("lora", "dora", "full")}
