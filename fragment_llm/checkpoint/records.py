@@ -143,6 +143,12 @@ def _validate_provenance(provenance: Mapping[str, str]) -> dict[str, str]:
                               ) from None
 
 
+def recorded_path(path: Path) -> str:
+    """A path as a provenance value: printable ASCII (other characters as Python escapes,
+    so the value stays a faithful pointer to show, if not always to open), capped."""
+    return ascii(str(path))[1:-1][:4096] or "."
+
+
 def model_config_sha256(model_config: JsonValue) -> str:
     """The hash a checkpoint's provenance records for config.json's "model" table."""
     return sha256_bytes(json.dumps(model_config, sort_keys=True).encode())

@@ -349,6 +349,18 @@ class TokenShards:
                   for name in ("train", "val")}
         return cls(folder, manifest, sha256_bytes(raw), splits["train"], splits["val"])
 
+    def count_documents(self) -> str:
+        """Every document (or conversation) holds exactly one <|endoftext|>, and encode
+        never makes one: count them against the manifest (`fragment verify`)."""
+        eot = self.manifest.eot_id
+        for name in ("train", "val"):
+            found = sum(int((shard == eot).sum()) for shard in getattr(self, name).shards)
+            listed = getattr(self.manifest, name).documents
+            if found != listed:
+                raise DatasetError(f"{name} shards hold {found} end-of-text tokens, the "
+                                   f"manifest lists {listed} documents, in {self.folder}")
+        return "one <|endoftext|> per document in both splits"
+
 
 def _open_split(folder: Path, split: SplitEntry, dtype: np.dtype, vocab_size: int
                 ) -> TokenSplit:

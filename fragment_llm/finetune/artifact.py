@@ -31,7 +31,7 @@ from fragment_llm.checkpoint.layout import (
     list_checkpoints,
 )
 from fragment_llm.checkpoint.load import Checkpoint, open_checkpoint
-from fragment_llm.checkpoint.records import model_config_sha256
+from fragment_llm.checkpoint.records import model_config_sha256, recorded_path
 from fragment_llm.checkpoint.save import AdapterWeights
 from fragment_llm.checkpoint.trained import Trained, checkpoint_model_config, load_trained
 from fragment_llm.config import ModelConfig
@@ -83,7 +83,7 @@ def adapter_record(spec: AdapterSpec, base: Checkpoint) -> AdapterRecord:
         alpha=float(spec.alpha), dropout=float(spec.dropout), targets=list(spec.targets),
         rslora=spec.rslora, base_manifest_sha256=base.manifest_sha256,
         base_model_config_sha256=model_config_sha256(base.config.model),
-        base_checkpoint=escape_for_display(str(base.path), max_chars=4096))
+        base_checkpoint=recorded_path(base.path))
 
 
 def adapter_weights(model: torch.nn.Module, record: AdapterRecord) -> AdapterWeights:
@@ -188,10 +188,14 @@ def adapter_layout(checkpoint: Checkpoint, config: ModelConfig) -> str:
 
 
 def recorded_base(checkpoint: Checkpoint) -> Path | None:
-    """Where the base of an adapter step folder was (None: not an adapter, or its config
-    is refused, which its own checks report)."""
+    """Where the checkpoint a step started from was: an adapter's config says, and a
+    fine-tuned, merged or --init-from checkpoint's provenance (None: not recorded, or
+    an adapter config that is refused, which its own checks report)."""
+    if not checkpoint.is_adapter:
+        where = checkpoint.provenance.document().get("base_checkpoint")
+        return Path(where) if isinstance(where, str) and where else None
     try:
-        return adapter_of(checkpoint).base_path if checkpoint.is_adapter else None
+        return adapter_of(checkpoint).base_path
     except CheckpointError:
         return None
 

@@ -22,6 +22,7 @@ from fragment_llm.checkpoint.records import (
     Provenance,
     TrainerState,
     model_config_sha256,
+    recorded_path,
 )
 from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.errors import CheckpointError, OutputError
@@ -62,7 +63,9 @@ def merge(adapter_path: Path, base_path: Path | None, out: Path) -> MergeSummary
         processed_manifest_sha256=adapter.provenance.processed_manifest_sha256,
         model_config_sha256=model_config_sha256(config.model),
         base_manifest_sha256=tuned.checkpoint.manifest_sha256,
-        adapter_manifest_sha256=adapter.manifest_sha256)
+        base_checkpoint=recorded_path(tuned.checkpoint.path),
+        adapter_manifest_sha256=adapter.manifest_sha256,
+        adapter_checkpoint=recorded_path(adapter.path))
     written = save_checkpoint(out, adapter.step, model=tuned.model, optimizer=None,
                               trainer_state=TrainerState(step=adapter.step), config=config,
                               tokenizer_file=tuned.checkpoint.tokenizer_path,

@@ -18,6 +18,7 @@ import torch
 
 from fragment_llm.checkpoint.load import Checkpoint, latest_valid_checkpoint, open_checkpoint
 from fragment_llm.checkpoint.provenance import checked_tokenizer
+from fragment_llm.checkpoint.records import recorded_path
 from fragment_llm.checkpoint.save import AdapterWeights
 from fragment_llm.checkpoint.trained import checkpoint_model_config
 from fragment_llm.config import (
@@ -141,7 +142,8 @@ class FineTuning:
         load_adapter_tensors(model, checkpoint.read_weights())
 
     def provenance(self) -> dict[str, str]:
-        return {"base_manifest_sha256": self.base.manifest_sha256}
+        return {"base_manifest_sha256": self.base.manifest_sha256,
+                "base_checkpoint": recorded_path(self.base.path)}
 
     def adapter_weights(self, model: GPT) -> AdapterWeights | None:
         if self.spec is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from fragment_llm.checkpoint.records import recorded_path
 from fragment_llm.config import TRANSCRIPT_CHAT_FORMAT
 from fragment_llm.data.shards import BuildRequest, build_token_shards
 from fragment_llm.errors import CheckpointError
@@ -106,7 +107,8 @@ class Pretraining:
     def provenance(self) -> dict[str, str]:
         if self.init_from is None:
             return {}
-        return {"base_manifest_sha256": self.init_from.manifest_sha256}
+        return {"base_manifest_sha256": self.init_from.manifest_sha256,
+                "base_checkpoint": recorded_path(self.init_from.path)}
 
     def adapter_weights(self, model: GPT) -> AdapterWeights | None:
         return None

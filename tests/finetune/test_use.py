@@ -313,6 +313,29 @@ def test_verify_a_full_fine_tune_follows_its_base(runner, tuned_runs, base_check
     assert code == 1 and base["status"] == "FAILED", base
 
 
+def test_verify_a_full_fine_tune_finds_its_base_where_the_run_recorded_it(runner, tuned_runs,
+                                                                          base_checkpoint):
+    code, checks = verify_json(runner, str(tuned_runs["full"]))  # no --base
+    (base,) = checks_named(checks, "base checkpoint")
+    assert code == 0 and base["status"] == "ok", base  # found, not "not present"
+    recorded = open_checkpoint(tuned_runs["full"]).provenance.document()["base_checkpoint"]
+    assert recorded == str(base_checkpoint)
+
+
+def test_a_base_at_a_non_ascii_path_is_recorded_escaped(tmp_path, base_checkpoint,
+                                                        conversations_file):
+    """Provenance and adapter_config.json take printable ASCII only: a base in a folder
+    named "café" must not make the first save fail."""
+    from tests.finetune.conftest import tune
+
+    base = Path(shutil.copytree(base_checkpoint, tmp_path / "café" / base_checkpoint.name))
+    run = tune(base, conversations_file, tmp_path / "lora", "lora")
+    step = open_checkpoint(run)
+    config = json.loads((step.path / "adapter_config.json").read_text())
+    assert config["base_checkpoint"] == str(base).replace("é", "\\xe9")
+    assert step.provenance.document()["base_checkpoint"] == config["base_checkpoint"]
+
+
 def test_verify_checks_the_conversations_report_of_the_shards(runner, tuned_runs, tmp_path):
     run = Path(shutil.copytree(tuned_runs["lora"], tmp_path / "run"))
     code, checks = verify_json(runner, str(run))
