@@ -191,8 +191,12 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerateCo
         # as chat refuses it; the engine would slide it, cutting off its <|user|>.
         room = min(settings.max_new_tokens, engine.window // 2)
         question = Conversation(turns=[Turn("user", clean)])
-        ids = render_prompt(question, template_for(chat_format), tokenizer,
-                            budget=engine.window - room)
+        try:
+            ids = render_prompt(question, template_for(chat_format), tokenizer,
+                                budget=engine.window - room)
+        except PromptError as exc:
+            raise PromptError(exc.message, hint="shorten the prompt, lower --max-new-tokens, "
+                                                "or pass --raw to continue it as text") from None
     else:
         ids = [tokenizer.eot_id, *tokenizer.encode(clean)]
     run = engine.generate(ids, settings, stop_ids=special_ids(tokenizer))
