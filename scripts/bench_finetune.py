@@ -219,7 +219,7 @@ def budget_flags(args: argparse.Namespace) -> list[str]:
 
 def finetune(spec: RunSpec, base: Path, tokens_dir: Path, args: argparse.Namespace,
              base_parameters: int) -> RunResult:
-    out = args.work / "runs" / spec.label
+    out = args.runs_dir / spec.label
     shutil.rmtree(out, ignore_errors=True)
     flags = ["--lr", repr(spec.lr)] if spec.lr is not None else []
     before = os.getloadavg()[0]
@@ -242,10 +242,9 @@ def finetune(spec: RunSpec, base: Path, tokens_dir: Path, args: argparse.Namespa
 
 def prepare_tokens(base: Path, args: argparse.Namespace) -> Path:
     """Render the conversations once (a dry run builds the cache); returns its folder."""
-    tokens_dir = args.work / "runs" / "tokens"
-    shutil.rmtree(args.work / "runs", ignore_errors=True)
+    tokens_dir = args.runs_dir / "tokens"
     fragment("finetune", "--base", str(base), "--data", str(args.data), "--out",
-             str(args.work / "runs" / "dry-run"), "--tokens-dir", str(tokens_dir),
+             str(args.runs_dir / "dry-run"), "--tokens-dir", str(tokens_dir),
              "--dry-run", "--json")
     folders = [path.parent for path in tokens_dir.glob("*/manifest.json")]
     if len(folders) != 1:
@@ -258,12 +257,12 @@ def speed_rounds(base: Path, tokens_dir: Path, args: argparse.Namespace
     """Step time only, interleaved: each method for --speed-steps steps in turn (the
     order rotating), --speed-rounds times; every step logged. Returns, per method, the
     median step (ms) of each round, the first two steps of a run excluded."""
-    config = args.work / "runs" / "log-every-step.toml"
+    config = args.runs_dir / "log-every-step.toml"
     config.write_text("[train]\nlog_every = 1\n", encoding="ascii")
     times: dict[str, list[float]] = {method: [] for method in METHODS}
     for turn in range(args.speed_rounds):
         for method in METHODS[turn % 3:] + METHODS[:turn % 3]:
-            out = args.work / "runs" / f"speed-{method}"
+            out = args.runs_dir / f"speed-{method}"
             shutil.rmtree(out, ignore_errors=True)
             done = fragment("finetune", "--base", str(base), "--data", str(args.data),
                             "--out", str(out), "--tokens-dir", str(tokens_dir), "--method",
@@ -382,7 +381,9 @@ def main() -> None:
     if args.worker_base_loss:
         print(json.dumps(base_loss(*args.worker_base_loss)))
         return
-    args.work.mkdir(parents=True, exist_ok=True)
+    # This invocation's own runs: another one may be using the work folder at the same time
+    args.runs_dir = args.work / "runs" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    args.runs_dir.mkdir(parents=True)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}; load average "
           f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)")
     base, described = pretrained_base(args)
@@ -402,7 +403,8 @@ def main() -> None:
         r = results[-1]
         print(f"  {spec.label}: {r.steps} steps, val {r.val_loss:.4f}, "
               f"{r.peak_rss_mib:.0f} MiB, load {r.load[0]:.2f} -> {r.load[1]:.2f}", flush=True)
-    print(f"\nseed {args.seed}, budget {budget} of training per run, conversations {args.data}")
+    print(f"\nseed {args.seed}, budget {budget} of training per run, conversations {args.data}, "
+          f"runs in {args.runs_dir}")
     print_table(results, scored)
     print()
     print_goals(results, scored, budget)
