@@ -23,7 +23,8 @@ from fragment_llm.safety.text import escape_for_display
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_CONFIG_FILE_BYTES = 1 * MiB
-STAGE_TABLES = ("preprocess", "tokenizer", "model", "train", "finetune", "generate", "chat")
+STAGE_TABLES = ("preprocess", "tokenizer", "model", "train", "finetune", "generate", "chat",
+                "serve")
 
 
 class StageConfig(BaseModel):
@@ -430,3 +431,41 @@ class ChatConfig(GenerateConfig):
     max_new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS, description="tokens per answer")
     system: str | None = Field(None, max_length=16_000, description="system prompt")
     history: bool = Field(True, description="keep readline history in ~/.cache/fragment-llm")
+
+
+MAX_SLOTS = 64
+
+
+class ServeConfig(GenerateConfig):
+    """The `[serve]` table: where `fragment serve` listens, its limits, and the sampling
+    defaults a request that names none gets (docs/serve.md).
+
+    `max_new_tokens` is the server's cap on a request's `max_tokens` (and its default);
+    `max_time_s` caps each request's wall-clock time, queueing included.
+    """
+
+    host: str = Field("127.0.0.1", min_length=1, max_length=253,
+                      description="address to bind; anything but loopback needs an API key")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 = any free port")
+    slots: int = Field(2, ge=1, le=MAX_SLOTS, description="answers generated at once")
+    queue: int = Field(8, ge=0, le=1024,
+                       description="requests that may wait for a slot; more get 429")
+    max_body_bytes: int = Field(1 * MiB, ge=1024, le=64 * MiB,
+                                description="request bodies over this get 413, unparsed")
+    max_json_depth: int = Field(16, ge=4, le=256, description="deepest nesting of a body")
+    max_messages: int = Field(256, ge=1, le=4096, description="messages per chat request")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS,
+                                description="cap on a request's max_tokens (and its default)")
+    max_time_s: float = Field(60.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+                              description="per-request wall-clock cap, queueing included")
+    cors_origins: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = Field(
+        (), max_length=16, strict=False,
+        description="origins allowed to call the API from a browser; none = no CORS")
+    model_name: str | None = Field(None, min_length=1, max_length=64,
+                                   pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+                                   description="the id /v1/models lists; None = the folder's name")
+    api_key_file: Path | None = Field(None, strict=False,
+                                      description="file holding the API key (never the key "
+                                                  "itself on the command line)")
+    access_log: bool = Field(True, description="one line per request: route, status, tokens, "
+                                               "seconds; never the request's text")

@@ -39,6 +39,7 @@ from fragment_llm.cli.finetune import finetune
 from fragment_llm.cli.generate import generate
 from fragment_llm.cli.merge import merge
 from fragment_llm.cli.preprocess import preprocess
+from fragment_llm.cli.serve import serve
 from fragment_llm.cli.tokenizer import export_tokenizer_command, train_tokenizer_command
 from fragment_llm.cli.train import train
 from fragment_llm.cli.verify import verify
@@ -125,6 +126,7 @@ def cli(debug: bool, quiet: bool) -> None:
       fragment train             data/processed/  -> checkpoints/
       fragment finetune          data/conversations/ + checkpoints/ -> checkpoints-chat/
       fragment chat              checkpoints-chat/ -> your terminal
+      fragment serve             checkpoints-chat/ -> an OpenAI-compatible API, a chat page
 
     Every verb validates what it is given and refuses bad input with one line
     naming the file or field and the rule broken. Run `fragment VERB --help`.
@@ -135,7 +137,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 # The verbs, each in its own module; `fragment --help` lists them alphabetically.
 for command in (preprocess, train_tokenizer_command, export_tokenizer_command, train, finetune,
-                merge, evaluate, verify, generate, chat):
+                merge, evaluate, verify, generate, chat, serve):
     cli.add_command(command)
 
 

@@ -1,0 +1,93 @@
+"""Request bodies as hostile input: bytes capped before they are read, JSON bounded
+before it is parsed.
+
+A body is read in chunks and refused (413) the moment it passes `max_body_bytes`, so
+a client cannot make the server hold more than the cap. The bytes are then checked
+for UTF-8 and for nesting depth *before* `json.loads` sees them: Python's parser
+recurses once per level, and `[[[[...` a few thousand deep would be a RecursionError
+(a traceback) rather than a refusal. Numbers that are not finite (`NaN`, `Infinity`,
+which Python's parser accepts and JSON does not) are refused too.
+
+This module knows no web framework: `read_body` takes any async iterator of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import regex
+
+from fragment_llm.serve.errors import ApiError
+
+# A JSON string (with its escapes), or one bracket. Strings are matched whole so a
+# bracket inside one is not counted; everything else is skipped.
+_STRINGS_OR_BRACKETS = regex.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', regex.DOTALL)
+_OPENING = frozenset(b"[{")
+
+
+async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
+                    max_bytes: int) -> bytes:
+    """The whole body, or ApiError 413 as soon as it is known to be over `max_bytes`
+    (from its Content-Length before reading, else while reading)."""
+    if declared_length is not None:
+        if not declared_length.isdigit():
+            raise ApiError(400, "the Content-Length header is not a number")
+        if int(declared_length) > max_bytes:
+            raise too_large(max_bytes)
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large(max_bytes)
+    return bytes(body)
+
+
+def too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body is over {max_bytes:,} bytes",
+                    code="request_too_large")
+
+
+def parse_json(body: bytes, max_depth: int) -> object:
+    """The body as JSON, after checking its encoding and depth; ApiError 400 otherwise."""
+    if not body.strip():
+        raise ApiError(400, "the request body is empty; it must be a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    depth = json_depth(body)
+    if depth > max_depth:
+        raise ApiError(400, f"the request body nests {depth} levels deep; the limit is "
+                            f"{max_depth}")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:  # JSONDecodeError, or a refused constant
+        raise ApiError(400, f"the request body is not valid JSON: {_reason(exc)}") from None
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in `body` (brackets inside strings do
+    not count): `b'{"a": [1, "]]"]}' -> 2`. Unbalanced input gives its deepest point;
+    the parser refuses it afterwards."""
+    depth = deepest = 0
+    for match in _STRINGS_OR_BRACKETS.finditer(body):
+        token = match.group()
+        if len(token) != 1:
+            continue  # a string
+        if token[0] in _OPENING:
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return str(exc)

@@ -1,0 +1,139 @@
+"""Start the server: check the settings, bind the port, run uvicorn until Ctrl-C.
+
+The socket is bound here, not by uvicorn, so a port in use (or an address this machine
+does not have) is a one-line error naming it, and `--port 0` can report the port it got.
+uvicorn runs with its own limits tightened: headers capped, idle connections closed,
+and at most `slots + queue + 32` connections open at once (past that, 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fragment_llm.config import ServeConfig
+from fragment_llm.errors import ConfigError, FragmentError
+from fragment_llm.model.gpt import GPT
+from fragment_llm.serve import guard
+from fragment_llm.serve.answer import Served
+from fragment_llm.serve.slots import SlotPool
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+MAX_HEADER_BYTES = 16 * 1024
+KEEP_ALIVE_S = 5
+SPARE_CONNECTIONS = 32
+
+
+class ServeExtraMissing(FragmentError):
+    """FastAPI or uvicorn is not installed."""
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    model: GPT
+    tokenizer: Tokenizer
+    chat_format: str | None
+    checkpoint_path: Path
+    created: int
+    settings: ServeConfig
+    api_key: bytes | None
+
+
+def model_id_for(settings: ServeConfig, checkpoint_path: Path) -> str:
+    """`--model-name`, else the run folder's name made into an id (`checkpoints-chat`)."""
+    if settings.model_name:
+        return settings.model_name
+    path = checkpoint_path.resolve()
+    name = path.parent.name if path.name.startswith("step-") else path.name
+    cleaned = re.sub(r"[^A-Za-z0-9._:-]+", "-", name).strip("-.") or "fragment"
+    return cleaned[:64]
+
+
+def check_settings(settings: ServeConfig, api_key: bytes | None) -> None:
+    """Everything about the settings that can be refused before the model is loaded."""
+    guard.check_bind(settings.host, api_key)
+    guard.check_origins(settings.cors_origins)
+
+
+def require_serve_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ServeExtraMissing("fragment serve needs FastAPI and uvicorn, which are not "
+                                "installed", hint="pip install 'fragment-llm[serve]'") from None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or ConfigError naming what went wrong."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise ConfigError(f"--host {host} is not an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                          hint="choose another --port (0 picks a free one)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_app(request: ServeRequest) -> FastAPI:
+    """The app for `request` (FastAPI is imported here: it is the serve extra's)."""
+    from fragment_llm.serve.app import create_app
+
+    settings = request.settings
+    pool = SlotPool(request.model, request.tokenizer, settings.slots, settings.queue)
+    served = Served(pool, request.tokenizer, request.chat_format,
+                    model_id_for(settings, request.checkpoint_path), request.created)
+    return create_app(served, settings, request.api_key)
+
+
+def serve(request: ServeRequest, on_listening: Callable[[str], None]) -> None:
+    """Serve until interrupted; `on_listening(url)` once the port is bound."""
+    require_serve_extra()
+    import uvicorn
+
+    settings = request.settings
+    check_settings(settings, request.api_key)
+    app = build_app(request)
+    sock = bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    _log_to_stderr(settings.access_log)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, server_header=False,
+        timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=settings.slots + settings.queue + SPARE_CONNECTIONS,
+        timeout_graceful_shutdown=2)
+    on_listening(f"http://{shown}:{port}")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        app.state.routes.served.pool.close()
+        sock.close()
+
+
+def _log_to_stderr(access_log: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("fragment.serve")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if access_log else logging.WARNING)
+    logger.propagate = False
