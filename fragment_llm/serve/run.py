@@ -8,11 +8,14 @@ and at most `slots + queue + 32` connections open at once (past that, 503).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +29,7 @@ from fragment_llm.serve.slots import SlotPool
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    import uvicorn
     from fastapi import FastAPI
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -110,24 +114,64 @@ def serve(request: ServeRequest, on_listening: Callable[[str], None]) -> None:
     require_serve_extra()
     import uvicorn
 
-    settings = request.settings
-    check_settings(settings, request.api_key)
+    check_settings(request.settings, request.api_key)
     app = build_app(request)
-    sock = bind(settings.host, settings.port)
+    sock = bind(request.settings.host, request.settings.port)
+    _log_to_stderr(request.settings.access_log)
+    on_listening(url_of(sock))
+    try:
+        uvicorn.Server(_uvicorn_config(app, request.settings)).run(sockets=[sock])
+    finally:
+        app.state.routes.served.pool.close()
+        sock.close()
+
+
+@contextlib.contextmanager
+def serving_in_thread(request: ServeRequest, ready_timeout_s: float = 30.0) -> Iterator[Running]:
+    """The server on a background thread, for tests and benchmarks: yields once it
+    accepts connections, stops (and frees its port) on exit."""
+    require_serve_extra()
+    import uvicorn
+
+    check_settings(request.settings, request.api_key)
+    app = build_app(request)
+    sock = bind(request.settings.host, request.settings.port)
+    server = uvicorn.Server(_uvicorn_config(app, request.settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield Running(url_of(sock), app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.routes.served.pool.close()
+        sock.close()
+
+
+@dataclass(frozen=True)
+class Running:
+    url: str  # http://host:port, no trailing slash
+    app: FastAPI
+
+
+def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    _log_to_stderr(settings.access_log)
-    config = uvicorn.Config(
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn_config(app: FastAPI, settings: ServeConfig) -> uvicorn.Config:
+    import uvicorn
+
+    return uvicorn.Config(
         app, log_level="warning", access_log=False, server_header=False,
         timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         limit_concurrency=settings.slots + settings.queue + SPARE_CONNECTIONS,
         timeout_graceful_shutdown=2)
-    on_listening(f"http://{shown}:{port}")
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        app.state.routes.served.pool.close()
-        sock.close()
 
 
 def _log_to_stderr(access_log: bool) -> None:
