@@ -58,6 +58,7 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, config_path: 
     """
     from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ServeConfig, load_stage_config
+    from fragment_llm.finetune.adapters import merge_adapters
     from fragment_llm.finetune.artifact import load_tuned
     from fragment_llm.serve.guard import load_api_key
     from fragment_llm.serve.run import (
@@ -76,6 +77,9 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, config_path: 
     require_serve_extra()
     use_threads(settings.threads)
     trained = load_tuned(model_paths(checkpoint_path, adapter_path), adapter_path)
+    if trained.adapter is not None:
+        # Folded in once (W + s·B·A): every token is then as fast as the base's.
+        merge_adapters(trained.model)
     trained.model.eval()
     request = ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
                            trained.checkpoint.path, _written_at(trained.checkpoint.path),
