@@ -36,9 +36,12 @@ from fragment_llm.cli.common import (
               help="Let web pages from this origin call the API (repeatable) [none].")
 @click.option("--model-name", help="The model id the API lists [the checkpoint folder's name].")
 @click.option("--threads", type=int, help="torch threads [1].")
+@click.option("--dry-run", is_flag=True,
+              help="Check everything (settings, key, model, port), print the banner, and exit "
+                   "without serving.")
 @config_option
-def serve(checkpoint_path: Path | None, adapter_path: Path | None, config_path: Path | None,
-          **flags: FlagValue) -> None:
+def serve(checkpoint_path: Path | None, adapter_path: Path | None, dry_run: bool,
+          config_path: Path | None, **flags: FlagValue) -> None:
     """Serve a model over HTTP: an OpenAI-compatible API and a chat page.
 
     \b
@@ -52,50 +55,46 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, config_path: 
     \b
     Examples:
       fragment serve                                     # checkpoints/, latest step
-      fragment serve --checkpoint checkpoints-chat --port 8080
+      fragment serve --checkpoint checkpoints-merged --port 8080
       fragment serve --adapter checkpoints-chat --slots 1 --max-tokens 128
-      FRAGMENT_API_KEY=$(cat key.txt) fragment serve --host 0.0.0.0
+      fragment serve --host 0.0.0.0 --api-key-file key.txt    # reachable from the network
+      fragment serve --config serve.toml --dry-run       # check a set-up, serve nothing
     """
     from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ServeConfig, load_stage_config
     from fragment_llm.finetune.adapters import merge_adapters
     from fragment_llm.finetune.artifact import load_tuned
+    from fragment_llm.serve import run
     from fragment_llm.serve.guard import load_api_key
-    from fragment_llm.serve.run import (
-        ServeRequest,
-        check_settings,
-        model_id_for,
-        require_serve_extra,
-    )
-    from fragment_llm.serve.run import (
-        serve as run_server,
-    )
 
     settings = load_stage_config(ServeConfig, "serve", config_path, flags)
     api_key = load_api_key(settings.api_key_file)
-    check_settings(settings, api_key)
-    require_serve_extra()
+    run.check_settings(settings, api_key)
+    run.require_serve_extra()
     use_threads(settings.threads)
     trained = load_tuned(model_paths(checkpoint_path, adapter_path), adapter_path)
     if trained.adapter is not None:
         # Folded in once (W + s·B·A): every token is then as fast as the base's.
         merge_adapters(trained.model)
     trained.model.eval()
-    request = ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
+    request = run.ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
                            trained.checkpoint.path, _written_at(trained.checkpoint.path),
                            settings, api_key)
 
     def listening(url: str) -> None:
         show(summary_table("fragment serve", [
-            ("model", f"{model_id_for(settings, trained.checkpoint.path)} "
+            ("model", f"{run.model_id_for(settings, trained.checkpoint.path)} "
                       f"(step {trained.step:,})"),
             ("chat page", f"{url}/"), ("API base URL", f"{url}/v1"),
             ("API key", "required" if api_key else "none (loopback only)"),
             ("slots / queue", f"{settings.slots} / {settings.queue}"),
             ("max tokens / timeout", f"{settings.max_new_tokens} / {settings.max_time_s:g} s"),
-            ("stop", "Ctrl-C")]))
+            ("stop", "dry run: nothing served" if dry_run else "Ctrl-C")]))
 
-    run_server(request, listening)
+    if dry_run:
+        listening(run.dry_run(request))
+    else:
+        run.serve(request, listening)
 
 
 def _written_at(step_folder: Path) -> int:

@@ -126,6 +126,20 @@ def serve(request: ServeRequest, on_listening: Callable[[str], None]) -> None:
         sock.close()
 
 
+def dry_run(request: ServeRequest) -> str:
+    """Everything `serve` does before it accepts a connection (the settings, the app,
+    binding the port), then let go; the URL it would have served."""
+    require_serve_extra()
+    check_settings(request.settings, request.api_key)
+    app = build_app(request)
+    sock = bind(request.settings.host, request.settings.port)
+    try:
+        return url_of(sock)
+    finally:
+        app.state.routes.served.pool.close()
+        sock.close()
+
+
 @contextlib.contextmanager
 def serving_in_thread(request: ServeRequest, ready_timeout_s: float = 30.0) -> Iterator[Running]:
     """The server on a background thread, for tests and benchmarks: yields once it
