@@ -99,14 +99,17 @@ class Routes:
         deadline = time.monotonic() + self.settings.max_time_s
         chat = await self._request(request, ChatRequest)
         settings = sampling(self.settings, chat, deadline)
-        prompt = chat_prompt(self.served, settings, chat, self.settings.max_messages)
+        # Tokenizing up to a megabyte of messages takes a while: off the event loop, so
+        # streams in progress keep flowing.
+        prompt = await asyncio.to_thread(chat_prompt, self.served, settings, chat,
+                                         self.settings.max_messages)
         return await self._answer(request, chat, prompt, CHAT, deadline)
 
     async def completions(self, request: Request) -> Response:
         deadline = time.monotonic() + self.settings.max_time_s
         completion = await self._request(request, CompletionRequest)
         settings = sampling(self.settings, completion, deadline)
-        prompt = completion_prompt(self.served, settings, completion)
+        prompt = await asyncio.to_thread(completion_prompt, self.served, settings, completion)
         echo = completion.text if completion.echo else ""
         return await self._answer(request, completion, prompt, COMPLETION, deadline, echo)
 
@@ -118,7 +121,8 @@ class Routes:
             raise ApiError(415, "the request body must be JSON (Content-Type: application/json)")
         body = await read_body(request.stream(), request.headers.get("content-length"),
                                self.settings.max_body_bytes)
-        parsed = protocol.validated(kind, parse_json(body, self.settings.max_json_depth))
+        data = await asyncio.to_thread(parse_json, body, self.settings.max_json_depth)
+        parsed = protocol.validated(kind, data)
         self._check_model(parsed.model, param="model")
         return parsed
 
