@@ -112,15 +112,24 @@
     words.append(text);
     item.append(who, words);
     page.log.append(item);
-    item.scrollIntoView({ block: "end" });
+    page.log.scrollTop = page.log.scrollHeight;
     return { item, text };
+  }
+
+  /** Makes `change` to the conversation, keeping its end in view if it was: a reader
+   * who scrolled up to read is not pulled down by every new word. */
+  function following(change) {
+    const log = page.log;
+    const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 48;
+    change();
+    if (atEnd) log.scrollTop = log.scrollHeight;
   }
 
   function addNote(turn, note) {
     const small = document.createElement("span");
     small.className = "note";
     small.textContent = note;
-    turn.item.append(small);
+    following(() => turn.item.append(small));
   }
 
   function showFailure(err) {
@@ -226,8 +235,7 @@
       if (!response.ok) throw await refusal(response);
       const finish = await readEvents(response.body, (piece) => {
         said += piece;
-        answer.text.appendData(piece);
-        answer.item.scrollIntoView({ block: "end" });
+        following(() => answer.text.appendData(piece));
       });
       if (finish === "length") addNote(answer, "(cut off: the token limit)");
       setStatus("");
