@@ -134,7 +134,7 @@
 
   function showFailure(err) {
     const status = err instanceof Refusal ? err.status : 0;
-    const message = err instanceof Refusal ? err.message : `cannot reach the server (${err})`;
+    const message = err instanceof Refusal ? err.message : `the request failed: ${err.message || err}`;
     page.error.textContent = message;
     page.error.hidden = false;
     if (status === 401) askForKey();
