@@ -44,7 +44,8 @@ from fragment_llm.serve.slots import Job, Prompt
 log = logging.getLogger("fragment.serve")
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
-              "/chat.css": ("chat.css", "text/css; charset=utf-8")}
+              "/chat.css": ("chat.css", "text/css; charset=utf-8"),
+              "/favicon.svg": ("favicon.svg", "image/svg+xml")}
 Scope = MutableMapping[str, Any]
 Asgi = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                 Awaitable[None]]
