@@ -62,6 +62,7 @@ from fragment_llm.config import (
     GenerateConfig,
     ModelConfig,
     PreprocessConfig,
+    ServeConfig,
     TokenizerConfig,
     TrainConfig,
     load_stage_config,
@@ -747,7 +748,8 @@ def test_preprocess_api_on_one_fuzzed_file(scratch, data):
 
 STAGE_MODELS = {"preprocess": PreprocessConfig, "tokenizer": TokenizerConfig,
                 "model": ModelConfig, "train": TrainConfig, "finetune": FinetuneConfig,
-                "generate": GenerateConfig, "chat": ChatConfig}
+                "generate": GenerateConfig, "chat": ChatConfig,
+                "serve": ServeConfig}
 assert set(STAGE_MODELS) == set(STAGE_TABLES)
 
 TOML_SCALARS = st.one_of(
