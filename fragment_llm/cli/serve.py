@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,6 +17,10 @@ from fragment_llm.cli.common import (
     show,
     use_threads,
 )
+
+if TYPE_CHECKING:
+    from fragment_llm.config import ServeConfig
+    from fragment_llm.serve.run import ServeRequest
 
 
 @click.command(cls=FragmentCommand)
@@ -62,39 +68,53 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, dry_run: bool
     """
     from fragment_llm.cli.display import summary_table
     from fragment_llm.config import ServeConfig, load_stage_config
-    from fragment_llm.finetune.adapters import merge_adapters
-    from fragment_llm.finetune.artifact import load_tuned
     from fragment_llm.serve import run
     from fragment_llm.serve.guard import load_api_key
 
+    # Everything that can be refused without the model first (settings, key, host,
+    # origins, the extra, the port): a refusal is one line at once, not after the
+    # seconds that importing torch and loading a checkpoint take.
     settings = load_stage_config(ServeConfig, "serve", config_path, flags)
     api_key = load_api_key(settings.api_key_file)
     run.check_settings(settings, api_key)
     run.require_serve_extra()
+    with contextlib.closing(run.bind(settings.host, settings.port)) as sock:
+        request, step = _load(checkpoint_path, adapter_path, settings, api_key)
+
+        def listening(url: str) -> None:
+            show(summary_table("fragment serve", [
+                ("model", f"{run.model_id_for(settings, request.checkpoint_path)} "
+                          f"(step {step:,})"),
+                ("chat page", f"{url}/"), ("API base URL", f"{url}/v1"),
+                ("API key", "required" if api_key else "none (loopback only)"),
+                ("slots / queue", f"{settings.slots} / {settings.queue}"),
+                ("max tokens / timeout",
+                 f"{settings.max_new_tokens} / {settings.max_time_s:g} s"),
+                ("stop", "dry run: nothing served" if dry_run else "Ctrl-C")]))
+
+        if dry_run:
+            listening(run.dry_run(request, sock))
+        else:
+            run.serve(request, listening, sock)
+
+
+def _load(checkpoint_path: Path | None, adapter_path: Path | None, settings: ServeConfig,
+          api_key: bytes | None) -> tuple[ServeRequest, int]:
+    """The model to serve (an adapter folded in), as a ServeRequest; and its step."""
+    from fragment_llm.finetune.adapters import merge_adapters
+    from fragment_llm.finetune.artifact import load_tuned
+    from fragment_llm.serve.run import ServeRequest
+
     use_threads(settings.threads)
     trained = load_tuned(model_paths(checkpoint_path, adapter_path), adapter_path)
     if trained.adapter is not None:
         # Folded in once (W + s·B·A): every token is then as fast as the base's.
         merge_adapters(trained.model)
     trained.model.eval()
-    request = run.ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
+    request = ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
                            trained.checkpoint.path, _written_at(trained.checkpoint.path),
                            settings, api_key)
-
-    def listening(url: str) -> None:
-        show(summary_table("fragment serve", [
-            ("model", f"{run.model_id_for(settings, trained.checkpoint.path)} "
-                      f"(step {trained.step:,})"),
-            ("chat page", f"{url}/"), ("API base URL", f"{url}/v1"),
-            ("API key", "required" if api_key else "none (loopback only)"),
-            ("slots / queue", f"{settings.slots} / {settings.queue}"),
-            ("max tokens / timeout", f"{settings.max_new_tokens} / {settings.max_time_s:g} s"),
-            ("stop", "dry run: nothing served" if dry_run else "Ctrl-C")]))
-
-    if dry_run:
-        listening(run.dry_run(request))
-    else:
-        run.serve(request, listening)
+    return request, trained.step
 
 
 def _written_at(step_folder: Path) -> int:

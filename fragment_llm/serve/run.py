@@ -2,6 +2,9 @@
 
 The socket is bound here, not by uvicorn, so a port in use (or an address this machine
 does not have) is a one-line error naming it, and `--port 0` can report the port it got.
+Importing this module is cheap (no torch, no FastAPI): `fragment serve` checks its
+settings, its key and its port with it before it loads the model, so a refusal is
+immediate rather than seconds later.
 uvicorn runs with its own limits tightened: headers capped, idle connections closed,
 and at most `slots + queue + 32` connections open at once (past that, 503).
 """
@@ -22,15 +25,14 @@ from typing import TYPE_CHECKING
 
 from fragment_llm.config import ServeConfig
 from fragment_llm.errors import ConfigError, FragmentError
-from fragment_llm.model.gpt import GPT
 from fragment_llm.serve import guard
-from fragment_llm.serve.answer import Served
-from fragment_llm.serve.slots import SlotPool
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and FastAPI: imported where the app is built
     import uvicorn
     from fastapi import FastAPI
+
+    from fragment_llm.model.gpt import GPT
 
 MAX_HEADER_BYTES = 16 * 1024
 KEEP_ALIVE_S = 5
@@ -100,7 +102,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def build_app(request: ServeRequest) -> FastAPI:
     """The app for `request` (FastAPI is imported here: it is the serve extra's)."""
+    from fragment_llm.serve.answer import Served
     from fragment_llm.serve.app import create_app
+    from fragment_llm.serve.slots import SlotPool
 
     settings = request.settings
     pool = SlotPool(request.model, request.tokenizer, settings.slots, settings.queue)
@@ -109,14 +113,16 @@ def build_app(request: ServeRequest) -> FastAPI:
     return create_app(served, settings, request.api_key)
 
 
-def serve(request: ServeRequest, on_listening: Callable[[str], None]) -> None:
-    """Serve until interrupted; `on_listening(url)` once the port is bound."""
+def serve(request: ServeRequest, on_listening: Callable[[str], None],
+          sock: socket.socket | None = None) -> None:
+    """Serve until interrupted; `on_listening(url)` once the port is bound. `sock`: a
+    socket `bind` made already (closed on return), else the settings' host and port."""
     require_serve_extra()
     import uvicorn
 
     check_settings(request.settings, request.api_key)
     app = build_app(request)
-    sock = bind(request.settings.host, request.settings.port)
+    sock = sock or bind(request.settings.host, request.settings.port)
     _log_to_stderr(request.settings.access_log)
     on_listening(url_of(sock))
     try:
@@ -126,13 +132,13 @@ def serve(request: ServeRequest, on_listening: Callable[[str], None]) -> None:
         sock.close()
 
 
-def dry_run(request: ServeRequest) -> str:
+def dry_run(request: ServeRequest, sock: socket.socket | None = None) -> str:
     """Everything `serve` does before it accepts a connection (the settings, the app,
-    binding the port), then let go; the URL it would have served."""
+    binding the port), then let go; the URL it would have served. `sock` as for serve."""
     require_serve_extra()
     check_settings(request.settings, request.api_key)
     app = build_app(request)
-    sock = bind(request.settings.host, request.settings.port)
+    sock = sock or bind(request.settings.host, request.settings.port)
     try:
         return url_of(sock)
     finally:
