@@ -8,6 +8,10 @@ generation to hold its slot slows every forward pass down (`slow_tokens`).
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,6 +22,7 @@ from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT
 from fragment_llm.model.gpt import GPT
 from fragment_llm.tokenizer.chat_template import Conversation, Turn, render_prompt, template_for
 from fragment_llm.tokenizer.tokenizer import Tokenizer
+from tests.helpers import REPO
 from tests.serve.conftest import API_KEY, CHAT_ANSWER, serve_model
 
 openai = pytest.importorskip("openai")
@@ -69,6 +74,23 @@ def wait_until_idle(running, timeout_s: float = 3.0) -> float:
         assert time.monotonic() - started < timeout_s, f"busy {pool.busy}, waiting {pool.waiting}"
         time.sleep(0.01)
     return time.monotonic() - started
+
+
+# ------------------------------------------------------------------------ the docs
+
+
+def test_the_snippet_in_the_docs_runs_as_written(server):
+    """docs/serve.md's client example, run as a user would: only the port is ours."""
+    docs = (REPO / "docs" / "serve.md").read_text(encoding="utf-8")
+    section = docs.split("### Pointing the openai client at it", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert "http://127.0.0.1:8000/v1" in snippet
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", snippet.replace(
+        "http://127.0.0.1:8000/v1", f"{server.url}/v1")], capture_output=True, text=True,
+        env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{CHAT_ANSWER}\n{CHAT_ANSWER}"
 
 
 # ------------------------------------------------------------------------ models
