@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fragment_llm.config import GenerateConfig, ServeConfig
 from fragment_llm.errors import PromptError
@@ -38,6 +40,18 @@ class Served:
     chat_format: str | None
     model_id: str
     created: int  # when the checkpoint was written (Unix time), for /v1/models
+    # The jobs answers are reading now (weakly: a finished job drops out by itself), and
+    # whether the server is shutting down; see `stop_all`.
+    live: weakref.WeakSet[Job] = field(default_factory=weakref.WeakSet, compare=False)
+    stopping: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def stop_all(self) -> None:
+        """The server is shutting down: every answer in progress, and any that a queued
+        request starts from now on, ends at its next token (`finish_reason` "length"),
+        so each response completes rather than being cut off mid-stream."""
+        self.stopping.set()
+        for job in list(self.live):
+            job.cancel()
 
 
 def sampling(settings: ServeConfig, request: Request, deadline: float) -> GenerateConfig:
@@ -148,6 +162,9 @@ class Answer:
             served, job, prompt, shape, echo)
         self.response_id = protocol.new_id(shape.prefix)
         self.outcome: Outcome | None = None
+        served.live.add(job)
+        if served.stopping.is_set():
+            job.cancel()
 
     def usage(self) -> dict[str, int]:
         new_tokens = self.outcome.stats.new_tokens if self.outcome else 0

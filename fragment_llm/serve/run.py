@@ -118,15 +118,13 @@ def serve(request: ServeRequest, on_listening: Callable[[str], None],
     """Serve until interrupted; `on_listening(url)` once the port is bound. `sock`: a
     socket `bind` made already (closed on return), else the settings' host and port."""
     require_serve_extra()
-    import uvicorn
-
     check_settings(request.settings, request.api_key)
     app = build_app(request)
     sock = sock or bind(request.settings.host, request.settings.port)
     _log_to_stderr(request.settings.access_log)
     on_listening(url_of(sock))
     try:
-        uvicorn.Server(_uvicorn_config(app, request.settings)).run(sockets=[sock])
+        _server(app, request.settings).run(sockets=[sock])
     finally:
         app.state.routes.served.pool.close()
         sock.close()
@@ -151,12 +149,10 @@ def serving_in_thread(request: ServeRequest, ready_timeout_s: float = 30.0) -> I
     """The server on a background thread, for tests and benchmarks: yields once it
     accepts connections, stops (and frees its port) on exit."""
     require_serve_extra()
-    import uvicorn
-
     check_settings(request.settings, request.api_key)
     app = build_app(request)
     sock = bind(request.settings.host, request.settings.port)
-    server = uvicorn.Server(_uvicorn_config(app, request.settings))
+    server = _server(app, request.settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -182,6 +178,23 @@ class Running:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _server(app: FastAPI, settings: ServeConfig) -> uvicorn.Server:
+    """uvicorn's server, whose shutdown (Ctrl-C, SIGTERM) first ends the answers in
+    progress: their responses then complete within a token, and the shutdown is
+    graceful, rather than uvicorn waiting out its grace period and cancelling each
+    request (a traceback on the terminal, a client cut off mid-stream)."""
+    import uvicorn
+
+    served = app.state.routes.served
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            served.stop_all()
+            await super().shutdown(sockets)
+
+    return Server(_uvicorn_config(app, settings))
 
 
 def _uvicorn_config(app: FastAPI, settings: ServeConfig) -> uvicorn.Config:

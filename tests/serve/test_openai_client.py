@@ -438,3 +438,20 @@ def test_the_time_limit_cuts_an_answer_with_finish_reason_length(chat_checkpoint
         assert time.monotonic() - started < 2.0  # not the 5 s that 100 tokens take
         assert reply.choices[0].finish_reason == "length"
         assert 0 < reply.usage.completion_tokens < 100
+
+
+def test_stopping_the_server_ends_answers_in_progress_cleanly(chat_checkpoint, slow_tokens,
+                                                              capfd):
+    """Ctrl-C while a client reads a long answer: the answer ends at once (its last chunk,
+    then [DONE]) and the server exits, rather than waiting out uvicorn's grace period
+    and cancelling the request with a traceback on the terminal."""
+    with serve_model(chat_checkpoint, max_new_tokens=100) as running:
+        client = client_for(running.url)
+        stream = hold_the_slot(client)
+        stopping = time.monotonic()
+    stopped_in = time.monotonic() - stopping
+    rest = list(stream)  # the client reads to the end: no connection error
+    assert rest[-1].choices[0].finish_reason == "length" and len(rest) < 99
+    client.close()
+    assert stopped_in < 1.5  # uvicorn's grace period is 2 s
+    assert "Traceback" not in capfd.readouterr().err
