@@ -210,6 +210,19 @@ def test_the_same_seed_gives_the_same_text(checkpoint):
         assert len({text(seed) for seed in range(4)}) > 1  # the seed does choose
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_model_that_writes_terminal_escapes_sends_none(hostile_checkpoint, stream):
+    """A client may print what it gets: the model's `ok`, then a screen clear and an OSC
+    title (`ESC[2J`, C1 `0;pwned` BEL), over and over: the sequences go, whole."""
+    with serve_model(hostile_checkpoint, max_new_tokens=40) as running, \
+            client_for(running.url) as client:
+        reply = client.completions.create(model=client.models.list().data[0].id, prompt="hi",
+                                          max_tokens=40, temperature=0, stream=stream)
+        text = ("".join(chunk.choices[0].text for chunk in reply) if stream
+                else reply.choices[0].text)
+    assert text.startswith("okok") and text.replace("ok", "") == "", repr(text)
+
+
 # ------------------------------------------------------------------------ refusals
 
 
