@@ -223,6 +223,32 @@ def test_a_model_that_writes_terminal_escapes_sends_none(hostile_checkpoint, str
     assert text.startswith("okok") and text.replace("ok", "") == "", repr(text)
 
 
+@pytest.fixture
+def broken_model(monkeypatch):
+    """Every forward pass of every model gives NaN logits, as a broken checkpoint would."""
+    forward = GPT.forward
+
+    def nan_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+
+
+def test_a_model_that_fails_is_a_500_without_detail(chat_checkpoint, broken_model, capfd):
+    with serve_model(chat_checkpoint, max_new_tokens=16) as running, \
+            client_for(running.url) as client:
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="chat", messages=HI)
+        assert failed.value.status_code == 500 and failed.value.code == "model_error"
+        assert "not finite" in failed.value.body["message"]
+        with pytest.raises(openai.APIError) as mid_stream:  # an error event, then [DONE]
+            list(client.chat.completions.create(model="chat", messages=HI, stream=True))
+        assert "not finite" in mid_stream.value.message
+        wait_until_idle(running)
+    output = capfd.readouterr()
+    assert "Traceback" not in output.err + output.out
+
+
 # ------------------------------------------------------------------------ refusals
 
 
