@@ -67,13 +67,12 @@ def pool_of(running):
     return running.app.state.routes.served.pool
 
 
-def wait_until_idle(running, timeout_s: float = 3.0) -> float:
-    """Seconds until no slot is busy and nobody waits; fails past `timeout_s`."""
+def wait_until_idle(running, timeout_s: float = 3.0) -> None:
+    """Until no slot is busy and nobody waits; fails past `timeout_s`."""
     pool, started = pool_of(running), time.monotonic()
     while pool.busy or pool.waiting:
         assert time.monotonic() - started < timeout_s, f"busy {pool.busy}, waiting {pool.waiting}"
         time.sleep(0.01)
-    return time.monotonic() - started
 
 
 # ------------------------------------------------------------------------ the docs
@@ -383,7 +382,7 @@ def test_a_full_queue_is_a_429_with_retry_after(chat_checkpoint, slow_tokens):
         started = time.monotonic()
         with pytest.raises(openai.RateLimitError) as refused:
             client.chat.completions.create(model="chat", messages=HI)
-        assert time.monotonic() - started < 1.0  # refused at once, not queued
+        assert time.monotonic() - started < 3.0  # refused at once, not after the 5 s
         assert refused.value.status_code == 429 and refused.value.code == "server_busy"
         assert refused.value.response.headers["retry-after"] == "1"
         stream.close()
@@ -413,11 +412,11 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_checkpoint, slow_to
             client_for(running.url) as client:
         stream = hold_the_slot(client)
         stream.close()  # after the first chunk: 99 tokens (about 5 s) were still to come
-        assert wait_until_idle(running, timeout_s=2.0) < 2.0
+        wait_until_idle(running, timeout_s=2.5)
         started = time.monotonic()
         reply = client.chat.completions.create(model="chat", messages=HI)  # not a 429
         assert reply.choices[0].message.content == CHAT_ANSWER
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 2.5
         wait_until_idle(running)
 
 
@@ -427,7 +426,7 @@ def test_a_client_that_gives_up_waiting_frees_its_slot(chat_checkpoint, slow_tok
         with client_for(running.url, timeout=0.5) as impatient:
             with pytest.raises(openai.APITimeoutError):
                 impatient.completions.create(model="chat", prompt="hello", max_tokens=100)
-        assert wait_until_idle(running, timeout_s=2.0) < 2.0
+        wait_until_idle(running, timeout_s=2.5)
         with client_for(running.url) as client:
             reply = client.chat.completions.create(model="chat", messages=HI)
         assert reply.choices[0].message.content == CHAT_ANSWER
@@ -474,7 +473,7 @@ def test_the_time_limit_cuts_an_answer_with_finish_reason_length(chat_checkpoint
             client_for(running.url) as client:
         started = time.monotonic()
         reply = client.completions.create(model="chat", prompt="hello", max_tokens=100)
-        assert time.monotonic() - started < 2.0  # not the 5 s that 100 tokens take
+        assert time.monotonic() - started < 3.0  # not the 5 s that 100 tokens take
         assert reply.choices[0].finish_reason == "length"
         assert 0 < reply.usage.completion_tokens < 100
 
@@ -492,5 +491,6 @@ def test_stopping_the_server_ends_answers_in_progress_cleanly(chat_checkpoint, s
     rest = list(stream)  # the client reads to the end: no connection error
     assert rest[-1].choices[0].finish_reason == "length" and len(rest) < 99
     client.close()
-    assert stopped_in < 1.5  # uvicorn's grace period is 2 s
-    assert "Traceback" not in capfd.readouterr().err
+    assert stopped_in < 5.0  # (the answer ran another 5 s; a hang would never end)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "graceful shutdown exceeded" not in err, err
