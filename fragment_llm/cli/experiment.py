@@ -61,7 +61,8 @@ def experiment(plan_path: Path, out: Path | None, data: Path | None,
     Examples:
       fragment experiment examples/plan-lr-grid.toml --dry-run    # the runs it makes
       fragment experiment examples/plan-mlp.toml                  # about an hour
-      fragment report experiments/plan-mlp --out mlp.png          # its curves
+
+    Then `fragment report experiments/plan-mlp --out mlp.png` draws its curves.
     """
     from fragment_llm.experiment.plan import Plan
     from fragment_llm.experiment.runner import ExperimentRequest, run_experiment

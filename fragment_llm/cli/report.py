@@ -39,8 +39,10 @@ def report(paths: tuple[Path, ...], png: Path | None, as_json: bool) -> int:
     \b
     Examples:
       fragment report checkpoints                    # your own training, summarised
-      fragment report checkpoints --json             # the same, as JSON
-      fragment report experiments/plan-mlp experiments/plan-lr-grid --out runs.png
+      fragment report checkpoints --out curves.png   # and its curves (the plot extra)
+      fragment report checkpoints --json             # the summary as JSON
+
+    Several at once: `fragment report experiments/plan-mlp checkpoints --out all.png`.
     """
     from fragment_llm.experiment.report import find_runs, summarize, write_png
 

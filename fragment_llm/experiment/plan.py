@@ -231,8 +231,9 @@ def _budget_seconds(budget: Budget, path: Path) -> float | None:
         return None
     seconds = parse_duration(str(budget.max_time))
     if seconds is None:
-        raise ConfigError(f"invalid budget.max_time = {escape_for_display(repr(budget.max_time), 80)}"
-                          f": not a duration like 90s, 10m or 2h in (0, 1e8] s, in {path}")
+        shown = escape_for_display(repr(budget.max_time), 80)
+        raise ConfigError(f"invalid budget.max_time = {shown}: not a duration like 90s, 10m "
+                          f"or 2h in (0, 1e8] s, in {path}")
     return seconds
 
 
@@ -259,7 +260,10 @@ def _base_tables(base: str | Tables | None, path: Path) -> tuple[str, Tables]:
         return f"{path} [base]", base
     file = _inside(base, path, "base")
     assert file is not None
-    tables = read_config_file(file)
+    try:
+        tables = read_config_file(file)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.message} (the base of {path})", hint=exc.hint) from None
     extra = sorted(set(tables) - {"model", "train"})
     if extra:
         raise ConfigError(f"base config {file} has a [{extra[0]}] table, in {path}",
