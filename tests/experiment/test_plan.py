@@ -78,7 +78,8 @@ REFUSED = {
     "a wrong type": (MICRO + '[[runs]]\nname = "a"\ntrain.batch_size = "8"\n',
                      "invalid train.batch_size = '8'"),
     "grid too large": (MICRO + "[grid]\ntrain.lr = [1e-3, 2e-3, 3e-3, 4e-3]\n"
-                       "train.batch_size = [1, 2, 4, 8]\ntrain.beta1 = [0.8, 0.85, 0.9, 0.95, 0.99]\n",
+                       "train.batch_size = [1, 2, 4, 8]\n"
+                       "train.beta1 = [0.8, 0.85, 0.9, 0.95, 0.99]\n",
                        "[grid] makes 80 runs, more than 64"),
     "a huge grid, not expanded": (MICRO + "[grid]\n" + "".join(
         f"train.k{i} = [{', '.join(map(str, range(60)))}]\n" for i in range(16)),

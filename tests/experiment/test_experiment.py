@@ -1,0 +1,213 @@
+"""`fragment experiment` and `fragment report` end to end: a micro plan (2 runs x 2 seeds
+of a one-layer, 16-wide model, 20 steps) through the CLI, its results files, resuming it
+half finished, and the report's table and picture."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from fragment_llm.cli.app import cli
+from fragment_llm.cli.common import FLAGS
+from fragment_llm.experiment.metrics import Curves, Point
+from fragment_llm.experiment.report import minutes_to_reach
+from tests.helpers import REPO
+
+PLAN = """description = "micro"
+seeds = [1, 2]
+[budget]
+max_steps = 20
+[base.model]
+n_layer = 1
+n_head = 1
+n_embd = 16
+block_size = 16
+[base.train]
+batch_size = 2
+workers = 1
+checkpoint_every = 10
+eval_every = 10
+final_eval_blocks = 64
+device = "cpu"
+[[runs]]
+name = "a"
+[[runs]]
+name = "b"
+train.lr = 3e-3
+"""
+
+
+def fragment(*args: str) -> Result:
+    FLAGS.debug = FLAGS.quiet = False
+    return CliRunner().invoke(cli, list(args), prog_name="fragment")
+
+
+def run_plan(plan: Path, out: Path, corpus, *more: str) -> Result:
+    return fragment("experiment", str(plan), "--out", str(out), "--data", str(corpus.processed),
+                    "--tokenizer", str(corpus.tokenizer), *more)
+
+
+@pytest.fixture(scope="module")
+def child_env():
+    """Each run is a `python -m fragment_llm train` process: this tree, one thread."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO),
+                                                                 os.environ.get("PYTHONPATH")])))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def micro(corpus, child_env, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The micro plan run once, uninterrupted: (plan, out folder, its --json output)."""
+    root = tmp_path_factory.mktemp("experiment")
+    plan = root / "plan.toml"
+    plan.write_text(PLAN)
+    result = run_plan(plan, root / "out", corpus, "--json")
+    assert result.exit_code == 0, result.output
+    return plan, root / "out", json.loads(result.stdout)
+
+
+def seed_figures(out: Path) -> dict[tuple[str, int], tuple]:
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return {(s["run"], s["seed"]): (s["status"], s["steps"], s["val_bpb"])
+            for run in runs for s in run["seeds"]}
+
+
+def test_a_micro_plan_trains_every_run_and_seed_and_writes_the_results(micro):
+    plan, out, summary = micro
+    assert (summary["trained"], summary["skipped"], summary["failed"]) == (4, 0, 0)
+    for run in ("a", "b"):
+        for seed in (1, 2):
+            folder = out / run / f"seed-{seed}"
+            assert (folder / "step-0000020").is_dir() and (folder / "metrics.jsonl").is_file()
+            assert f"seed = {seed}\n" in (folder / "train.toml").read_text()
+    config = json.loads((out / "b" / "seed-1" / "step-0000020" / "config.json").read_text())
+    assert (config["train"]["lr"], config["train"]["seed"], config["model"]["n_embd"]) == \
+        (3e-3, 1, 16)  # an ordinary training run with the run's settings
+    figures = seed_figures(out)
+    assert {key: value[:2] for key, value in figures.items()} == {
+        (run, seed): ("done", 20) for run in "ab" for seed in (1, 2)}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["run"], r["overrides"], r["seeds_done"]) for r in rows] == [
+        ("a", "base", "2"), ("b", "train.lr=0.003", "2")]
+    bpbs = [figures[("b", 1)][2], figures[("b", 2)][2]]
+    b = summary["runs"][1]
+    assert b["val_bpb_mean"] == pytest.approx(sum(bpbs) / 2)
+    assert (b["val_bpb_min"], b["val_bpb_max"]) == (min(bpbs), max(bpbs))
+    assert b["val_bpb_std"] > 0 and b["steps"] == 20 and b["tokens_per_s"] > 0
+    assert 0 < b["mfu"] < 1 and b["peak_rss_mib"] > 50 and b["wall_s"] > 0
+    assert float(rows[1]["val_bpb_mean"]) == pytest.approx(b["val_bpb_mean"], rel=1e-5)
+
+
+def test_a_half_finished_plan_skips_what_is_done_and_resumes_the_rest_exactly(micro, tmp_path,
+                                                                               corpus):
+    """As if stopped during run b, seed 1, after its step-10 checkpoint: run a is
+    skipped, b seed 1 resumes from step 10, b seed 2 starts; every figure is the
+    uninterrupted plan's, bit for bit (CPU, fp32)."""
+    plan, reference, _ = micro
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "b" / "seed-1" / "step-0000020")
+    shutil.rmtree(out / "b" / "seed-2")
+    (out / "results.json").unlink()
+    result = run_plan(plan, out, corpus)
+    assert result.exit_code == 0, result.output
+    assert "[1/4] a seed 1: done at step 20" in result.output
+    assert "[3/4] b seed 1: resuming from step 10" in result.output
+    assert "[4/4] b seed 2: starting" in result.output
+    assert seed_figures(out) == seed_figures(reference)
+    again = run_plan(plan, out, corpus, "--json")
+    assert json.loads(again.stdout)["skipped"] == 4
+
+
+def test_a_folder_trained_with_other_settings_is_refused_before_any_run(micro, tmp_path,
+                                                                          corpus):
+    plan, reference, _ = micro
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    changed = tmp_path / "plan.toml"
+    changed.write_text(plan.read_text().replace("3e-3", "4e-3"))
+    result = run_plan(changed, out, corpus)
+    assert result.exit_code == 1
+    assert f"error: {out / 'b' / 'seed-1'} holds a run made with other settings" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_dry_run_lists_what_is_done_and_what_is_left(micro, tmp_path):
+    plan, reference, _ = micro
+    result = fragment("experiment", str(plan), "--out", str(reference), "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert {t["status"] for t in json.loads(result.stdout)["trainings"]} == {"done"}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_the_report_draws_every_run_in_one_png(micro, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, out, _ = micro
+    picture = tmp_path / "curves.png"
+    result = fragment("report", str(out), str(out / "a" / "seed-1"), "--out", str(picture))
+    assert result.exit_code == 0, result.output
+    assert png_size(picture) == (1200, 800)
+    assert f"curves: {picture}" in result.output
+
+
+def test_the_report_ranks_runs_and_says_the_gap_to_the_best(micro):
+    _, out, summary = micro
+    result = fragment("report", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["runs"]
+    by_result = sorted(summary["runs"], key=lambda r: r["val_bpb_mean"])
+    assert [r["name"] for r in rows] == [r["name"] for r in by_result]
+    best, other = rows
+    assert best["final_bpb"] == pytest.approx(by_result[0]["val_bpb_mean"])
+    assert best["gap"] is None and other["gap"] == pytest.approx(
+        other["final_bpb"] - best["final_bpb"])
+    assert best["seeds"] == 2 and best["steps"] == 20
+    text = fragment("report", str(out)).output
+    assert f"best: {best['name']}" in text and "(best)" in text
+
+
+def test_the_report_reads_a_single_run_folder_without_matplotlib(micro, monkeypatch, tmp_path):
+    _, out, _ = micro
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    single = out / "a" / "seed-1"
+    assert fragment("report", str(single)).exit_code == 0
+    result = fragment("report", str(single), "--out", str(tmp_path / "x.png"))
+    assert result.exit_code == 1 and not (tmp_path / "x.png").exists()
+    assert "needs matplotlib" in result.output and "fragment-llm[plot]" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_report_refuses_a_folder_without_runs(tmp_path):
+    result = fragment("report", str(tmp_path))
+    assert result.exit_code == 1 and "no metrics.jsonl in" in result.output
+
+
+def curve(*points: tuple[float, float]) -> Curves:
+    return Curves(Path("run"), (), tuple(Point(i, s, v) for i, (s, v) in enumerate(points)))
+
+
+def test_minutes_to_reach_interpolates_between_evaluations():
+    run = curve((0, 3.0), (60, 2.0), (120, 1.5))
+    assert minutes_to_reach(run, 2.5) == pytest.approx(0.5)
+    assert minutes_to_reach(run, 1.75) == pytest.approx(1.5)
+    assert minutes_to_reach(run, 3.5) == 0.0
+    assert minutes_to_reach(run, 1.0) is None  # never within its budget
