@@ -211,3 +211,51 @@ def test_minutes_to_reach_interpolates_between_evaluations():
     assert minutes_to_reach(run, 1.75) == pytest.approx(1.5)
     assert minutes_to_reach(run, 3.5) == 0.0
     assert minutes_to_reach(run, 1.0) is None  # never within its budget
+
+
+# ------------------------------------------------------------------- hostile folders
+
+
+def test_a_symlinked_run_folder_in_the_output_is_refused_before_any_run(tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "b").symlink_to(tmp_path / "elsewhere")
+    result = fragment("experiment", str(plan), "--out", str(tmp_path / "out"), "--data",
+                      str(tmp_path / "data"), "--tokenizer", str(tmp_path / "tokenizer.json"))
+    assert result.exit_code == 1, result.output
+    assert f"error: {tmp_path / 'out' / 'b'} is not a folder (a symlink or a file)" in result.output
+    assert not (tmp_path / "out" / "a").exists()  # refused before the first run
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_the_report_follows_no_symlinked_run_folder(micro, tmp_path):
+    _, out, _ = micro
+    (tmp_path / "link").symlink_to(out / "a" / "seed-1")
+    result = fragment("report", str(tmp_path / "link"))
+    assert result.exit_code == 1 and "not a run or experiment folder" in result.output
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "a").symlink_to(out / "a")  # a run inside: skipped, not followed
+    result = fragment("report", str(tmp_path / "experiment"))
+    assert result.exit_code == 1 and "no metrics.jsonl in" in result.output
+
+
+def test_hostile_metrics_lines_are_skipped(tmp_path):
+    from fragment_llm.experiment.metrics import read_curves
+
+    lines = ['{"step": 1, "train_loss": 5.0, "elapsed_s": 1.0}',
+             '{"step": 2, "train_loss": NaN, "elapsed_s": 2.0}',  # not JSON: skipped
+             '[1, 2, 3]', '"text"', '{"step": "3", "train_loss": 4.0}', '{"step": true}',
+             '{"step": 4, "train_loss": 1e999}',  # inf: no point
+             '{"step": 5, "val_bpb": 2.5' + " " * 70_000 + "}",  # over the line cap
+             '{"step": 6, "val_bpb": 2.0}',  # an old eval line: the last step's time
+             '{"step": 7, "train_loss": 3.0, "elapsed_s": 7.0, "val_bpb": 1.5}',
+             '{"step": 8, "train_lo']  # torn by a kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    curves = read_curves(tmp_path)
+    assert [(p.step, p.value) for p in curves.train_loss] == [(1, 5.0), (7, 3.0)]
+    assert [(p.step, p.elapsed_s, p.value) for p in curves.val_bpb] == [(6, 1.0, 2.0),
+                                                                       (7, 7.0, 1.5)]
