@@ -259,3 +259,32 @@ def test_hostile_metrics_lines_are_skipped(tmp_path):
     assert [(p.step, p.value) for p in curves.train_loss] == [(1, 5.0), (7, 3.0)]
     assert [(p.step, p.elapsed_s, p.value) for p in curves.val_bpb] == [(6, 1.0, 2.0),
                                                                        (7, 7.0, 1.5)]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_in_progress_at_a_checkpoint_and_the_plan_with_143(
+        corpus, child_env, tmp_path):
+    """SIGTERM to `fragment experiment` reaches its `fragment train` once (own process
+    group): the run saves a checkpoint short of its budget, the results are written
+    with it as partial, and the plan exits 143 with one line."""
+    import signal
+    import subprocess
+    import time
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.replace("max_steps = 20", "max_steps = 100000"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fragment_llm", "-q", "experiment", str(plan),
+                             "--out", str(out), "--data", str(corpus.processed),
+                             "--tokenizer", str(corpus.tokenizer)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "a" / "seed-1" / "step-0000010").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("terminated: the run in progress saved")
+    [seed] = json.loads((out / "results.json").read_text())["runs"][0]["seeds"][:1]
+    assert seed["status"] == "partial" and 10 <= seed["steps"] < 100000
