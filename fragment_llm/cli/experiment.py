@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from fragment_llm.experiment.plan import Plan
     from fragment_llm.experiment.results import RunResult
-    from fragment_llm.experiment.runner import ExperimentEvent
+    from fragment_llm.experiment.runner import ExperimentEvent, ExperimentSummary
 
 from fragment_llm.cli.common import (
     DEFAULT_PROCESSED,
@@ -71,7 +71,7 @@ def experiment(plan_path: Path, out: Path | None, data: Path | None,
     out = out or DEFAULT_EXPERIMENTS / plan_path.stem
     request = ExperimentRequest(plan, out, data or plan.data or DEFAULT_PROCESSED,
                                 tokenizer_path or plan.tokenizer or DEFAULT_TOKENIZER,
-                                quiet=FLAGS.quiet or as_json)
+                                quiet=FLAGS.quiet)
     if dry_run:
         return _dry_run(plan, out, as_json)
     summary = run_experiment(request, _progress)
@@ -84,13 +84,21 @@ def experiment(plan_path: Path, out: Path | None, data: Path | None,
     else:
         show(results_table(plan, summary.results), f"results: {out}/results.csv, "
                                                    f"{out}/results.json")
+    return _exit_code(summary, plan_path)
+
+
+def _exit_code(summary: ExperimentSummary, plan_path: Path) -> int:
+    """0 when every run trained; 130/143 when a signal stopped the plan; 1 on failures."""
     if summary.stopped_by is not None:
         import signal
+
+        from fragment_llm.cli.display import safe
 
         where = f"rerun `fragment experiment {plan_path}` to continue"
         if summary.stopped_by == signal.SIGTERM:
             raise Terminated(f"the run in progress saved a checkpoint; {where}")
-        click.echo(f"interrupted: the run in progress saved a checkpoint; {where}", err=True)
+        click.echo(safe(f"interrupted: the run in progress saved a checkpoint; {where}"),
+                   err=True)
         return EXIT_INTERRUPTED
     if summary.failed:
         from fragment_llm.errors import TrainingError

@@ -27,11 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fragment_llm.checkpoint.layout import list_checkpoints
 from fragment_llm.config import MAX_CONFIG_FILE_BYTES
 from fragment_llm.errors import ConfigError, OutputError
 from fragment_llm.experiment.metrics import FinalRecord, final_record, matmul_peak_gflops
 from fragment_llm.experiment.plan import Plan, Training
 from fragment_llm.experiment.results import (
+    ATTEMPTS_FILE,
     CONFIG_FILE,
     Attempt,
     RunResult,
@@ -110,6 +112,8 @@ def run_experiment(request: ExperimentRequest, on_event: ExperimentEventFn) -> E
             continue
         peak = peak or matmul_peak_gflops()  # once, before the first run that trains
         make_dirs(folder)
+        if record is None:  # a fresh start: a failed attempt's cost is not this run's
+            (folder / ATTEMPTS_FILE).unlink(missing_ok=True)
         atomic_write_text(folder / CONFIG_FILE, training.config_toml())
         on_event(TrainingStarted(index, len(trainings), training,
                                  record.step if record is not None else None))
@@ -138,14 +142,16 @@ def _check_inputs(request: ExperimentRequest) -> None:
 
 
 def _check_folder(training: Training, out: Path) -> None:
-    """A seed folder this plan did not make, or made with other settings, is refused:
-    skipping or resuming it would report another experiment's figures as this one's."""
+    """A seed folder with a checkpoint this plan did not make, or made with other
+    settings, is refused: skipping or resuming it would report another experiment's
+    figures as this one's. Without a checkpoint (a run that failed before its first)
+    there is nothing to keep: it starts afresh with the plan's settings."""
     folder = training.folder(out)
     for path in (out, out / training.run.name, folder):
         if os.path.islink(path) or os.path.lexists(path) and not path.is_dir():
             raise OutputError(f"{path} is not a folder (a symlink or a file)",
                               hint="choose another --out")
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if not list_checkpoints(folder):
         return
     config = folder / CONFIG_FILE
     recorded = None

@@ -288,3 +288,22 @@ def test_sigterm_stops_the_run_in_progress_at_a_checkpoint_and_the_plan_with_143
     assert err.strip().splitlines()[-1].startswith("terminated: the run in progress saved")
     [seed] = json.loads((out / "results.json").read_text())["runs"][0]["seeds"][:1]
     assert seed["status"] == "partial" and 10 <= seed["steps"] < 100000
+
+
+def test_a_failing_run_is_recorded_and_the_plan_exits_1(corpus, child_env, tmp_path):
+    """A run `fragment train` refuses (here: its memory plan over a 1 MiB cap) is marked
+    failed in the results; with no checkpoint, a corrected plan may start it afresh."""
+    from fragment_llm.experiment.plan import Plan
+    from fragment_llm.experiment.runner import _check_folder
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.replace("seeds = [1, 2]", "seeds = [1]")
+                    .replace('name = "b"\n', 'name = "b"\ntrain.max_memory = 1048576\n')
+                    .replace('[[runs]]\nname = "a"\n', ""))
+    result = run_plan(plan, tmp_path / "out", corpus)
+    assert result.exit_code == 1, result.output
+    assert "[1/1] b seed 1: failed (exit 1); the plan goes on" in result.output
+    assert "error: 1 training run(s) of" in result.output
+    assert seed_figures(tmp_path / "out")[("b", 1)] == ("failed", None, None)
+    plan.write_text(plan.read_text().replace("train.max_memory = 1048576\n", ""))
+    _check_folder(Plan.load(plan).trainings()[0], tmp_path / "out")  # not refused
