@@ -17,11 +17,15 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fragment_llm.errors import ConfigError
 from fragment_llm.experiment.metrics import Curves, Point, has_metrics, read_curves
 from fragment_llm.safety.files import atomic_write_bytes
 from fragment_llm.safety.text import escape_for_display
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 MAX_RUNS = 64
 MAX_CURVES = 256
@@ -124,28 +128,30 @@ def minutes_to_reach(curves: Curves, target: float) -> float | None:
 def _mean_minutes(run: ReportedRun, target: float) -> float | None:
     """The mean over seeds, or None when any seed never gets there."""
     times = [minutes_to_reach(c, target) for c in run.curves]
-    return None if any(t is None for t in times) else statistics.fmean(times)  # type: ignore[arg-type]
+    known = [t for t in times if t is not None]
+    return statistics.fmean(known) if known and len(known) == len(times) else None
 
 
 def summarize(runs: list[ReportedRun]) -> list[RunSummary]:
     """One row per run, the best (lowest final bpb) first."""
     ranked = sorted(runs, key=lambda r: (r.final_bpb is None, r.final_bpb or 0.0))
-    best = ranked[0] if ranked and ranked[0].final_bpb is not None else None
+    best = ranked[0] if ranked else None
+    best_bpb = best.final_bpb if best is not None else None
     rows = []
     for run in ranked:
         finals, value = run.finals, run.final_bpb
         known = [p.elapsed_s for p in finals if p.elapsed_s is not None]
-        compared = best is not None and run is not best and value is not None
+        versus = None  # (gap, this run's minutes to best's bpb, best's minutes to this one's)
+        if best is not None and best_bpb is not None and run is not best and value is not None:
+            versus = (value - best_bpb, _mean_minutes(run, best_bpb), _mean_minutes(best, value))
         rows.append(RunSummary(
             name=run.name, seeds=len(run.curves), final_bpb=value,
             spread=statistics.stdev(p.value for p in finals) if len(finals) > 1 else None,
             steps=statistics.fmean(p.step for p in finals) if finals else None,
             minutes=statistics.fmean(known) / 60 if known else None,
-            gap=value - best.final_bpb if compared else None,  # type: ignore[operator,union-attr]
-            reaches_best_min=(_mean_minutes(run, best.final_bpb)  # type: ignore[union-attr,arg-type]
-                              if compared else None),
-            best_reaches_this_min=(_mean_minutes(best, value)  # type: ignore[arg-type]
-                                   if compared else None)))
+            gap=versus[0] if versus else None,
+            reaches_best_min=versus[1] if versus else None,
+            best_reaches_this_min=versus[2] if versus else None))
     return rows
 
 
@@ -177,12 +183,14 @@ def write_png(runs: list[ReportedRun], target: Path) -> None:
     atomic_write_bytes(target, buffer.getvalue())
 
 
-def _plot_run(ax: object, run: ReportedRun, field: str, by_time: bool, colour: str) -> None:
+def _plot_run(ax: Axes, run: ReportedRun, field: str, by_time: bool, colour: str) -> None:
     # A folder name is text from disk: no terminal escapes, and no `$` (mathtext).
     label = escape_for_display(run.name, 60).replace("$", "\\$")
     for seed, curves in enumerate(run.curves):
-        points = [p for p in getattr(curves, field) if not by_time or p.elapsed_s is not None]
-        xs = [p.elapsed_s / 60 if by_time else p.step for p in points]  # type: ignore[operator]
-        ax.plot(xs, [p.value for p in points], color=colour, linewidth=1.2,  # type: ignore[attr-defined]
-                alpha=0.9 if seed == 0 else 0.5, label=label if seed == 0 else None,
+        points: list[Point] = getattr(curves, field)
+        xs = [p.elapsed_s / 60 if by_time and p.elapsed_s is not None else p.step
+              for p in points if not by_time or p.elapsed_s is not None]
+        ys = [p.value for p in points if not by_time or p.elapsed_s is not None]
+        ax.plot(xs, ys, color=colour, linewidth=1.2, alpha=0.9 if seed == 0 else 0.5,
+                label=label if seed == 0 else None,
                 marker="o" if field == "val_bpb" else None, markersize=3)

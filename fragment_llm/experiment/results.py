@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from pydantic import TypeAdapter, ValidationError
 
 from fragment_llm.errors import CheckpointError
 from fragment_llm.experiment.metrics import final_record
@@ -76,6 +79,7 @@ class RunResult:
     wall_s: float | None  # mean over seeds
 
 
+_ATTEMPTS = TypeAdapter(list[Attempt])
 COLUMNS = ("run", "overrides", "seeds_done", "val_bpb_mean", "val_bpb_std", "val_bpb_min",
            "val_bpb_max", "steps", "tokens_per_s", "mfu", "peak_rss_mib", "wall_s")
 
@@ -95,8 +99,10 @@ def read_attempts(folder: Path) -> list[Attempt]:
         raw = fh.read(1 << 20)
     try:
         doc = parse_json_guarded(raw, str(path), CheckpointError, max_depth=4)
-        return [Attempt(**item) for item in doc["attempts"][-MAX_ATTEMPTS:]]  # type: ignore[index]
-    except (CheckpointError, KeyError, TypeError):
+        items = doc.get("attempts") if isinstance(doc, dict) else None
+        # JSON mode: strict types (no "2" for 2, no true for 1), objects for dataclasses
+        return _ATTEMPTS.validate_json(json.dumps(items), strict=True)[-MAX_ATTEMPTS:]
+    except (CheckpointError, ValidationError):
         return []
 
 

@@ -307,3 +307,20 @@ def test_a_failing_run_is_recorded_and_the_plan_exits_1(corpus, child_env, tmp_p
     assert seed_figures(tmp_path / "out")[("b", 1)] == ("failed", None, None)
     plan.write_text(plan.read_text().replace("train.max_memory = 1048576\n", ""))
     _check_folder(Plan.load(plan).trainings()[0], tmp_path / "out")  # not refused
+
+
+@pytest.mark.parametrize("content", [
+    '{"attempts": [{"exit_code": 0, "wall_s": "long", "peak_rss_bytes": null, '
+    '"peak_gflops": null}]}',
+    '{"attempts": [{"exit_code": true, "wall_s": 1.0, "peak_rss_bytes": null, '
+    '"peak_gflops": null, "extra": 1}]}',
+    '{"attempts": 3}', '[1]', '{"attempts": [' * 50 + ']' * 50 + '}', "\\xff"])
+def test_a_hostile_experiment_record_is_ignored(tmp_path, content):
+    """experiment.json holds measurements only: a broken one is read as no attempts."""
+    from fragment_llm.experiment.results import ATTEMPTS_FILE, read_attempts
+
+    (tmp_path / ATTEMPTS_FILE).write_text(content)
+    assert read_attempts(tmp_path) == []
+    (tmp_path / ATTEMPTS_FILE).write_text('{"attempts": [{"exit_code": 0, "wall_s": 2, '
+                                          '"peak_rss_bytes": 1024, "peak_gflops": 30.5}]}')
+    assert read_attempts(tmp_path)[0].wall_s == 2
