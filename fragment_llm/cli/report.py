@@ -18,7 +18,7 @@ from fragment_llm.cli.common import FragmentCommand, json_option, show
 
 
 @click.command(cls=FragmentCommand)
-@click.argument("paths", metavar="RUN_OR_EXPERIMENT...", nargs=-1, required=True,
+@click.argument("paths", metavar="RUN_OR_PLAN...", nargs=-1, required=True,
                 type=click.Path(path_type=Path))
 @click.option("--out", "png", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw the curves into this PNG (needs matplotlib: "
@@ -28,9 +28,10 @@ def report(paths: tuple[Path, ...], png: Path | None, as_json: bool) -> int:
     """Compare runs: final validation bits per byte and minutes to reach the best.
 
     \b
-    Each path is a run folder (`fragment train --out`, with metrics.jsonl) or an
+    Each path is a run folder (`fragment train --out`, with metrics.jsonl), an
     experiment folder (`fragment experiment --out`: one run per subfolder, its
-    seeds averaged). The table ranks runs by final validation bits per byte and,
+    seeds averaged), or a plan file (its default folder, experiments/<plan name>).
+    The table ranks runs by final validation bits per byte and,
     in training minutes read off the curves: when each run reaches the best
     run's result ("never within budget" if it does not) and when the best run
     reached each one's. --out draws validation bpb and training loss against
@@ -46,7 +47,7 @@ def report(paths: tuple[Path, ...], png: Path | None, as_json: bool) -> int:
     """
     from fragment_llm.experiment.report import find_runs, summarize, write_png
 
-    runs = find_runs(list(paths))
+    runs = find_runs([_folder_of(path) for path in paths])
     if png is not None:
         write_png(runs, png)
     rows = summarize(runs)
@@ -56,6 +57,17 @@ def report(paths: tuple[Path, ...], png: Path | None, as_json: bool) -> int:
     else:
         show(summary_table(rows), *([f"curves: {png}"] if png is not None else []))
     return 0
+
+
+def _folder_of(path: Path) -> Path:
+    """A plan file stands for its default output folder (after it validates)."""
+    if path.suffix != ".toml" or not path.is_file():
+        return path
+    from fragment_llm.cli.experiment import DEFAULT_EXPERIMENTS
+    from fragment_llm.experiment.plan import Plan
+
+    Plan.load(path)
+    return DEFAULT_EXPERIMENTS / path.stem
 
 
 def summary_table(rows: list[RunSummary]) -> Table:

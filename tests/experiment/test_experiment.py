@@ -324,3 +324,14 @@ def test_a_hostile_experiment_record_is_ignored(tmp_path, content):
     (tmp_path / ATTEMPTS_FILE).write_text('{"attempts": [{"exit_code": 0, "wall_s": 2, '
                                           '"peak_rss_bytes": 1024, "peak_gflops": 30.5}]}')
     assert read_attempts(tmp_path)[0].wall_s == 2
+
+
+def test_the_report_of_a_plan_file_reads_its_default_folder(micro, tmp_path, monkeypatch):
+    plan, out, _ = micro
+    shutil.copytree(out, tmp_path / "experiments" / "micro")
+    shutil.copy(plan, tmp_path / "micro.toml")
+    monkeypatch.chdir(tmp_path)
+    by_plan = fragment("report", "micro.toml", "--json")
+    assert by_plan.exit_code == 0, by_plan.output
+    assert json.loads(by_plan.stdout) == json.loads(
+        fragment("report", str(out), "--json").stdout)
