@@ -31,11 +31,11 @@ def report(paths: tuple[Path, ...], png: Path | None, as_json: bool) -> int:
     Each path is a run folder (`fragment train --out`, with metrics.jsonl), an
     experiment folder (`fragment experiment --out`: one run per subfolder, its
     seeds averaged), or a plan file (its default folder, experiments/<plan name>).
-    The table ranks runs by final validation bits per byte and,
-    in training minutes read off the curves: when each run reaches the best
-    run's result ("never within budget" if it does not) and when the best run
-    reached each one's. --out draws validation bpb and training loss against
-    training minutes and against steps, every run in one picture.
+    The table ranks runs by final validation bits per byte and says, in training
+    minutes read off the curves, when each run reaches the best run's result
+    ("never within budget" if it does not) and when the best run reached each
+    one's. --out draws validation bpb and training loss against training minutes
+    and against steps, every run in one picture.
 
     \b
     Examples:
