@@ -173,11 +173,14 @@ class Plan:
         preset = spec.preset or DEFAULT_PRESET
         runs = tuple(_planned_run(name, overrides, preset, base, spec, max_time_s, path)
                      for name, overrides in _run_specs(spec, path))
-        names = [run.name for run in runs]
+        names = [run.name.lower() for run in runs]  # one folder on a case-blind disk
         if len(set(names)) != len(names):
-            twice = next(name for name in names if names.count(name) > 1)
+            twice = next(run.name for run in runs if names.count(run.name.lower()) > 1)
             raise ConfigError(f"run name {twice!r} appears twice, in {path}",
-                              hint="each run needs its own name: it is its folder")
+                              hint="each run needs its own name (case aside): it is its folder")
+        if len(set(spec.seeds)) != len(spec.seeds):
+            raise ConfigError(f"seeds repeat a seed ({spec.seeds}), in {path}",
+                              hint="a seed is a folder of each run: list each once")
         if len(runs) * len(spec.seeds) > MAX_TRAININGS:
             raise ConfigError(f"{len(runs)} runs x {len(spec.seeds)} seeds is more than "
                               f"{MAX_TRAININGS} trainings, in {path}",
