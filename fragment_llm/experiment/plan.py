@@ -191,10 +191,12 @@ class Plan:
 
     @property
     def budget(self) -> str:
-        """`10m`, `500 steps`, or `10m or 500 steps`."""
+        """`10m`, `90s`, `500 steps`, or `10m or 500 steps`."""
         parts = []
         if self.max_time_s is not None:
-            parts.append(f"{self.max_time_s / 60:g}m")
+            seconds = self.max_time_s
+            parts.append(f"{seconds:g}s" if seconds < 60 else f"{seconds / 60:g}m"
+                         if seconds < 3600 else f"{seconds / 3600:g}h")
         if self.max_steps is not None:
             parts.append(f"{self.max_steps:,} steps")
         return " or ".join(parts)

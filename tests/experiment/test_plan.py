@@ -41,6 +41,7 @@ def test_runs_layer_preset_base_overrides_budget_and_seed(tmp_path):
     assert (base.model.n_layer, base.model.n_embd, wide.model.n_embd) == (4, 128, 256)  # tiny
     assert (base.train.lr, wide.train.lr, wide.train.batch_size) == (1e-3, 2e-3, 4)
     assert (wide.train.max_steps, wide.train.max_time_s) == (50, 90.0)
+    assert plan.budget == "1.5m or 50 steps"
     assert wide.label == "model.n_embd=256 train.lr=0.002" and base.label == "base"
     assert [(t.run.name, t.seed) for t in plan.trainings()] == [
         ("base", 7), ("base", 8), ("wide", 7), ("wide", 8)]
