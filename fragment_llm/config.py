@@ -84,11 +84,12 @@ class TokenizerConfig(StageConfig):
     workers: int = Field(2, ge=1, le=256, description="processes for counting and encoding")
 
 
-def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
-    """Parse a TOML config file into its stage tables, refusing anything unexpected."""
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file of at most 1 MiB (no symlink, no FIFO); every failure is one
+    `ConfigError` line naming the file."""
     raw = read_capped(path, MAX_CONFIG_FILE_BYTES, ConfigError)
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config is not UTF-8 (byte {exc.start}), in {path}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -98,6 +99,11 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
                           ) from None
     except RecursionError:
         raise ConfigError(f"TOML nested too deeply, in {path}") from None
+
+
+def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse a TOML config file into its stage tables, refusing anything unexpected."""
+    doc = read_toml(path)
     for key, value in doc.items():
         if key not in STAGE_TABLES:
             raise ConfigError(f"unknown table [{escape_for_display(key)}] in {path}",
@@ -157,10 +163,33 @@ def resolve(model: type[Stage], table: str, file_tables: dict[str, dict[str, Any
         if value is not None:
             values[key] = value
             sources[key] = "--" + key.replace("_", "-")
+    return validate_stage(model, table, values, sources)
+
+
+def validate_stage(model: type[Stage], table: str, values: dict[str, Any],
+                   sources: dict[str, str]) -> Stage:
+    """Validate layered `values`; a refusal names the field and `sources[field]`, where
+    that value came from (a file, a flag, an experiment plan's run)."""
     try:
         return model.model_validate(values)
     except ValidationError as exc:
         raise _explain(model, table, exc, sources) from None
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """`90s`, `10m`, `2h`, `1.5h` or plain seconds -> seconds; None if it is not one,
+    or not in (0, 1e8] (NaN and inf are not)."""
+    text = text.strip().lower()
+    unit = text[-1] if text and text[-1] in _DURATION_UNITS else "s"
+    number = text[:-1] if text and text[-1] in _DURATION_UNITS else text
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        return None
+    return seconds if 0 < seconds <= 1e8 else None
 
 
 def load_stage_config(model: type[Stage], table: str, config_path: Path | None,

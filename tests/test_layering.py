@@ -2,7 +2,7 @@
 
 Imports flow one way, from the command line down to the safety net:
 
-    cli -> evaluate, verify -> train, inference, export -> checkpoint
+    cli -> evaluate, verify, experiment -> train, inference, export -> checkpoint
         -> data, tokenizer, model -> safety, config, errors, events
 
 Every `import` counts, including those inside functions (they hide cycles from Python
@@ -30,7 +30,7 @@ LAYERS = {
     "data": 1, "tokenizer": 1, "model": 1,
     "checkpoint": 2,
     "train": 3, "inference": 3, "export": 3, "finetune": 3,
-    "evaluate": 4, "verify": 4, "serve": 4,
+    "evaluate": 4, "verify": 4, "serve": 4, "experiment": 4,
     "cli": 5, "__main__": 5,
 }
 TERMINAL_LIBRARIES = ("click", "rich")

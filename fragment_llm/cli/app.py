@@ -35,10 +35,12 @@ from fragment_llm.cli.common import (
     report_internal_error,
 )
 from fragment_llm.cli.evaluate import evaluate
+from fragment_llm.cli.experiment import experiment
 from fragment_llm.cli.finetune import finetune
 from fragment_llm.cli.generate import generate
 from fragment_llm.cli.merge import merge
 from fragment_llm.cli.preprocess import preprocess
+from fragment_llm.cli.report import report
 from fragment_llm.cli.serve import serve
 from fragment_llm.cli.tokenizer import export_tokenizer_command, train_tokenizer_command
 from fragment_llm.cli.train import train
@@ -137,7 +139,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 # The verbs, each in its own module; `fragment --help` lists them alphabetically.
 for command in (preprocess, train_tokenizer_command, export_tokenizer_command, train, finetune,
-                merge, evaluate, verify, generate, chat, serve):
+                merge, evaluate, verify, generate, chat, serve, experiment, report):
     cli.add_command(command)
 
 

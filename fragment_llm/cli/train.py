@@ -33,7 +33,6 @@ from fragment_llm.cli.common import (
 )
 from fragment_llm.safety.signals import Terminated
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -44,17 +43,14 @@ class Duration(click.ParamType):
 
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
+        from fragment_llm.config import parse_duration
+
         if isinstance(value, (int, float)):
             return float(value)
-        text = str(value).strip().lower()
-        unit = text[-1] if text and text[-1] in _DURATION_UNITS else "s"
-        number = text[:-1] if text and text[-1] in _DURATION_UNITS else text
-        try:
-            seconds = float(number) * _DURATION_UNITS[unit]
-        except ValueError:
-            self.fail(f"{value!r} is not a duration like 90s, 10m or 2h", param, ctx)
-        if not 0 < seconds <= 1e8:  # NaN fails too
-            self.fail(f"{value!r} must be more than 0 and at most 1e8 s (3 years)", param, ctx)
+        seconds = parse_duration(str(value))
+        if seconds is None:
+            self.fail(f"{value!r} is not a duration like 90s, 10m or 2h, more than 0 and "
+                      "at most 1e8 s (3 years)", param, ctx)
         return seconds
 
 

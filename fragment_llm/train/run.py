@@ -490,8 +490,9 @@ class TrainLoop:
         if self.evaluation is None:
             return None
         event = EvalEvent(self.trainer.step, *self.evaluation)
-        if log:
-            self._hold_failure(lambda: self.metrics.write(dataclasses.asdict(event)))
+        if log:  # with the training time, so a report can place it on a time axis
+            record = {**dataclasses.asdict(event), "elapsed_s": self.trainer.elapsed}
+            self._hold_failure(lambda: self.metrics.write(record))
         self.on_event(event)
         return event
 

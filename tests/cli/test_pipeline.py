@@ -75,6 +75,7 @@ def workspace(tmp_path_factory) -> Path:
     (root / "start.txt").write_text("To be, or not to be")
     (root / "key.txt").write_text("an-example-key-of-32-characters!\n")
     (root / "serve.toml").write_text("[serve]\nport = 0\nslots = 1\nmax_new_tokens = 64\n")
+    shutil.copytree(REPO / "examples", root / "examples")  # the experiment plans
     shutil.copytree(root / "data" / "processed", root / "other" / "processed")
     write_conversations(root / "data" / "conversations")
     with contextlib.chdir(root):
@@ -139,6 +140,7 @@ LONG = {
     "fragment finetune --base checkpoints --method dora --rank 8 --max-time 10m":
         "ten minutes by design",
     "fragment finetune --base checkpoints --method full --out checkpoints-full": "300 steps",
+    "fragment experiment examples/plan-mlp.toml": "6 runs of ten minutes by design",
     "fragment serve": "serves until Ctrl-C",
     "fragment serve --checkpoint checkpoints-merged --port 8080": "serves until Ctrl-C",
     "fragment serve --adapter checkpoints-chat --slots 1 --max-tokens 128": "serves until Ctrl-C",
@@ -147,7 +149,7 @@ LONG = {
 # Examples that need room the workspace's 16-token model lacks, given it by a flag.
 ROOMIER = {'fragment generate --adapter checkpoints-chat --prompt "Who are you?"':
            " --max-new-tokens 1"}  # a chat question must fit the window less the answer
-NEVER_EXACT = {"fragment train --max-time 10m",
+NEVER_EXACT = {"fragment train --max-time 10m", "fragment experiment examples/plan-mlp.toml",
                "fragment finetune --base checkpoints --method dora --rank 8 --max-time 10m",
                *(line for line in LONG if line.startswith("fragment serve"))}
 

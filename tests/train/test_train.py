@@ -143,7 +143,8 @@ STEP_KEYS = {"step", "train_loss", "lr", "grad_norm", "skipped", "tokens_per_s",
 
 def test_a_run_sends_its_events_in_order_and_logs_them_as_metrics(corpus, tmp_path):
     """A step's metrics.jsonl line is its `StepEvent` (with the figures of an evaluation
-    made at that step), and an evaluation logged alone is its `EvalEvent`."""
+    made at that step), and an evaluation logged alone is its `EvalEvent` with the
+    training time it came at."""
     events: list[TrainEvent] = []
     out = tmp_path / "run"
     run_training(request(corpus, out, max_steps=6, eval_every=3, checkpoint_every=4,
@@ -159,13 +160,13 @@ def test_a_run_sends_its_events_in_order_and_logs_them_as_metrics(corpus, tmp_pa
     assert [(x["step"], set(x)) for x in lines] == [
         (1, STEP_KEYS), (2, STEP_KEYS), (3, STEP_KEYS | {"val_loss", "val_bpb"}),
         (4, STEP_KEYS), (6, STEP_KEYS | {"val_loss", "val_bpb"}),
-        (6, {"step", "val_loss", "val_bpb"})]
+        (6, {"step", "val_loss", "val_bpb", "elapsed_s"})]
     steps = {e.step: e for e in events if isinstance(e, StepEvent)}
     evals = [e for e in events if isinstance(e, EvalEvent)]
     assert lines[1] == dataclasses.asdict(steps[2])
     assert lines[2] == {**dataclasses.asdict(steps[3]), "val_loss": evals[0].val_loss,
                         "val_bpb": evals[0].val_bpb}
-    assert lines[-1] == dataclasses.asdict(evals[-1])
+    assert lines[-1] == {**dataclasses.asdict(evals[-1]), "elapsed_s": steps[6].elapsed_s}
     checkpoint = events[-1]
     assert isinstance(checkpoint, CheckpointEvent) and checkpoint.path == out / "step-0000006"
 
