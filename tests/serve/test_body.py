@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fragment_llm.serve.body import json_depth, parse_json, read_body
+from fragment_llm.safety.files import json_depth
+from fragment_llm.serve.body import parse_json, read_body
 from fragment_llm.serve.errors import ApiError
 
 # Strings full of what confuses a bracket counter: brackets, quotes and backslashes.
