@@ -7,7 +7,9 @@ unless --cors-origin allows it), the body's size (read in chunks, refused past t
 its encoding and depth, then every field. Only then is a slot taken.
 
 Every failure is an OpenAI-shaped error (serve/errors.py); an unexpected exception is a
-500 with no detail in the response, and one line in the server's log.
+500 with no detail in the response, and one line in the server's log. The Gatekeeper
+turns it into that 500, so it carries the same security headers as every other
+response (Starlette's own last-resort handler sits outside all middleware).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from fragment_llm.config import ServeConfig
+from fragment_llm.safety.text import sanitize_prompt
 from fragment_llm.serve import guard, protocol
 from fragment_llm.serve.answer import (
     CHAT,
@@ -36,7 +39,7 @@ from fragment_llm.serve.answer import (
     completion_prompt,
     sampling,
 )
-from fragment_llm.serve.body import parse_json, read_body
+from fragment_llm.serve.body import MAX_BODY_SECONDS, parse_json, read_body
 from fragment_llm.serve.errors import ApiError
 from fragment_llm.serve.protocol import ChatRequest, CompletionRequest, R
 from fragment_llm.serve.slots import Job, Prompt
@@ -64,7 +67,6 @@ def create_app(served: Served, settings: ServeConfig, api_key: bytes | None) -> 
         app.get(path)(routes.page)
     app.exception_handler(ApiError)(_api_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
-    app.exception_handler(Exception)(_internal_error)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"],
@@ -98,7 +100,7 @@ class Routes:
 
     async def chat_completions(self, request: Request) -> Response:
         deadline = time.monotonic() + self.settings.max_time_s
-        chat = await self._request(request, ChatRequest)
+        chat = await self._request(request, ChatRequest, deadline)
         settings = sampling(self.settings, chat, deadline)
         # Tokenizing up to a megabyte of messages takes a while: off the event loop, so
         # streams in progress keep flowing.
@@ -108,20 +110,23 @@ class Routes:
 
     async def completions(self, request: Request) -> Response:
         deadline = time.monotonic() + self.settings.max_time_s
-        completion = await self._request(request, CompletionRequest)
+        completion = await self._request(request, CompletionRequest, deadline)
         settings = sampling(self.settings, completion, deadline)
         prompt = await asyncio.to_thread(completion_prompt, self.served, settings, completion)
-        echo = completion.text if completion.echo else ""
+        # The prompt as the model saw it: escape sequences and control characters that
+        # the sanitiser removed must not come back to a terminal through the echo.
+        echo = sanitize_prompt(completion.text) if completion.echo else ""
         return await self._answer(request, completion, prompt, COMPLETION, deadline, echo)
 
-    async def _request(self, request: Request, kind: type[R]) -> R:
+    async def _request(self, request: Request, kind: type[R], deadline: float) -> R:
         """Key, media type, capped body, bounded JSON, fields, model: in that order."""
         guard.check_key(request.headers.get("authorization"), self.api_key)
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type != "application/json":
             raise ApiError(415, "the request body must be JSON (Content-Type: application/json)")
         body = await read_body(request.stream(), request.headers.get("content-length"),
-                               self.settings.max_body_bytes)
+                               self.settings.max_body_bytes,
+                               min(MAX_BODY_SECONDS, deadline - time.monotonic()))
         data = await asyncio.to_thread(parse_json, body, self.settings.max_json_depth)
         parsed = protocol.validated(kind, data)
         self._check_model(parsed.model, param="model")
@@ -184,10 +189,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("internal error: %s", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
-    error = ApiError(500, "internal server error", code="internal_error")
-    return JSONResponse(error.body(), status_code=500)
+INTERNAL_ERROR = ApiError(500, "internal server error", code="internal_error")
 
 
 # ------------------------------------------------------------------------ gatekeeper
@@ -230,6 +232,13 @@ class Gatekeeper:
                 await response(scope, receive, send_with_headers)
                 return
             await self.app(scope, receive, send_with_headers)
+        except Exception as exc:  # noqa: BLE001 (the last resort: logged, answered, dropped)
+            # The type only: an exception's text may quote the request.
+            log.error("internal error: %s", type(exc).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            if not status[0]:  # nothing sent yet; otherwise the connection just ends
+                response = JSONResponse(INTERNAL_ERROR.body(), status_code=500)
+                await response(scope, receive, send_with_headers)
         finally:
             if self.access_log:
                 self._log(scope, status[0], time.monotonic() - started)

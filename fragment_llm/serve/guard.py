@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +30,8 @@ API_KEY_ENV = "FRAGMENT_API_KEY"
 MIN_KEY_CHARS = 16
 MAX_KEY_BYTES = 4096
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets; then maybe a port.
+_HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]]*))(?::[0-9]{1,5})?")
 
 # Every response: no sniffing, no framing, no referrer, nothing cached. The page gets a
 # content security policy that allows its own script and style and calls to this
@@ -121,7 +124,11 @@ def check_host_header(host_header: str | None, bound_host: str) -> None:
 
 
 def _host_name(host_header: str) -> str:
-    """`'127.0.0.1:8000' -> '127.0.0.1'`, `'[::1]:80' -> '::1'`, `'localhost' -> ...`."""
-    if host_header.startswith("["):
-        return host_header[1:].partition("]")[0]
-    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
+    """`'127.0.0.1:8000' -> '127.0.0.1'`, `'[::1]:80' -> '::1'`, `'localhost.' ->
+    'localhost'`; "" for anything that is not `host[:port]` (`'localhost:80@evil'`)."""
+    match = _HOST_HEADER.fullmatch(host_header)
+    if match is None:
+        return ""
+    name = match["ipv6"] or match["name"]
+    # The root's trailing dot names the same host: "localhost." is localhost.
+    return name.removesuffix(".")

@@ -13,11 +13,13 @@ Responses: `chat.completion` / `chat.completion.chunk` and `text_completion`, wi
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from fragment_llm.serve.errors import ApiError
 
@@ -143,12 +145,24 @@ def validated(request_type: type[R], data: object) -> R:
     try:
         return request_type.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(part) for part in error["loc"]) or "body"
+        error = _most_specific(exc.errors(include_input=False, include_url=False))
+        where = ".".join(str(part) for part in error["loc"] if not _UNION_MEMBER.match(
+            str(part))) or "body"
         if error["type"] == "extra_forbidden":
             raise ApiError(400, f"{where}: unrecognized request argument", param=where
                            ) from None
         raise ApiError(400, f"{where}: {error['msg']}", param=where) from None
+
+
+# pydantic names the member of a union a value failed in its location
+# (`stop.list[constrained-str].0`); a client knows the field as `stop.0`.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|(list|dict|tuple)\[.*\])$")
+
+
+def _most_specific(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The error that goes deepest into the value: for `"stop": [""]`, the list's first
+    item is too short, rather than "stop: not a string" from the union's other member."""
+    return max(errors, key=lambda error: len(error["loc"]))
 
 
 # ------------------------------------------------------------------------ responses
