@@ -171,12 +171,13 @@ def test_a_body_over_the_cap_is_refused_from_its_content_length_unread(server):
     assert reply.error()["code"] == "request_too_large"
 
 
-def test_a_chunked_body_without_end_is_cut_at_the_cap(server):
+@pytest.mark.parametrize("connection", [None, "close"])
+def test_a_chunked_body_without_end_is_cut_at_the_cap(server, connection):
     chunk = b"[" * 4096
     sent = 0
     with server.connect() as sock:
         sock.sendall(request_bytes(server, "POST", "/v1/chat/completions",
-                                   headers={"Content-Length": None, "Connection": None,
+                                   headers={"Content-Length": None, "Connection": connection,
                                             "Transfer-Encoding": "chunked"}))
         # Send chunks (2 MB/s) until the server answers (it never gets a last chunk).
         while not select.select([sock], [], [], 0.002)[0]:
