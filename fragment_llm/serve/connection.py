@@ -33,7 +33,7 @@ from fragment_llm.serve.errors import ApiError
 
 HEADER_TIMEOUT_S = 10.0
 LINGER_S = 2.0
-LINGER_BYTES = 1 << 20
+LINGER_BYTES = 16 << 20
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -43,6 +43,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
+        # uvicorn closes the transport itself after answering a request that said
+        # `Connection: close` (urllib's always do); through this wrapper, that lingers too.
+        self._socket = transport
+        self.transport = _LingeringClose(transport, self)  # type: ignore[assignment]
         self._header_timer: asyncio.TimerHandle | None = None
         self._linger_bytes: int | None = None  # bytes still to drop before closing
         self._await_headers()
@@ -51,7 +55,7 @@ class GuardedH11Protocol(H11Protocol):
         if self._linger_bytes is not None:
             self._linger_bytes -= len(data)
             if self._linger_bytes < 0:
-                self.transport.close()
+                self._socket.close()
             return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # a whole request line and headers
@@ -59,14 +63,25 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.transport.is_closing():
+        if self._socket.is_closing() or self._linger_bytes is not None:
             return
         if self.conn.their_state is h11.SEND_BODY:
             # Answered before its body was read: nothing more of it is wanted.
-            self._linger_bytes = LINGER_BYTES
-            self.loop.call_later(LINGER_S, self.transport.close)
+            self.close_when_drained()
         elif self.conn.their_state is h11.IDLE:
             self._await_headers()  # the next request on this connection
+
+    def close_when_drained(self) -> None:
+        """Close now, or, while the request's body is still arriving, once it has been
+        read and dropped for `LINGER_S` or `LINGER_BYTES` (see the module docstring)."""
+        if self._linger_bytes is not None:
+            return
+        if self._socket.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            self._socket.close()
+            return
+        self._linger_bytes = LINGER_BYTES
+        self.flow.resume_reading()  # uvicorn pauses reading a body that nobody reads
+        self.loop.call_later(LINGER_S, self._socket.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
@@ -105,6 +120,19 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.write(self.conn.send(h11.Data(data=body)))
         self.transport.write(self.conn.send(h11.EndOfMessage()))
         self.transport.close()
+
+
+class _LingeringClose:
+    """A transport whose `close()` is the protocol's `close_when_drained()`."""
+
+    def __init__(self, transport: asyncio.BaseTransport, protocol: GuardedH11Protocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_when_drained()
 
 
 def _headers(length: int) -> list[tuple[bytes, bytes]]:
