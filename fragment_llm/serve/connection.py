@@ -37,7 +37,8 @@ LINGER_BYTES = 16 << 20
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline (see the module docstring)."""
+    """uvicorn's h11 protocol with a header deadline, a lingering close, and refusals in
+    OpenAI's shape (see the module docstring)."""
 
     header_timeout_s = HEADER_TIMEOUT_S  # a class attribute, so a test can shorten it
 
