@@ -13,7 +13,8 @@ keep-alive timer does not help: any byte that arrives cancels it. This protocol 
   read and thrown away, forever. Not at once: the rest of the body is read and dropped
   for up to `LINGER_S` or `LINGER_BYTES` ("lingering close"), because closing a socket
   with unread bytes sends a reset, and a reset can destroy the response before the
-  client has read it;
+  client has read it. A body that does end within those limits leaves a kept-alive
+  connection open for the client's next request, as before;
 - requests that are not HTTP refused in OpenAI's error shape, with the security
   headers every other response carries, rather than uvicorn's plain text.
 
@@ -49,14 +50,14 @@ class GuardedH11Protocol(H11Protocol):
         self._socket = transport
         self.transport = _LingeringClose(transport, self)  # type: ignore[assignment]
         self._header_timer: asyncio.TimerHandle | None = None
-        self._linger_bytes: int | None = None  # bytes still to drop before closing
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_bytes = 0  # while lingering: what may still be read and dropped
+        self._close_after_linger = False
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self._linger_bytes is not None:
-            self._linger_bytes -= len(data)
-            if self._linger_bytes < 0:
-                self._socket.close()
+        if self._linger_timer is not None:
+            self._drain(data)
             return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # a whole request line and headers
@@ -64,28 +65,59 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._socket.is_closing() or self._linger_bytes is not None:
+        if self._socket.is_closing() or self._linger_timer is not None:
             return
         if self.conn.their_state is h11.SEND_BODY:
-            # Answered before its body was read: nothing more of it is wanted.
-            self.close_when_drained()
+            # Answered before its body was read: the rest is read and dropped.
+            self._linger(close_after=False)
         elif self.conn.their_state is h11.IDLE:
             self._await_headers()  # the next request on this connection
 
     def close_when_drained(self) -> None:
-        """Close now, or, while the request's body is still arriving, once it has been
-        read and dropped for `LINGER_S` or `LINGER_BYTES` (see the module docstring)."""
-        if self._linger_bytes is not None:
-            return
-        if self._socket.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+        """Close now, or, while the request's body is still arriving, once the rest of
+        it has been read and dropped (within `LINGER_S` and `LINGER_BYTES`)."""
+        if self._linger_timer is not None:
+            self._close_after_linger = True
+        elif self._socket.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            self._socket.close()
+        else:
+            self._linger(close_after=True)
+
+    def _linger(self, close_after: bool) -> None:
+        self._close_after_linger = close_after
+        self._linger_bytes = LINGER_BYTES
+        self._linger_timer = self.loop.call_later(LINGER_S, self._socket.close)
+        self.flow.resume_reading()  # uvicorn pauses reading a body that nobody reads
+
+    def _drain(self, data: bytes) -> None:
+        """Drop the unread body; at its end, close or go on to the next request."""
+        self._linger_bytes -= len(data)
+        if self._linger_bytes < 0:
             self._socket.close()
             return
-        self._linger_bytes = LINGER_BYTES
-        self.flow.resume_reading()  # uvicorn pauses reading a body that nobody reads
-        self.loop.call_later(LINGER_S, self._socket.close)
+        self.conn.receive_data(data)
+        try:
+            while (event := self.conn.next_event()) is not h11.NEED_DATA:
+                if isinstance(event, h11.EndOfMessage):
+                    break
+            else:
+                return  # more of the body to come
+        except h11.RemoteProtocolError:
+            self._socket.close()
+            return
+        self._linger_timer.cancel()  # type: ignore[union-attr]
+        self._linger_timer = None
+        if self._close_after_linger or self.conn.our_state is not h11.DONE:
+            self._socket.close()
+            return
+        self.conn.start_next_cycle()
+        self._await_headers()
+        self.handle_events()  # a next request that came with the body's end
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:

@@ -183,6 +183,21 @@ def test_the_413_reaches_a_client_that_sends_its_whole_body_first(server, connec
         assert_refused(read_reply(sock), 413, None, "over")
 
 
+def test_a_body_that_ends_after_an_early_answer_leaves_the_connection_usable(server):
+    # A 401 sent before the body arrives (as the openai client's requests can be): the
+    # body is read and dropped, and the kept-alive connection serves the next request.
+    body = json.dumps({"model": MODEL, "messages": USER}).encode()
+    with server.connect() as sock:
+        replies = Replies(sock)
+        sock.sendall(request_bytes(server, "POST", "/v1/chat/completions", body,
+                                   {"Authorization": "Bearer wrong", "Connection": None})
+                     [:-len(body)])
+        assert_refused(read_reply(replies), 401, None, "API key")
+        sock.sendall(body + request_bytes(server, "POST", "/v1/chat/completions", body,
+                                          {"Connection": None}))
+        assert read_reply(replies).status == 200
+
+
 @pytest.mark.parametrize("connection", [None, "close"])
 def test_a_chunked_body_without_end_is_cut_at_the_cap(server, connection, monkeypatch):
     monkeypatch.setattr(connection_module, "LINGER_S", 0.3)
