@@ -49,8 +49,9 @@ class _Request(BaseModel):
     n: int | None = Field(None, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = (
-        Field(None, max_length=MAX_STOP_STRINGS))
+    # The count caps the list only: on the whole union it capped one string at 4 characters.
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                          Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     # Not OpenAI's, but what this server's sampler offers (llama.cpp and vLLM take them).
     top_k: int | None = Field(None, ge=1, le=1 << 20)
@@ -160,9 +161,12 @@ _UNION_MEMBER = re.compile(r"^(str|int|float|bool|(list|dict|tuple)\[.*\])$")
 
 
 def _most_specific(errors: list[ErrorDetails]) -> ErrorDetails:
-    """The error that goes deepest into the value: for `"stop": [""]`, the list's first
-    item is too short, rather than "stop: not a string" from the union's other member."""
-    return max(errors, key=lambda error: len(error["loc"]))
+    """The error that goes deepest into the value, and of those one where the value had
+    the right type: for `"stop": [""]` the list's first item is too short, for five stop
+    strings the list is too long, rather than "stop: not a string" from the union's
+    other member."""
+    return max(errors, key=lambda error: (len(error["loc"]),
+                                          not error["type"].endswith("_type")))
 
 
 # ------------------------------------------------------------------------ responses

@@ -329,6 +329,16 @@ def test_each_completion_field_out_of_range_is_400_naming_it(server, fields, par
     assert_refused(reply, 400, param, param.partition(".")[0])
 
 
+@pytest.mark.parametrize("stop", ["\n\nUser:", "s" * 64, ["\n\nUser:", "s" * 64, "a", "b"]])
+def test_stop_strings_up_to_their_limits_are_accepted(server, stop):
+    # Four strings of up to 64 characters each, or one string alone: the count limit
+    # sat on the whole field and refused a single string of more than 4 characters.
+    reply = chat(server, stop=stop)
+    assert reply.status == 200, reply.body
+    assert post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": stop,
+                                            "max_tokens": 2}).status == 200
+
+
 def test_an_unknown_model_is_404_naming_the_field(server):
     reply = chat(server, model="gpt-4o")
     assert_refused(reply, 404, "model", "'gpt-4o' does not exist")
