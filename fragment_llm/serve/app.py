@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from fragment_llm.config import ServeConfig
+from fragment_llm.inference.engine import Engine
 from fragment_llm.safety.text import sanitize_prompt
 from fragment_llm.serve import guard, protocol
 from fragment_llm.serve.answer import (
@@ -42,7 +43,7 @@ from fragment_llm.serve.answer import (
 from fragment_llm.serve.body import MAX_BODY_SECONDS, parse_json, read_body
 from fragment_llm.serve.errors import ApiError
 from fragment_llm.serve.protocol import ChatRequest, CompletionRequest, R
-from fragment_llm.serve.slots import Job, Prompt
+from fragment_llm.serve.slots import Job, Prompt, SlotPool
 
 log = logging.getLogger("fragment.serve")
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -141,7 +142,7 @@ class Routes:
     async def _answer(self, request: Request, parsed: ChatRequest | CompletionRequest,
                       prompt: Prompt, shape: Shape, deadline: float, echo: str = "") -> Response:
         pool = self.served.pool
-        engine = await pool.acquire(deadline)
+        engine = await self._slot(request, deadline)
         job = Job(asyncio.get_running_loop())
         try:
             # The time spent queueing is gone from the answer's budget.
@@ -159,6 +160,32 @@ class Routes:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return StreamingResponse(answer.events(include_usage), media_type="text/event-stream",
                                  headers={"x-accel-buffering": "no"})
+
+
+    async def _slot(self, request: Request, deadline: float) -> Engine:
+        """A generation slot, after a wait in the queue if need be. A client that hangs
+        up while it waits gives its place back at once, rather than holding it until a
+        slot frees and then starting an answer nobody reads."""
+        pool = self.served.pool
+        acquiring = asyncio.ensure_future(pool.acquire(deadline))
+        gone = _disconnected(request)
+        try:
+            done, _ = await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                # A slot that comes free in the same instant goes back to the pool.
+                acquiring.add_done_callback(lambda task: _give_back(pool, task))
+        if acquiring not in done:
+            raise ApiError(499, "the client closed the connection while its request waited "
+                                "for a slot", code="client_closed")
+        return acquiring.result()  # the engine, or Busy / 503 from the pool
+
+
+def _give_back(pool: SlotPool, acquiring: asyncio.Future[Engine]) -> None:
+    if not acquiring.cancelled() and acquiring.exception() is None:
+        pool.release_unused(acquiring.result())
 
 
 def _disconnected(request: Request) -> asyncio.Future[None]:

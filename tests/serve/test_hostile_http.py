@@ -15,11 +15,12 @@ import logging
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from fragment_llm.model.gpt import GPT
 from fragment_llm.serve import app as app_module
 from fragment_llm.serve import connection as connection_module
 from fragment_llm.serve import guard
@@ -474,6 +475,45 @@ def test_the_log_never_holds_the_request_text(open_server, caplog, capfd):
 
 
 # ------------------------------------------------------------------ slow clients
+
+
+def test_a_client_that_leaves_the_queue_gives_its_place_back(chat_checkpoint, monkeypatch):
+    forward = GPT.forward
+
+    def slow_forward(self, *args, **kwargs):  # 100 tokens: 5 s on the slot
+        time.sleep(0.05)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_forward)
+    with serve_model(chat_checkpoint, slots=1, queue=1, max_new_tokens=100) as running:
+        server, pool = server_of(running.url), running.app.state.routes.served.pool
+        holder = {"model": MODEL, "prompt": "hello", "max_tokens": 100, "stream": True}
+        with server.connect() as first:
+            first.sendall(request_bytes(server, "POST", "/v1/completions",
+                                        json.dumps(holder).encode()))
+            assert read_reply_head(first) == 200  # streaming: the slot is taken
+            with server.connect() as second:
+                second.sendall(request_bytes(server, "POST", "/v1/chat/completions",
+                                             json.dumps({"model": MODEL, "messages": USER})
+                                             .encode()))
+                wait_for(lambda: pool.waiting == 1)
+            # The second client hung up: its place is free while the first still runs.
+            wait_for(lambda: pool.waiting == 0, seconds=1.5)
+            assert pool.busy == 1
+        wait_for(lambda: pool.busy == 0)
+
+
+def read_reply_head(sock: socket.socket) -> int:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "never happened"
+        time.sleep(0.01)
 
 
 @pytest.fixture
