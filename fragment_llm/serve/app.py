@@ -161,7 +161,6 @@ class Routes:
         return StreamingResponse(answer.events(include_usage), media_type="text/event-stream",
                                  headers={"x-accel-buffering": "no"})
 
-
     async def _slot(self, request: Request, deadline: float) -> Engine:
         """A generation slot, after a wait in the queue if need be. A client that hangs
         up while it waits gives its place back at once, rather than holding it until a

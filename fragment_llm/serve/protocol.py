@@ -147,8 +147,9 @@ def validated(request_type: type[R], data: object) -> R:
         return request_type.model_validate(data)
     except ValidationError as exc:
         error = _most_specific(exc.errors(include_input=False, include_url=False))
-        where = ".".join(str(part) for part in error["loc"] if not _UNION_MEMBER.match(
-            str(part))) or "body"
+        # (Past the first part: a top-level key named `str` is a key, not a union member.)
+        where = ".".join(str(part) for index, part in enumerate(error["loc"])
+                         if index == 0 or not _UNION_MEMBER.match(str(part))) or "body"
         if error["type"] == "extra_forbidden":
             raise ApiError(400, f"{where}: unrecognized request argument", param=where
                            ) from None

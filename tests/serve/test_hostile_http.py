@@ -312,7 +312,7 @@ TOO_MANY_MESSAGES = [{"role": "user", "content": "hi"}] * 257
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
     ({"messages": [*USER, {"role": "assistant", "content": "ok"}]}, "messages"),
-    ({"temprature": 0.5}, "temprature"), ({"model": ""}, "model"),
+    ({"temprature": 0.5}, "temprature"), ({"str": 1}, "str"), ({"model": ""}, "model"),
 ])
 def test_each_chat_field_out_of_range_is_400_naming_it(server, fields, param):
     reply = chat(server, **fields)
