@@ -7,7 +7,9 @@ unless --cors-origin allows it), the body's size (read in chunks, refused past t
 its encoding and depth, then every field. Only then is a slot taken.
 
 Every failure is an OpenAI-shaped error (serve/errors.py); an unexpected exception is a
-500 with no detail in the response, and one line in the server's log.
+500 with no detail in the response, and one line in the server's log. The Gatekeeper
+turns it into that 500, so it carries the same security headers as every other
+response (Starlette's own last-resort handler sits outside all middleware).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from fragment_llm.config import ServeConfig
+from fragment_llm.inference.engine import Engine
+from fragment_llm.safety.text import sanitize_prompt
 from fragment_llm.serve import guard, protocol
 from fragment_llm.serve.answer import (
     CHAT,
@@ -36,10 +40,10 @@ from fragment_llm.serve.answer import (
     completion_prompt,
     sampling,
 )
-from fragment_llm.serve.body import parse_json, read_body
+from fragment_llm.serve.body import MAX_BODY_SECONDS, parse_json, read_body
 from fragment_llm.serve.errors import ApiError
 from fragment_llm.serve.protocol import ChatRequest, CompletionRequest, R
-from fragment_llm.serve.slots import Job, Prompt
+from fragment_llm.serve.slots import Job, Prompt, SlotPool
 
 log = logging.getLogger("fragment.serve")
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -64,7 +68,6 @@ def create_app(served: Served, settings: ServeConfig, api_key: bytes | None) -> 
         app.get(path)(routes.page)
     app.exception_handler(ApiError)(_api_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
-    app.exception_handler(Exception)(_internal_error)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"],
@@ -98,7 +101,7 @@ class Routes:
 
     async def chat_completions(self, request: Request) -> Response:
         deadline = time.monotonic() + self.settings.max_time_s
-        chat = await self._request(request, ChatRequest)
+        chat = await self._request(request, ChatRequest, deadline)
         settings = sampling(self.settings, chat, deadline)
         # Tokenizing up to a megabyte of messages takes a while: off the event loop, so
         # streams in progress keep flowing.
@@ -108,20 +111,23 @@ class Routes:
 
     async def completions(self, request: Request) -> Response:
         deadline = time.monotonic() + self.settings.max_time_s
-        completion = await self._request(request, CompletionRequest)
+        completion = await self._request(request, CompletionRequest, deadline)
         settings = sampling(self.settings, completion, deadline)
         prompt = await asyncio.to_thread(completion_prompt, self.served, settings, completion)
-        echo = completion.text if completion.echo else ""
+        # The prompt as the model saw it: escape sequences and control characters that
+        # the sanitiser removed must not come back to a terminal through the echo.
+        echo = sanitize_prompt(completion.text) if completion.echo else ""
         return await self._answer(request, completion, prompt, COMPLETION, deadline, echo)
 
-    async def _request(self, request: Request, kind: type[R]) -> R:
+    async def _request(self, request: Request, kind: type[R], deadline: float) -> R:
         """Key, media type, capped body, bounded JSON, fields, model: in that order."""
         guard.check_key(request.headers.get("authorization"), self.api_key)
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type != "application/json":
             raise ApiError(415, "the request body must be JSON (Content-Type: application/json)")
         body = await read_body(request.stream(), request.headers.get("content-length"),
-                               self.settings.max_body_bytes)
+                               self.settings.max_body_bytes,
+                               min(MAX_BODY_SECONDS, deadline - time.monotonic()))
         data = await asyncio.to_thread(parse_json, body, self.settings.max_json_depth)
         parsed = protocol.validated(kind, data)
         self._check_model(parsed.model, param="model")
@@ -136,7 +142,7 @@ class Routes:
     async def _answer(self, request: Request, parsed: ChatRequest | CompletionRequest,
                       prompt: Prompt, shape: Shape, deadline: float, echo: str = "") -> Response:
         pool = self.served.pool
-        engine = await pool.acquire(deadline)
+        engine = await self._slot(request, deadline)
         job = Job(asyncio.get_running_loop())
         try:
             # The time spent queueing is gone from the answer's budget.
@@ -154,6 +160,31 @@ class Routes:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return StreamingResponse(answer.events(include_usage), media_type="text/event-stream",
                                  headers={"x-accel-buffering": "no"})
+
+    async def _slot(self, request: Request, deadline: float) -> Engine:
+        """A generation slot, after a wait in the queue if need be. A client that hangs
+        up while it waits gives its place back at once, rather than holding it until a
+        slot frees and then starting an answer nobody reads."""
+        pool = self.served.pool
+        acquiring = asyncio.ensure_future(pool.acquire(deadline))
+        gone = _disconnected(request)
+        try:
+            done, _ = await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                # A slot that comes free in the same instant goes back to the pool.
+                acquiring.add_done_callback(lambda task: _give_back(pool, task))
+        if acquiring not in done:
+            raise ApiError(499, "the client closed the connection while its request waited "
+                                "for a slot", code="client_closed")
+        return acquiring.result()  # the engine, or Busy / 503 from the pool
+
+
+def _give_back(pool: SlotPool, acquiring: asyncio.Future[Engine]) -> None:
+    if not acquiring.cancelled() and acquiring.exception() is None:
+        pool.release_unused(acquiring.result())
 
 
 def _disconnected(request: Request) -> asyncio.Future[None]:
@@ -184,10 +215,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("internal error: %s", type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
-    error = ApiError(500, "internal server error", code="internal_error")
-    return JSONResponse(error.body(), status_code=500)
+INTERNAL_ERROR = ApiError(500, "internal server error", code="internal_error")
 
 
 # ------------------------------------------------------------------------ gatekeeper
@@ -230,6 +258,13 @@ class Gatekeeper:
                 await response(scope, receive, send_with_headers)
                 return
             await self.app(scope, receive, send_with_headers)
+        except Exception as exc:  # noqa: BLE001 (the last resort: logged, answered, dropped)
+            # The type only: an exception's text may quote the request.
+            log.error("internal error: %s", type(exc).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            if not status[0]:  # nothing sent yet; otherwise the connection just ends
+                response = JSONResponse(INTERNAL_ERROR.body(), status_code=500)
+                await response(scope, receive, send_with_headers)
         finally:
             if self.access_log:
                 self._log(scope, status[0], time.monotonic() - started)

@@ -6,42 +6,48 @@ a client cannot make the server hold more than the cap. The bytes are then check
 for UTF-8 and for nesting depth *before* `json.loads` sees them: Python's parser
 recurses once per level, and `[[[[...` a few thousand deep would be a RecursionError
 (a traceback) rather than a refusal. Numbers that are not finite (`NaN`, `Infinity`,
-which Python's parser accepts and JSON does not) are refused too.
+which Python's parser accepts and JSON does not) are refused too, and so is a key
+that appears twice in one object. A body that trickles
+in is cut off (408) after `MAX_BODY_SECONDS`, so a slow client cannot hold a connection
+open by sending a byte now and then.
 
 This module knows no web framework: `read_body` takes any async iterator of chunks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 
-import numpy as np
-
+from fragment_llm.safety.files import json_depth
 from fragment_llm.serve.errors import ApiError
 
-# A JSON string with its escapes (removed first, so a bracket inside one is not
-# counted; the unrolled form is linear and 3-6x faster than an alternation), then
-# everything that is not a bracket.
-_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_OTHER = re.compile(rb"[^\[\]{}]+")
+# A body trickling in holds a connection: it must all arrive within this (or within the
+# request's own wall-clock cap, when that is shorter).
+MAX_BODY_SECONDS = 10.0
 
 
 async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None,
-                    max_bytes: int) -> bytes:
+                    max_bytes: int, max_seconds: float = MAX_BODY_SECONDS) -> bytes:
     """The whole body, or ApiError 413 as soon as it is known to be over `max_bytes`
-    (from its Content-Length before reading, else while reading)."""
+    (from its Content-Length before reading, else while reading), or 408 when it has
+    not all arrived within `max_seconds`."""
     if declared_length is not None:
         if not declared_length.isdigit():
             raise ApiError(400, "the Content-Length header is not a number")
         if int(declared_length) > max_bytes:
             raise too_large(max_bytes)
     body = bytearray()
-    async for chunk in chunks:
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large(max_bytes)
+    try:
+        async with asyncio.timeout(max_seconds):
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > max_bytes:
+                    raise too_large(max_bytes)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {max_seconds:.3g} s",
+                       code="request_timeout", headers={"connection": "close"}) from None
     return bytes(body)
 
 
@@ -61,26 +67,23 @@ def parse_json(body: bytes, max_depth: int) -> object:
     depth = json_depth(body)
     if depth > max_depth:
         raise ApiError(400, f"the request body nests {depth:,} levels deep; the limit is "
-                            f"{max_depth}")
+                            f"{max_depth} (max_json_depth)")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant,
+                          object_pairs_hook=_refuse_duplicates)
     except ValueError as exc:  # JSONDecodeError, or a refused constant
         raise ApiError(400, f"the request body is not valid JSON: {_reason(exc)}") from None
 
 
-def json_depth(body: bytes) -> int:
-    """The deepest nesting of arrays and objects in `body` (brackets inside strings do
-    not count): `b'{"a": [1, "]]"]}' -> 2`. Unbalanced input gives its deepest point;
-    the parser refuses it afterwards.
-
-    Vectorised: a megabyte of `[` is a million brackets, and a Python loop over them
-    would hold the event loop for a noticeable fraction of a second per request."""
-    brackets = _OTHER.sub(b"", _STRINGS.sub(b"", body))
-    if not brackets:
-        return 0
-    codes = np.frombuffer(brackets, dtype=np.uint8)
-    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
-    return max(0, int(np.cumsum(steps, dtype=np.int64).max()))
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Two values for one key would be read differently by different readers (a proxy
+    # may take the first, Python takes the last): neither is guessed.
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        result[key] = value
+    return result
 
 
 def _refuse_constant(name: str) -> float:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from fragment_llm.errors import ConfigError
 from fragment_llm.safety.files import read_capped
@@ -29,6 +30,8 @@ API_KEY_ENV = "FRAGMENT_API_KEY"
 MIN_KEY_CHARS = 16
 MAX_KEY_BYTES = 4096
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets; then maybe a port.
+_HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]]*))(?::[0-9]{1,5})?")
 
 # Every response: no sniffing, no framing, no referrer, nothing cached. The page gets a
 # content security policy that allows its own script and style and calls to this
@@ -57,13 +60,20 @@ def load_api_key(key_file: Path | None, environ: Mapping[str, str] = os.environ)
     """The key from `key_file` (its first line) or $FRAGMENT_API_KEY; None for neither.
 
     Refused: an empty or short key (under 16 characters), one with control characters or
-    spaces (a key that a header cannot carry whole), a file over 4 KiB."""
+    spaces (a key that a header cannot carry whole), one over 4 KiB; a file that is not
+    UTF-8, not a regular file (a FIFO would block), or a symlink."""
     if key_file is not None:
         raw = read_capped(key_file, MAX_KEY_BYTES, ConfigError)
-        key, source = raw.decode("utf-8", errors="replace").splitlines()[:1], str(key_file)
-        text = key[0].strip() if key else ""
+        try:
+            lines = raw.decode("utf-8").splitlines()[:1]
+        except UnicodeDecodeError:
+            raise ConfigError(f"the API key file {key_file} is not UTF-8 text") from None
+        text, source = (lines[0].strip() if lines else ""), str(key_file)
     elif environ.get(API_KEY_ENV) is not None:
         text, source = environ[API_KEY_ENV].strip(), f"${API_KEY_ENV}"
+        if len(text) > MAX_KEY_BYTES:
+            raise ConfigError(f"the API key in {source} is {len(text):,} characters; the "
+                              f"limit is {MAX_KEY_BYTES:,}")
     else:
         return None
     if len(text) < MIN_KEY_CHARS:
@@ -86,15 +96,24 @@ def check_bind(host: str, api_key: bytes | None) -> None:
 
 
 def check_origins(origins: tuple[str, ...]) -> None:
-    """Each --cors-origin must be one exact origin: `scheme://host[:port]`, no `*`."""
+    """Each --cors-origin must be one exact origin: `scheme://host[:port]`, no `*`, no
+    path (not even `/`: a browser's Origin header has none), no user, a port that is one."""
     for origin in origins:
         parts = urlsplit(origin)
         exact = (parts.scheme in ("http", "https") and parts.hostname and not parts.path
-                 and not parts.query and not parts.fragment and "*" not in origin)
+                 and not parts.query and not parts.fragment and "*" not in origin
+                 and "@" not in parts.netloc and _has_valid_port(parts))
         if not exact:
             raise ConfigError(f"--cors-origin {origin!r} is not one origin like "
                               f"https://app.example:8443", hint="name each origin exactly; "
                                                                "'*' is never allowed")
+
+
+def _has_valid_port(parts: SplitResult) -> bool:
+    try:
+        return parts.port is None or parts.port > 0  # .port raises past 65535 or for "x"
+    except ValueError:
+        return False
 
 
 def check_key(authorization: str | None, api_key: bytes | None) -> None:
@@ -121,7 +140,11 @@ def check_host_header(host_header: str | None, bound_host: str) -> None:
 
 
 def _host_name(host_header: str) -> str:
-    """`'127.0.0.1:8000' -> '127.0.0.1'`, `'[::1]:80' -> '::1'`, `'localhost' -> ...`."""
-    if host_header.startswith("["):
-        return host_header[1:].partition("]")[0]
-    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
+    """`'127.0.0.1:8000' -> '127.0.0.1'`, `'[::1]:80' -> '::1'`, `'localhost.' ->
+    'localhost'`; "" for anything that is not `host[:port]` (`'localhost:80@evil'`)."""
+    match = _HOST_HEADER.fullmatch(host_header)
+    if match is None:
+        return ""
+    name = match["ipv6"] or match["name"]
+    # The root's trailing dot names the same host: "localhost." is localhost.
+    return name.removesuffix(".")

@@ -13,11 +13,13 @@ Responses: `chat.completion` / `chat.completion.chunk` and `text_completion`, wi
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from fragment_llm.serve.errors import ApiError
 
@@ -47,8 +49,9 @@ class _Request(BaseModel):
     n: int | None = Field(None, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = (
-        Field(None, max_length=MAX_STOP_STRINGS))
+    # The count caps the list only: on the whole union it capped one string at 4 characters.
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                          Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     # Not OpenAI's, but what this server's sampler offers (llama.cpp and vLLM take them).
     top_k: int | None = Field(None, ge=1, le=1 << 20)
@@ -143,12 +146,28 @@ def validated(request_type: type[R], data: object) -> R:
     try:
         return request_type.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(part) for part in error["loc"]) or "body"
+        error = _most_specific(exc.errors(include_input=False, include_url=False))
+        # (Past the first part: a top-level key named `str` is a key, not a union member.)
+        where = ".".join(str(part) for index, part in enumerate(error["loc"])
+                         if index == 0 or not _UNION_MEMBER.match(str(part))) or "body"
         if error["type"] == "extra_forbidden":
             raise ApiError(400, f"{where}: unrecognized request argument", param=where
                            ) from None
         raise ApiError(400, f"{where}: {error['msg']}", param=where) from None
+
+
+# pydantic names the member of a union a value failed in its location
+# (`stop.list[constrained-str].0`); a client knows the field as `stop.0`.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|(list|dict|tuple)\[.*\])$")
+
+
+def _most_specific(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The error that goes deepest into the value, and of those one where the value had
+    the right type: for `"stop": [""]` the list's first item is too short, for five stop
+    strings the list is too long, rather than "stop: not a string" from the union's
+    other member."""
+    return max(errors, key=lambda error: (len(error["loc"]),
+                                          not error["type"].endswith("_type")))
 
 
 # ------------------------------------------------------------------------ responses

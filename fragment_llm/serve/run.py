@@ -200,8 +200,10 @@ def _server(app: FastAPI, settings: ServeConfig) -> uvicorn.Server:
 def _uvicorn_config(app: FastAPI, settings: ServeConfig) -> uvicorn.Config:
     import uvicorn
 
+    from fragment_llm.serve.connection import GuardedH11Protocol
+
     return uvicorn.Config(
-        app, log_level="warning", access_log=False, server_header=False,
+        app, http=GuardedH11Protocol, log_level="warning", access_log=False, server_header=False,
         timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         limit_concurrency=settings.slots + settings.queue + SPARE_CONNECTIONS,
         timeout_graceful_shutdown=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -65,6 +66,50 @@ def test_sha256_file_matches_bytes(tmp_path):
                                         ('["[[[[", {"b": "]]"}]', 2)])
 def test_json_depth_ignores_brackets_in_strings(text, depth):
     assert json_depth(text) == depth
+
+
+def reference_depth(text: bytes) -> int:
+    """json_depth's rule, byte by byte: an unescaped quote opens or closes a string
+    (escaped: after an odd run of backslashes), brackets count outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if byte == ord('"') and not escaped:
+            in_string = not in_string
+        elif not in_string and byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif not in_string and byte in b"]}":
+            depth -= 1
+        escaped = byte == ord("\\") and not escaped
+    return deepest
+
+
+@given(st.binary(max_size=64).map(lambda b: bytes(b'[]{}"\\a'[x % 7] for x in b)),
+       st.sampled_from([1, 2, 3, 5, 1 << 18]))
+def test_json_depth_follows_escapes_across_chunk_boundaries(text, chunk_bytes):
+    # Any bytes, valid JSON or not, scanned in chunks of any size: the carried state
+    # (depth, inside a string, an escape pending) makes the chunks one scan.
+    assert json_depth(text, chunk_bytes) == reference_depth(text)
+
+
+@pytest.mark.parametrize("hostile", [
+    b'"' + b'\\"' * (1 << 19),  # an unterminated string of escaped quotes
+    b'["\\' * (1 << 18), b"\\" * (1 << 20), b"[" * (1 << 20)])
+def test_json_depth_is_linear_on_escaped_quotes(hostile):
+    # The regex scan it replaced retried from every quote: 40 KB of `\"` took 6.5 s of
+    # CPU, a megabyte hours. The linear scan takes ~0.05 s; the bound is generous (20x)
+    # and measures this thread's CPU time, so other processes' load does not count.
+    started = time.thread_time()
+    json_depth(hostile)
+    assert time.thread_time() - started < 1.0
+
+
+def test_parse_json_guarded_refuses_quadratic_json_quickly():
+    started = time.thread_time()
+    with pytest.raises(TokenizerError, match="invalid JSON"):
+        parse_json_guarded(b'{"a": "' + b'\\"' * 20_000, "evil.json", TokenizerError)
+    assert time.thread_time() - started < 1.0
 
 
 @pytest.mark.parametrize("payload,rule", [

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fragment_llm.serve.body import json_depth, parse_json, read_body
+from fragment_llm.safety.files import json_depth
+from fragment_llm.serve.body import parse_json, read_body
 from fragment_llm.serve.errors import ApiError
 
 # Strings full of what confuses a bracket counter: brackets, quotes and backslashes.
@@ -81,3 +82,21 @@ def test_a_declared_length_over_the_cap_is_refused_unread():
     with pytest.raises(ApiError):
         asyncio.run(read_body(chunks(b"{}"), "-5", max_bytes=1_000_000))
     assert asyncio.run(read_body(chunks(b"{", b"}"), "2", max_bytes=10)) == b"{}"
+
+
+def test_a_body_that_stops_arriving_is_408_after_its_deadline():
+    async def stalled():
+        yield b'{"model": '
+        await asyncio.sleep(3600)
+        yield b"never"
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(read_body(stalled(), None, max_bytes=1000, max_seconds=0.05))
+    assert refused.value.status == 408 and refused.value.code == "request_timeout"
+    assert "within 0.05 s" in refused.value.message
+
+
+def test_a_key_twice_in_one_object_is_refused_at_any_depth():
+    for body in (b'{"model": "a", "model": "b"}', b'{"messages": [{"role": "user", "role": "x"}]}'):
+        with pytest.raises(ApiError, match="appears twice"):
+            parse_json(body, max_depth=16)

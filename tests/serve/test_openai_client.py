@@ -273,10 +273,6 @@ def test_a_field_out_of_range_is_a_400_naming_it(client, options, param, words):
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve/protocol.py _Request.stop: Field(max_length=MAX_STOP_STRINGS) is on the whole "
-    "union, so it also caps a single stop *string* at 4 characters ('stop: Value should "
-    "have at most 4 items ... not 8'); the 4 belongs on the list branch only"))
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_single_stop_string_may_be_longer_than_four_characters(client, stream):
     reply = client.chat.completions.create(model="chat", messages=HI, max_tokens=16,
@@ -286,11 +282,6 @@ def test_a_single_stop_string_may_be_longer_than_four_characters(client, stream)
     assert text == "I am "
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve/protocol.py validated() reports errors()[0], which for a union field is the "
-    "first branch's error with pydantic's branch tag in the path ('stop.str: Input should "
-    "be a valid string' for stop=[''], 'messages.0.content.str' for an image part), not "
-    "the branch the client sent"))
 @pytest.mark.parametrize("options, param", [
     ({"stop": [""]}, "stop.0"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
@@ -447,10 +438,6 @@ def test_back_to_back_requests_are_never_refused(chat_checkpoint):
         wait_until_idle(running)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve/app.py Routes._answer awaits pool.acquire() without watching for a disconnect: "
-    "a queued request whose client left keeps its queue place until a slot frees (up to "
-    "its time limit), then takes the slot and starts generating before collect() notices"))
 def test_a_client_that_leaves_the_queue_frees_its_place(chat_checkpoint, slow_tokens):
     """A request waiting for a slot whose client hangs up must not keep its place in the
     queue (nor take the slot when it frees) for the rest of its time limit."""
