@@ -143,7 +143,7 @@ def _provenance(tuned: Tuned) -> dict[str, str]:
 
 
 def _write_record(folder: Path, request: ExportRequest, tuned: Tuned) -> dict[str, int]:
-    """fragment_export.json: the sources and every file's sha256; the files' sizes."""
+    """fragment_export.json: the sources and every other file's sha256; all files' sizes."""
     files = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
     adapter = tuned.adapter
     record = {
@@ -155,4 +155,4 @@ def _write_record(folder: Path, request: ExportRequest, tuned: Tuned) -> dict[st
         "files": {name: {"bytes": size, "sha256": sha256_file(folder / name, OutputError)}
                   for name, size in files.items()}}
     atomic_write_text(folder / PROVENANCE_FILE, dump_json(record), replace=False)
-    return files
+    return {**files, PROVENANCE_FILE: (folder / PROVENANCE_FILE).stat().st_size}
