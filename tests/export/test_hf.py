@@ -184,3 +184,14 @@ def test_write_hf_needs_no_transformers(monkeypatch, tmp_path, base_step):
     export(ExportRequest(base_step, None, "hf", tmp_path / "hf"))
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert write_hf.__module__ == "fragment_llm.export.hf_model"
+
+
+def test_hf_folder_carries_no_code(exports):
+    """Nothing a loader could execute: no modelling code, no auto_map, no pickle."""
+    for name in ("base-hf", "tuned-hf"):
+        folder = exports[name]
+        assert sorted(path.name for path in folder.iterdir()) == sorted(
+            ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "fragment_export.json"])
+        for document in ("config.json", "tokenizer_config.json"):
+            assert "auto_map" not in json.loads((folder / document).read_text())
