@@ -24,7 +24,8 @@ from fragment_llm import __version__
 from fragment_llm.checkpoint.layout import STEP_NAME
 from fragment_llm.checkpoint.records import recorded_path
 from fragment_llm.errors import OutputError
-from fragment_llm.export.hf_model import Exportable, write_gguf, write_hf
+from fragment_llm.export.gguf_model import write_gguf_model
+from fragment_llm.export.hf_model import Exportable, write_hf
 from fragment_llm.export.llama import refuse_unfaithful
 from fragment_llm.finetune.artifact import Tuned, checkpoint_model_config, load_tuned
 from fragment_llm.finetune.merge import merge_checked
@@ -92,7 +93,7 @@ def export(request: ExportRequest) -> ExportSummary:
         if request.format == "hf":
             write_hf(staging, item)
         else:
-            write_gguf(staging, item, request.quantize)
+            write_gguf_model(staging, item, request.quantize)
         files = _write_record(staging, request, tuned)
     adapter = None if tuned.adapter is None else tuned.adapter.checkpoint
     return ExportSummary(request.out, request.format, request.quantize, tuned.checkpoint.path,
