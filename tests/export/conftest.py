@@ -26,12 +26,21 @@ from fragment_llm.export.run import ExportRequest, export
 from fragment_llm.finetune.adapters import AdapterSpec, attach_adapters
 from fragment_llm.finetune.artifact import adapter_record, adapter_weights
 from fragment_llm.model.gpt import GPT
-from fragment_llm.tokenizer.tokenizer import Tokenizer
+from fragment_llm.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 from tests.helpers import CHAT_VOCAB
 
 EXPORT_MODEL = {"vocab_size": CHAT_VOCAB, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
                 "n_embd": 64, "block_size": 128}
 WEIGHT_SCALE = 4.0
+# Text an exported tokenizer must encode to our ids (special-token text stays text).
+HOSTILE_STRINGS = [
+    "", "plain words", *SPECIAL_TOKENS, "a<|end|>b<|user|>c<|endoftext|>", "<|end|", "|>",
+    "nul\x00inside\x00", "bidi \u202eevil\u202c \u2066x\u2069", "zero\u200bwidth\ufeff",
+    "emoji 🙂👩‍👩‍👧 flags 🇫🇷", "Café naïve 日本語 ﷽", "crlf\r\nline\rcr\n\n\r\n",
+    "tabs\t\t\tand    spaces   ", "a" * 500, "🙂" * 100, " " * 300, "\n" * 200,
+    "don't I'LL we've 12345678 x1y2", "\udcff".encode("utf-8", "surrogatepass").decode(
+        "utf-8", "replace"), "\x1b[2J\x07\x9b", "<|end|>" * 20,
+]
 
 
 def save_model(run: Path, model: GPT, tokenizer_file: Path, chat_format: str | None = None

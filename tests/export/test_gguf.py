@@ -18,6 +18,8 @@ from fragment_llm.export.hf_tokenizer import byte_to_unicode
 from fragment_llm.export.llama import gguf_tensors
 from fragment_llm.finetune.artifact import load_tuned
 from fragment_llm.finetune.merge import merge_checked
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+from tests.export.conftest import HOSTILE_STRINGS
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -141,3 +143,17 @@ def test_transformers_gguf_loader_computes_our_logits(exports, base_step, adapte
         difference = (tuned.model(PROBE) - hf_model(PROBE).logits).abs().max().item()
     tolerance = 1e-4 if name.endswith("f32") else 0.5  # Q8_0: ~1% of weights' scale
     assert difference <= tolerance, difference
+
+
+def test_tokenizer_in_the_gguf_gives_our_ids_on_hostile_text(exports, chat_tokenizer):
+    """transformers builds a tokenizer from the file's metadata alone (tokens, merges, the
+    `dbrx` pre-tokenizer name): our ids on every hostile string, and our chat template."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.load(chat_tokenizer)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exports["tuned-gguf-f32"],
+                                                        gguf_file="model.gguf")
+    for text in HOSTILE_STRINGS:
+        encoded = hf_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        assert encoded == tok.encode(text), repr(text)
+    assert hf_tok("hi").input_ids == [tok.eot_id, *tok.encode("hi")]  # add_bos_token
+    assert hf_tok.chat_template == chat_template_jinja(SPECIAL_TOKENS_CHAT_FORMAT)

@@ -24,22 +24,14 @@ from fragment_llm.tokenizer.chat_template import (
     render_prompt,
     template_for,
 )
-from fragment_llm.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
-from tests.export.conftest import save_model, scaled_model
+from fragment_llm.tokenizer.tokenizer import Tokenizer
+from tests.export.conftest import HOSTILE_STRINGS, save_model, scaled_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LOGIT_TOLERANCE = 1e-4
 NEW_TOKENS = 64
-HOSTILE_STRINGS = [
-    "", "plain words", *SPECIAL_TOKENS, "a<|end|>b<|user|>c<|endoftext|>", "<|end|", "|>",
-    "nul\x00inside\x00", "bidi \u202eevil\u202c \u2066x\u2069", "zero\u200bwidth\ufeff",
-    "emoji 🙂👩‍👩‍👧 flags 🇫🇷", "Café naïve 日本語 ﷽", "crlf\r\nline\rcr\n\n\r\n",
-    "tabs\t\t\tand    spaces   ", "a" * 500, "🙂" * 100, " " * 300, "\n" * 200,
-    "don't I'LL we've 12345678 x1y2", "\udcff".encode("utf-8", "surrogatepass").decode(
-        "utf-8", "replace"), "\x1b[2J\x07\x9b", "<|end|>" * 20,
-]
 
 
 def load_hf(folder: Path):
