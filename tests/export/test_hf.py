@@ -51,9 +51,11 @@ def our_greedy(model: GPT, ids: list[int], steps: int) -> list[int]:
 
 @torch.no_grad()
 def hf_greedy(model, ids: list[int], steps: int) -> list[int]:
-    """transformers' own generate (its KV cache), greedy, no early stop at eos."""
+    """transformers' own generate (its KV cache), greedy, through any eos: `eos_token_id=[]`
+    (None would fall back to generation_config.json's, and `min_new_tokens` would mask
+    the eos logits, so a model that says `<|end|>` would part ways with ours there)."""
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=steps,
-                                           min_new_tokens=steps, pad_token_id=0)
+                                           eos_token_id=[], pad_token_id=0)
     output = model.generate(torch.tensor([ids]), generation_config=config)
     return output[0, len(ids):].tolist()
 
