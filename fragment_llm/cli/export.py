@@ -39,10 +39,14 @@ def export(checkpoint_path: Path | None, adapter_path: Path | None, fmt: str, qu
     checkpoint's manifest sha256 (docs/export.md).
 
     \b
+    Load the results with transformers' AutoModelForCausalLM.from_pretrained(
+    "export-hf") and AutoTokenizer (no trust_remote_code), or run the GGUF with
+    llama.cpp: llama-cli -m export-gguf/model.gguf.
+
+    \b
     Examples:
       fragment export --format hf --out export-hf
       fragment export --adapter checkpoints-chat --format gguf --quantize q8_0 --out export-gguf
-      llama-cli -m export-gguf/model.gguf
     """
     from fragment_llm.cli.display import summary_table
     from fragment_llm.export.run import ExportRequest
