@@ -129,7 +129,9 @@ def check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
         raise OutputError(f"output already exists: {out}",
                           hint="pass --overwrite to replace a previous export, or choose "
                                "another --out")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / PROVENANCE_FILE).is_file()):
+    record = out / PROVENANCE_FILE
+    is_export = record.is_file() and not record.is_symlink()
+    if not out.is_dir() or (any(out.iterdir()) and not is_export):
         raise OutputError(f"--overwrite replaces only a previous export, and {out} is not one "
                           f"(no {PROVENANCE_FILE})", hint="choose another --out")
 

@@ -80,6 +80,10 @@ def test_existing_out_needs_overwrite_and_only_replaces_an_export(runner, tmp_pa
     line = refusal(export_cli(runner, "--checkpoint", base_step, "--format", "hf",
                               "--out", precious, "--overwrite"))
     assert "replaces only a previous export" in line
+    (precious / "fragment_export.json").symlink_to(out / "fragment_export.json")  # a decoy
+    line = refusal(export_cli(runner, "--checkpoint", base_step, "--format", "hf",
+                              "--out", precious, "--overwrite"))
+    assert "replaces only a previous export" in line
     assert (precious / "thesis.txt").read_text() == "years of work"
 
 
