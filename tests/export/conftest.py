@@ -67,17 +67,20 @@ def scaled_model(seed: int = 0, **config: object) -> GPT:
     return model
 
 
-def save_random_adapter(run: Path, base: Path, seed: int = 1) -> Path:
-    """A LoRA adapter of `base` whose B is random, so base + adapter is not the base."""
+def save_random_adapter(run: Path, base: Path, seed: int = 1, method: str = "lora") -> Path:
+    """A LoRA (or DoRA) adapter of `base` whose B is random, so base + adapter is not the
+    base (DoRA's magnitudes are moved too)."""
     checkpoint = open_checkpoint(base)
     model = load_trained(base).model
-    spec = AdapterSpec(method="lora", rank=4, alpha=8.0)
+    spec = AdapterSpec(method=method, rank=4, alpha=8.0)
     attach_adapters(model, spec)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            elif name.endswith("magnitude"):
+                param.mul_(1 + 0.2 * torch.rand(param.shape, generator=generator))
     provenance = {"tokenizer_sha256": Tokenizer.load(checkpoint.tokenizer_path).sha256,
                   "base_manifest_sha256": checkpoint.manifest_sha256}
     return save_checkpoint(

@@ -25,7 +25,12 @@ from fragment_llm.tokenizer.chat_template import (
     template_for,
 )
 from fragment_llm.tokenizer.tokenizer import Tokenizer
-from tests.export.conftest import HOSTILE_STRINGS, save_model, scaled_model
+from tests.export.conftest import (
+    HOSTILE_STRINGS,
+    save_model,
+    save_random_adapter,
+    scaled_model,
+)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,6 +113,25 @@ def test_untied_output_layer_is_exported_as_lm_head(tmp_path, chat_tokenizer):
     probe = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(probe) - hf_model(probe).logits).abs().max() <= LOGIT_TOLERANCE
+
+
+def test_dora_adapter_and_full_fine_tune_export_as_chat_models(tmp_path, base_step,
+                                                               chat_tokenizer):
+    """A DoRA adapter merges into the export as LoRA does; a fully fine-tuned checkpoint
+    (its own config says special tokens) exports with the special-token template."""
+    dora = save_random_adapter(tmp_path / "dora", base_step, seed=4, method="dora")
+    export(ExportRequest(base_step, dora, "hf", tmp_path / "dora-hf"))
+    tuned = load_tuned(base_step, dora)
+    merge_checked(tuned)
+    hf_model, _tok = load_hf(tmp_path / "dora-hf")
+    probe = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (tuned.model(probe) - hf_model(probe).logits).abs().max() <= LOGIT_TOLERANCE
+    full = save_model(tmp_path / "full", scaled_model(seed=5), chat_tokenizer,
+                      chat_format=SPECIAL_TOKENS_CHAT_FORMAT)
+    export(ExportRequest(full, None, "hf", tmp_path / "full-hf"))
+    config = json.loads((tmp_path / "full-hf" / "tokenizer_config.json").read_text())
+    assert "<|assistant|>" in config["chat_template"] and config["eos_token"] == "<|end|>"
 
 
 @pytest.mark.parametrize("text", HOSTILE_STRINGS)
