@@ -66,14 +66,16 @@ def hf_greedy(model, ids: list[int], steps: int) -> list[int]:
 
 
 def check_same_model(ours: GPT, folder: Path, tok: Tokenizer, prompt_ids: list[int]) -> None:
+    """Logits at every position of the prompt and our continuation, greedy ids, text."""
     hf_model, hf_tok = load_hf(folder)
-    probe = torch.tensor([prompt_ids])
+    ours_ids = our_greedy(ours, prompt_ids, NEW_TOKENS)
+    probe = torch.tensor([prompt_ids + ours_ids])
     with torch.no_grad():
         difference = (ours(probe) - hf_model(probe).logits).abs().max().item()
     assert difference <= LOGIT_TOLERANCE, difference
-    ours_ids = our_greedy(ours, prompt_ids, NEW_TOKENS)
-    assert hf_greedy(hf_model, prompt_ids, NEW_TOKENS) == ours_ids
-    assert hf_tok.decode(ours_ids) == tok.decode(ours_ids)
+    hf_ids = hf_greedy(hf_model, prompt_ids, NEW_TOKENS)
+    assert hf_ids == ours_ids
+    assert hf_tok.decode(hf_ids) == tok.decode(ours_ids)
 
 
 def test_base_export_computes_our_logits_and_greedy_text(exports, base_step):
