@@ -114,7 +114,7 @@ def _padding(size: int) -> bytes:
 def write_gguf(out: BinaryIO, metadata: Iterable[Metadata],
                tensors: dict[str, torch.Tensor], quantize: str) -> int:
     """Write a whole GGUF file to `out`; returns its size in bytes. Tensors are encoded
-    one at a time, so memory holds one tensor's bytes beyond the model."""
+    one at a time, so memory holds one encoded tensor beyond the tensors given."""
     entries = list(metadata)
     shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
     types = {name: ggml_type(shape, quantize) for name, shape in shapes.items()}
@@ -137,9 +137,9 @@ def write_gguf(out: BinaryIO, metadata: Iterable[Metadata],
     return written
 
 
-def _data_size(shape: tuple[int, ...], ggml_type: int) -> int:
+def _data_size(shape: tuple[int, ...], kind: int) -> int:
     count = int(np.prod(shape))
-    return count // Q8_0_BLOCK * (2 + Q8_0_BLOCK) if ggml_type == GGML_Q8_0 else 4 * count
+    return count // Q8_0_BLOCK * (2 + Q8_0_BLOCK) if kind == GGML_Q8_0 else 4 * count
 
 
 def write_gguf_file(path: Path, metadata: Iterable[Metadata], tensors: dict[str, torch.Tensor],

@@ -76,7 +76,7 @@ def rotate_half_order(weight: Tensor, heads: int) -> Tensor:
     return weight.view(heads, hs // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _split_layers(state: dict[str, Tensor], config: ModelConfig, layer: int
+def _layer_matrices(state: dict[str, Tensor], config: ModelConfig, layer: int
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Layer `layer`'s q, k, v (our RoPE order), gate and up matrices."""
     q_rows, kv_rows = config.n_head * config.head_dim, config.kv_heads * config.head_dim
@@ -91,7 +91,7 @@ def _named(state: dict[str, Tensor], config: ModelConfig, names: dict[str, str],
     """Every tensor of the Llama, in model order, under the names `names` gives."""
     yield names["embed"], state["wte.weight"]
     for i in range(config.n_layer):
-        q, k, v, gate, up = _split_layers(state, config, i)
+        q, k, v, gate, up = _layer_matrices(state, config, i)
         if rotate_half:
             q, k = rotate_half_order(q, config.n_head), rotate_half_order(k, config.kv_heads)
         block = names["block"].format(i=i)
