@@ -36,6 +36,7 @@ from fragment_llm.cli.common import (
 )
 from fragment_llm.cli.evaluate import evaluate
 from fragment_llm.cli.experiment import experiment
+from fragment_llm.cli.export import export
 from fragment_llm.cli.finetune import finetune
 from fragment_llm.cli.generate import generate
 from fragment_llm.cli.merge import merge
@@ -139,7 +140,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 # The verbs, each in its own module; `fragment --help` lists them alphabetically.
 for command in (preprocess, train_tokenizer_command, export_tokenizer_command, train, finetune,
-                merge, evaluate, verify, generate, chat, serve, experiment, report):
+                merge, evaluate, verify, generate, chat, serve, export, experiment, report):
     cli.add_command(command)
 
 

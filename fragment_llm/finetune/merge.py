@@ -51,7 +51,7 @@ def merge(adapter_path: Path, base_path: Path | None, out: Path) -> MergeSummary
     tuned = load_tuned(base_path, adapter_path)
     if tuned.adapter is None:  # load_tuned gives one whenever a path is given
         raise CheckpointError(f"no adapter in {adapter_path}")
-    difference = _merge_checked(tuned)
+    difference = merge_checked(tuned)
     adapter = tuned.adapter.checkpoint
     config = CheckpointConfig(model=tuned.checkpoint.config.model, train=adapter.config.train,
                               fragment_version=__version__,
@@ -75,7 +75,7 @@ def merge(adapter_path: Path, base_path: Path | None, out: Path) -> MergeSummary
 
 
 @torch.no_grad()
-def _merge_checked(tuned: Tuned) -> float:
+def merge_checked(tuned: Tuned) -> float:
     """Merge in place; the largest logit difference it made on a probe batch."""
     model = tuned.model
     generator = torch.Generator().manual_seed(PROBE_SEED)
