@@ -283,6 +283,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+ScheduleName = Literal["cosine", "wsd"]
+OptimizerName = Literal["adamw", "muon"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 
@@ -322,6 +324,27 @@ class TrainConfig(StageConfig):
     workers: int = Field(2, ge=1, le=256, description="processes for tokenizing the corpus")
     epochs: float | None = Field(None, gt=0.0, le=1e6, allow_inf_nan=False,
                                  description="passes over the training split; sets max_steps")
+    # Candidate options (issue 19); each default is training as it was before them, so a
+    # checkpoint's [train] table that lacks them resumes unchanged (docs/training.md).
+    schedule: ScheduleName = Field("cosine", description="after warmup: cosine to the floor, "
+                                                         "or wsd: hold the peak, then decay")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0,
+                                  description="wsd: the share of the run after warmup spent "
+                                              "decaying linearly to lr * min_lr_ratio")
+    optimizer: OptimizerName = Field("adamw", description="adamw, or muon for the blocks' "
+                                                          "matrices with AdamW for the rest")
+    muon_lr: float = Field(0.02, gt=0.0, le=1.0,
+                           description="Muon's peak lr; the schedule scales it as it does lr")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon's Nesterov momentum")
+    muon_momentum_start: float = Field(0.85, ge=0.0, lt=1.0,
+                                       description="Muon's momentum at step 0, raised linearly")
+    muon_momentum_warmup_steps: int = Field(300, ge=0, le=100_000_000,
+                                            description="steps to reach muon_momentum; 0 = at once")
+    muon_ns_steps: int = Field(5, ge=1, le=20,
+                               description="Newton-Schulz iterations per update (fewer: cheaper, "
+                                           "rougher)")
+    muon_weight_decay: float = Field(0.0, ge=0.0, le=10.0,
+                                     description="decoupled decay of the Muon matrices, times lr")
 
 
 # Training values that go with each model preset; flags and [train] override them.
