@@ -247,18 +247,9 @@ class GeluMLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
-class ReLU2MLP(nn.Module):
-    """Primer's MLP: W_down relu(x W_up)^2. Two matrices at 3/2 SwiGLU's hidden width
-    (ModelConfig.hidden_dim), so it has SwiGLU's parameters and matmul FLOPs."""
-
-    @staticmethod
-    def parameter_count(config: ModelConfig) -> int:
-        return 2 * config.n_embd * config.hidden_dim  # fc, proj
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
-        self.proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+class ReLU2MLP(GeluMLP):
+    """Primer's MLP: W_down relu(x W_up)^2. GELU's two matrices (and count), at 3/2
+    SwiGLU's hidden width (ModelConfig.hidden_dim): SwiGLU's parameters and FLOPs."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(_ReLUSquaredFunction.apply(self.fc(x)))
