@@ -5,7 +5,9 @@ trainer's own pieces (GPT, lm_loss, gradient clipping, `build_optimizer`) and ta
 full training step (forward, backward, clip, optimizer step) in turn, `--turns` times,
 after `--warmup` untimed turns. A neighbour's burst on a shared machine then lands on
 steps seconds apart rather than on one variant's whole measurement, and the table's
-ratio is the median over turns of variant / defaults within the same turn.
+ratio is the median over turns of variant / defaults within the same turn. The order
+rotates each turn, so no variant always follows the same neighbour. `zero_init_proj`
+changes only the initial values, so its ratio is the noise floor of the run.
 
 This measures what a step costs, not what it buys: whether an option reaches a lower
 loss in the same minutes is `fragment experiment`'s question. `schedule = "wsd"` is not
@@ -115,7 +117,8 @@ def main() -> None:
     x, y = data[:, :-1], data[:, 1:]
     contenders = [build(name, args.vocab) for name in names]
     for turn in range(args.warmup + args.turns):
-        for c in contenders:
+        first = turn % len(contenders)  # each variant leads a turn in its turn: no seat bias
+        for c in contenders[first:] + contenders[:first]:
             seconds = step(c, x, y)
             if turn >= args.warmup:
                 c.times.append(seconds)
