@@ -201,7 +201,7 @@ def load_stage_config(model: type[Stage], table: str, config_path: Path | None,
 
 PositionsName = Literal["rope", "learned", "sinusoidal"]
 NormName = Literal["rmsnorm", "layernorm"]
-MlpName = Literal["swiglu", "gelu"]
+MlpName = Literal["swiglu", "gelu", "relu2"]
 
 
 class ModelConfig(StageConfig):
@@ -224,14 +224,27 @@ class ModelConfig(StageConfig):
     block_size: int = Field(256, ge=1, le=1 << 17, description="context window in tokens")
     positions: PositionsName = Field("rope", description="rope, learned or sinusoidal")
     norm: NormName = Field("rmsnorm", description="rmsnorm or layernorm (pre-norm)")
-    mlp: MlpName = Field("swiglu", description="swiglu or gelu")
+    mlp: MlpName = Field("swiglu", description="swiglu, gelu or relu2")
     mlp_hidden: int | None = Field(None, ge=1, le=1 << 18,
                                    description="MLP hidden width; None = 8/3 n_embd rounded up "
-                                               "to 64 for swiglu, 4 n_embd for gelu")
+                                               "to 64 for swiglu, 3/2 of that for relu2 (the "
+                                               "same parameters), 4 n_embd for gelu")
     tie_embeddings: bool = Field(True, description="the output layer reuses the token embedding")
     dropout: float = Field(0.0, ge=0.0, le=0.9, description="embedding, attention and residual")
     rope_theta: float = Field(10000.0, ge=1.0, le=1e9, description="RoPE base wavelength")
     norm_eps: float = Field(1e-5, gt=0.0, le=0.1, description="added to the variance in norms")
+    # Candidate options (issue 19). Each default is the model as it was before them, so a
+    # checkpoint whose config.json lacks them loads and means the same. None of them has a
+    # counterpart in Hugging Face's GPT-2/LLaMA or in GGUF: an exporter refuses a config
+    # where `candidate_options` is not empty.
+    qk_norm: bool = Field(False, description="RMSNorm (no gain) on each head's q and k, "
+                                             "before RoPE")
+    logit_softcap: float | None = Field(None, gt=0.0, le=1e4, allow_inf_nan=False,
+                                        description="logits = cap * tanh(logits / cap); "
+                                                    "None = off")
+    zero_init_proj: bool = Field(False, description="attn.proj and mlp.proj start at zero")
+    x0_mix: bool = Field(False, description="each block's input gets a learned per-layer "
+                                            "multiple of the embedding x0 (starts at 0)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -257,12 +270,26 @@ class ModelConfig(StageConfig):
         return self.n_embd // self.n_head
 
     @property
+    def candidate_options(self) -> tuple[str, ...]:
+        """The issue-19 options this config turns on that change what the weights compute,
+        by field name: () for a model Hugging Face and GGUF describe; an exporter refuses
+        the others, naming these. `zero_init_proj` is not one: it only sets the start."""
+        on = {"mlp": self.mlp == "relu2", "qk_norm": self.qk_norm,
+              "logit_softcap": self.logit_softcap is not None, "x0_mix": self.x0_mix}
+        return tuple(name for name, used in on.items() if used)
+
+    @property
     def hidden_dim(self) -> int:
-        """MLP hidden width. SwiGLU's 8/3 keeps its three matrices at GPT-2's 4x MLP cost."""
+        """MLP hidden width. SwiGLU's 8/3 keeps its three matrices at GPT-2's 4x MLP cost;
+        ReLU^2 has two matrices, so 3/2 of SwiGLU's width gives it exactly SwiGLU's
+        parameters and matmul FLOPs (1056 at n_embd 256, where 4 n_embd would be 1024)."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
+        swiglu = -(-8 * self.n_embd // 192) * 64  # ceil(8/3 n_embd / 64) * 64
         if self.mlp == "swiglu":
-            return -(-8 * self.n_embd // 192) * 64  # ceil(8/3 n_embd / 64) * 64
+            return swiglu
+        if self.mlp == "relu2":
+            return swiglu * 3 // 2
         return 4 * self.n_embd
 
 
@@ -285,6 +312,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+ScheduleName = Literal["cosine", "wsd"]
+OptimizerName = Literal["adamw", "muon"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 
@@ -324,6 +353,27 @@ class TrainConfig(StageConfig):
     workers: int = Field(2, ge=1, le=256, description="processes for tokenizing the corpus")
     epochs: float | None = Field(None, gt=0.0, le=1e6, allow_inf_nan=False,
                                  description="passes over the training split; sets max_steps")
+    # Candidate options (issue 19); each default is training as it was before them, so a
+    # checkpoint's [train] table that lacks them resumes unchanged (docs/training.md).
+    schedule: ScheduleName = Field("cosine", description="after warmup: cosine to the floor, "
+                                                         "or wsd: hold the peak, then decay")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0,
+                                  description="wsd: the share of the run after warmup spent "
+                                              "decaying linearly to lr * min_lr_ratio")
+    optimizer: OptimizerName = Field("adamw", description="adamw, or muon for the blocks' "
+                                                          "matrices with AdamW for the rest")
+    muon_lr: float = Field(0.02, gt=0.0, le=1.0,
+                           description="Muon's peak lr; the schedule scales it as it does lr")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon's Nesterov momentum")
+    muon_momentum_start: float = Field(0.85, ge=0.0, lt=1.0,
+                                       description="Muon's momentum at step 0, raised linearly")
+    muon_momentum_warmup_steps: int = Field(300, ge=0, le=100_000_000,
+                                            description="steps to reach muon_momentum; 0 = at once")
+    muon_ns_steps: int = Field(5, ge=1, le=20,
+                               description="Newton-Schulz iterations per update (fewer: cheaper, "
+                                           "rougher)")
+    muon_weight_decay: float = Field(0.0, ge=0.0, le=10.0,
+                                     description="decoupled decay of the Muon matrices, times lr")
 
 
 # Training values that go with each model preset; flags and [train] override them.

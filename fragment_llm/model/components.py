@@ -9,7 +9,8 @@ class, its count, and one registry entry.
 
 This module owns the parts, not how they are wired together (model/gpt.py) or the loss
 (model/loss.py). Papers: RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019), SwiGLU
-(Shazeer 2020), sinusoidal positions (Vaswani et al. 2017).
+(Shazeer 2020), sinusoidal positions (Vaswani et al. 2017), ReLU^2 (So et al. 2021,
+"Primer"), the logit softcap (Gemma 2, Team et al. 2024).
 """
 
 from __future__ import annotations
@@ -246,6 +247,58 @@ class GeluMLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+class ReLU2MLP(GeluMLP):
+    """Primer's MLP: W_down relu(x W_up)^2. GELU's two matrices (and count), at 3/2
+    SwiGLU's hidden width (ModelConfig.hidden_dim): SwiGLU's parameters and FLOPs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(_ReLUSquaredFunction.apply(self.fc(x)))
+
+
+class _ReLUSquaredFunction(torch.autograd.Function):
+    """relu(h)^2, keeping only r = relu(h) for backward: d/dh = 2 r (r is 0 where h < 0).
+    Autograd through relu then square would keep both h's relu mask and r."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        r = F.relu(h)  # (B, T, hidden)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return (grad * r).mul_(2.0)
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """cap * tanh(logits / cap): logits squashed smoothly into (-cap, cap) (Gemma 2).
+
+    Without a gradient to keep, in place; with one, an autograd Function that keeps only
+    its output (the logits are the widest activation: autograd through the formula
+    would keep tanh's output and allocate a third logits-sized tensor)."""
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        return logits.div(cap).tanh_().mul_(cap)
+    return _SoftcapFunction.apply(logits, cap)
+
+
+class _SoftcapFunction(torch.autograd.Function):
+    """y = cap tanh(x / cap); dy/dx = 1 - tanh^2 = 1 - (y / cap)^2."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cap: float) -> Tensor:
+        y = x.div(cap).tanh_().mul_(cap)
+        ctx.save_for_backward(y)
+        ctx.cap = cap
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (y,) = ctx.saved_tensors
+        slope = (y / ctx.cap).square_().neg_().add_(1.0)
+        return slope.mul_(grad), None
+
+
 def dropout(config: ModelConfig) -> nn.Module:
     """Dropout, or Identity when p = 0: a no-op module call still costs time per token."""
     return nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -257,4 +310,4 @@ def dropout(config: ModelConfig) -> nn.Module:
 POSITIONS: dict[str, type[Positions]] = {
     "rope": RotaryPositions, "learned": LearnedPositions, "sinusoidal": SinusoidalPositions}
 NORMS: dict[str, Component] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
-MLPS: dict[str, Component] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+MLPS: dict[str, Component] = {"swiglu": SwiGLU, "gelu": GeluMLP, "relu2": ReLU2MLP}

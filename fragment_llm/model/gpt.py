@@ -28,7 +28,14 @@ from torch.utils.checkpoint import checkpoint
 
 from fragment_llm.config import ModelConfig
 from fragment_llm.errors import ModelError
-from fragment_llm.model.components import MLPS, NORMS, POSITIONS, apply_rotary, dropout
+from fragment_llm.model.components import (
+    MLPS,
+    NORMS,
+    POSITIONS,
+    apply_rotary,
+    dropout,
+    softcap,
+)
 
 # ----------------------------------------------------------------------------------------
 # The KV cache: what generation keeps between forward calls.
@@ -113,6 +120,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_width, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
+        # QK-norm: unit-RMS q and k per head bound the attention logits, so a larger
+        # learning rate cannot blow them up (Dehghani et al. 2023; modded-nanogpt).
+        self.qk_norm_eps = config.norm_eps if config.qk_norm else None
 
     def forward(self, x: Tensor, rotation: Tensor | None, mask: Tensor | None,
                 cache: KVCache | None) -> Tensor:
@@ -120,6 +130,8 @@ class CausalSelfAttention(nn.Module):
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, nh + 2 nkv, hs)
         qk, v = qkv.split((nh + nkv, nkv), dim=2)
+        if self.qk_norm_eps is not None:  # q and k together: one pass, no gain
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.qk_norm_eps)
         if rotation is not None:
             qk = apply_rotary(qk, rotation)  # rotate q and k together: one pass, not two
         q, k = qk.split((nh, nkv), dim=2)
@@ -173,7 +185,8 @@ class GPT(nn.Module):
         non-embedding N.
         """
         body = (config.n_layer * Block.parameter_count(config)
-                + NORMS[config.norm].parameter_count(config))  # + norm_f
+                + NORMS[config.norm].parameter_count(config)  # + norm_f
+                + (config.n_layer if config.x0_mix else 0))  # x0_scales
         if exclude_embeddings:
             return body
         tables = (1 if config.tie_embeddings else 2) * vocab_size_of(config) * config.n_embd
@@ -186,6 +199,10 @@ class GPT(nn.Module):
         self.positions = POSITIONS[config.positions](config)
         self.drop = dropout(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # x0 mix (modded-nanogpt): block i reads x + x0_scales[i] * x0, x0 the embedded
+        # input, so every layer can see the tokens themselves however deep it sits.
+        # Zero at init: the model starts as the one without the option.
+        self.x0_scales = nn.Parameter(torch.zeros(config.n_layer)) if config.x0_mix else None
         self.norm_f = NORMS[config.norm](config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(
             config.n_embd, vocab_size_of(config), bias=False)
@@ -198,13 +215,18 @@ class GPT(nn.Module):
         """GPT-2: N(0, 0.02) for matrices and embeddings; norms at gain 1, bias 0.
 
         The projections that write into the residual stream (attn.proj, mlp.proj) get
-        0.02 / sqrt(2 n_layer), so the stream's variance does not grow with depth.
+        0.02 / sqrt(2 n_layer), so the stream's variance does not grow with depth. With
+        `zero_init_proj` they start at zero instead (modded-nanogpt): each block starts
+        as the identity. They are drawn first all the same, so every other tensor gets
+        the values it has without the option.
         """
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
             if param.dim() >= 2:
-                std = residual_std if name.endswith("proj.weight") else 0.02
-                nn.init.normal_(param, mean=0.0, std=std)
+                residual = name.endswith("proj.weight")
+                nn.init.normal_(param, mean=0.0, std=residual_std if residual else 0.02)
+                if residual and self.config.zero_init_proj:
+                    nn.init.zeros_(param)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, *,
                 last_only: bool = False) -> Tensor:
@@ -220,7 +242,10 @@ class GPT(nn.Module):
         rotation = self.positions.rotation(start, T)
         mask = None if cache is None else cache.causal_mask(T)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            if self.x0_scales is not None:
+                x = x + self.x0_scales[i] * x0
             if recompute and cache is None:
                 x = checkpoint(block, x, rotation, mask, None, use_reentrant=False)
             else:
@@ -230,7 +255,10 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm_f(x), weight)  # (B, T, vocab)
+        logits = F.linear(self.norm_f(x), weight)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:  # training, evaluation and generation alike
+            logits = softcap(logits, self.config.logit_softcap)
+        return logits
 
     def _check_fits(self, B: int, end: int, cache: KVCache | None) -> None:
         limit = self.config.block_size if cache is None else cache.max_len

@@ -19,19 +19,28 @@ from fragment_llm.errors import (
 from fragment_llm.model.gpt import GPT
 from fragment_llm.model.loss import bits_per_byte, lm_loss
 from fragment_llm.safety.signals import uninterrupted
+from fragment_llm.train.muon import build_muon
 from fragment_llm.train.runtime import (
     DistEnv,
     all_mean,
     autocast_for,
 )
-from fragment_llm.train.schedule import budget_progress, cosine_position, lr_at
+from fragment_llm.train.schedule import (
+    budget_progress,
+    cosine_position,
+    lr_at,
+    muon_momentum_at,
+)
 
 MAX_NONFINITE_IN_A_ROW = 3
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig,
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases or gains)."""
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not norms, biases or gains); with
+    `optimizer = "muon"`, Muon for the blocks' matrices instead (train/muon.py)."""
+    if config.optimizer == "muon":
+        return build_muon(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -115,7 +124,11 @@ class Trainer:
             self.warmup_end = self.progress
         lr = lr_at(self.step, self.config, self.progress, self.warmup_end, self.cosine_start)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if group.get("kind") == "muon":  # Muon's own peak, on the same schedule
+                group["lr"] = self.config.muon_lr * lr / self.config.lr
+                group["momentum"] = muon_momentum_at(self.step, self.config)
+            else:
+                group["lr"] = lr
         # The mean over ranks: every rank then agrees on skipping a step and on stopping
         # after MAX_NONFINITE_IN_A_ROW (a NaN on one rank makes the mean NaN on all).
         loss = all_mean(self._accumulate_gradients(), self.env)
