@@ -33,18 +33,28 @@ FAITHFUL = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 UNFAITHFUL_NAMES = {"learned": "learned position embeddings (GPT-2's wpe)",
                     "sinusoidal": "sinusoidal position encodings",
                     "layernorm": "LayerNorm (Llama has RMSNorm only)",
-                    "gelu": "a GELU MLP (Llama has SwiGLU only)"}
+                    "gelu": "a GELU MLP (Llama has SwiGLU only)",
+                    "relu2": "a ReLU² MLP (Llama has SwiGLU only)"}
+# The issue-19 options (ModelConfig.candidate_options) a Llama has no place for.
+UNFAITHFUL_OPTIONS = {"qk_norm": "RMSNorm on q and k",
+                      "logit_softcap": "a tanh cap on the logits",
+                      "x0_mix": "the embedding mixed into every block's input"}
 
 
 def refuse_unfaithful(config: ModelConfig) -> None:
     """One line naming the first component a Llama cannot reproduce, if any."""
+    hint = f"export supports {', '.join(FAITHFUL.values())} models (the default components)"
     for field, supported in FAITHFUL.items():
         value = getattr(config, field)
         if value != supported:
             raise ModelError(f"cannot export model.{field} = {value!r}: "
-                             f"{UNFAITHFUL_NAMES[value]} has no faithful Llama equivalent",
-                             hint=f"export supports {', '.join(FAITHFUL.values())} models "
-                                  "(the default components)")
+                             f"{UNFAITHFUL_NAMES.get(value, value)} has no faithful Llama "
+                             "equivalent", hint=hint)
+    for option in config.candidate_options:
+        if option in UNFAITHFUL_OPTIONS:
+            raise ModelError(f"cannot export model.{option} = {getattr(config, option)!r}: "
+                             f"{UNFAITHFUL_OPTIONS[option]} has no faithful Llama equivalent",
+                             hint=hint)
 
 
 def hf_config(config: ModelConfig, bos_id: int, eos_ids: list[int]) -> dict[str, object]:

@@ -52,7 +52,11 @@ def test_json_summary_names_the_source(runner, tmp_path, base_step):
     ({"positions": "learned"}, "model.positions = 'learned': learned position embeddings"),
     ({"positions": "sinusoidal"}, "model.positions = 'sinusoidal'"),
     ({"norm": "layernorm"}, "model.norm = 'layernorm': LayerNorm"),
-    ({"mlp": "gelu"}, "model.mlp = 'gelu': a GELU MLP")])
+    ({"mlp": "gelu"}, "model.mlp = 'gelu': a GELU MLP"),
+    ({"mlp": "relu2"}, "model.mlp = 'relu2': a ReLU² MLP"),
+    ({"qk_norm": True}, "model.qk_norm = True: RMSNorm on q and k"),
+    ({"logit_softcap": 15.0}, "model.logit_softcap = 15.0: a tanh cap"),
+    ({"x0_mix": True}, "model.x0_mix = True: the embedding mixed")])
 def test_component_without_a_llama_equivalent_is_refused(runner, tmp_path, chat_tokenizer,
                                                           change, named):
     step = save_model(tmp_path / "run", scaled_model(**change), chat_tokenizer)
