@@ -86,7 +86,9 @@ def show(*renderables: RenderableType) -> None:
     from fragment_llm.cli.display import err_console
 
     for item in renderables:
-        err_console.print(item)
+        # A line of text (a path, a hint) is never broken by an inserted newline, so it
+        # stays whole for copy and paste; tables still fit the terminal.
+        err_console.print(item, soft_wrap=isinstance(item, str))
 
 
 def format_number(value: float | None) -> str:
