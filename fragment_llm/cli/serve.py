@@ -79,7 +79,7 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, dry_run: bool
     trained.model.eval()
     request = run.ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
                            trained.checkpoint.path, _written_at(trained.checkpoint.path),
-                           settings, api_key, worker_processes=True)
+                           settings, api_key, worker_processes=not dry_run)
 
     def listening(url: str) -> None:
         show(summary_table("fragment serve", [

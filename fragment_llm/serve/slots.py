@@ -293,9 +293,10 @@ class ProcessSlot:
         try:
             self.wait_ready(time.monotonic() + WORKER_READY_S)
         except WorkerError as exc:
-            log.error("%s: this slot is out of service", exc.message)
             with self._lock:
                 self.dead = True
+                if not self._closing:  # closed while restarting: expected
+                    log.error("%s: this slot is out of service", exc.message)
         if job is not None and on_done is not None:
             with contextlib.suppress(RuntimeError):
                 job._loop.call_soon_threadsafe(on_done)
