@@ -19,7 +19,9 @@ folder and served by a real `python -m fragment_llm serve` child process on loop
   tokens (temperature 1, so a random model rarely stops early) --throughput-requests
   times; generated tokens (from `usage`) over wall time, for a server with 1 slot and
   with 2 slots, started afresh in interleaved rounds (1, 2, 1, 2, ...); medians quoted,
-  because the machine is shared and a neighbour's load comes and goes.
+  because the machine is shared and a neighbour's load comes and goes. Each of those
+  servers then times 5 more TTFTs. --compare-threads adds 1 and 2 slots on threads (the
+  server as it was before its slots became worker processes) to each round.
 """
 
 from __future__ import annotations
@@ -124,14 +126,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The server as `fragment serve` ran it before its slots became processes: the same app
+# with slots on threads of the server's process, for comparison (--compare-threads).
+_THREAD_SERVER = """
+import sys
+from pathlib import Path
+import torch
+from fragment_llm.checkpoint.trained import load_trained
+from fragment_llm.config import ServeConfig
+from fragment_llm.serve import run
+torch.set_num_threads(1)
+path, port, slots, queue, max_tokens = sys.argv[1:]
+trained = load_trained(Path(path))
+settings = ServeConfig.model_validate({"port": int(port), "slots": int(slots),
+    "queue": int(queue), "max_new_tokens": int(max_tokens), "max_time_s": 600,
+    "model_name": "bench", "access_log": False})
+run.serve(run.ServeRequest(trained.model, trained.tokenizer, None, trained.checkpoint.path,
+                           0, settings, None, worker_processes=False), lambda url: None)
+"""
+
+
 @contextlib.contextmanager
-def serving(checkpoint: Path, slots: int, queue: int, max_tokens: int) -> Iterator[Server]:
-    """`fragment serve` in a child process, ready (GET /health is 200) when yielded."""
+def serving(checkpoint: Path, slots: int, queue: int, max_tokens: int,
+            kind: str = "process") -> Iterator[Server]:
+    """`fragment serve` in a child process, ready (GET /health is 200) when yielded;
+    `kind` "thread": the same server with its slots on threads (_THREAD_SERVER)."""
     port = free_port()
     argv = [sys.executable, "-m", "fragment_llm", "--quiet", "serve", "--checkpoint",
             str(checkpoint), "--port", str(port), "--slots", str(slots), "--queue", str(queue),
             "--max-tokens", str(max_tokens), "--timeout", "600", "--threads", "1",
             "--model-name", "bench"]
+    if kind == "thread":
+        argv = [sys.executable, "-c", _THREAD_SERVER, str(checkpoint), str(port), str(slots),
+                str(queue), str(max_tokens)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = checkpoint.parent.parent / f"serve-{port}.log"  # its access log: one line a request
     with log.open("wb") as stderr:
@@ -307,23 +334,40 @@ def bench(args: argparse.Namespace, checkpoint: Path) -> None:
           f"{statistics.median(ttft) * 1e3:.1f} ms (min {min(ttft) * 1e3:.1f}, max "
           f"{max(ttft) * 1e3:.1f}, {len(ttft)} runs)", flush=True)
 
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    kinds = [("process", 1), ("process", 2)]
+    if args.compare_threads:
+        kinds += [("thread", 1), ("thread", 2)]
+    rates: dict[tuple[str, int], list[float]] = {kind: [] for kind in kinds}
+    firsts: dict[tuple[str, int], list[float]] = {kind: [] for kind in kinds}
     body = completion(short, args.throughput_tokens, temperature=1.0)
+    print(f"\ntokens/s: {args.throughput_clients} clients x {args.throughput_requests} "
+          f"requests of {args.throughput_tokens} tokens; then TTFT x 5 on the idle server")
     for round_ in range(args.rounds):
-        for slots in (1, 2):
-            with serving(checkpoint, slots, args.throughput_clients, args.max_tokens) as server:
+        for kind, slots in kinds:
+            with serving(checkpoint, slots, args.throughput_clients, args.max_tokens,
+                         kind) as server:
                 run_load(server.port, slots, slots, completion(short, 8), args.client_timeout)
                 result = run_load(server.port, args.throughput_clients,
                                   args.throughput_clients * args.throughput_requests, body,
                                   args.client_timeout)
+                firsts[kind, slots] += [time_to_first_token(server.port, prompt)
+                                        for _ in range(5)]
             if result.lost or result.refused:
                 raise SystemExit(f"throughput run lost {result.lost[:3]} or refused some")
-            rates[slots].append(result.tokens / result.wall)
-            print(f"  round {round_ + 1}, {slots} slot(s): {rates[slots][-1]:.0f} tokens/s "
-                  f"({result.tokens} tokens, {result.wall:.1f} s)", flush=True)
-    one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"\n{'metric':<44}{'value':>14}  goal")
-    print("-" * 70)
+            rates[kind, slots].append(result.tokens / result.wall)
+            print(f"  round {round_ + 1}, {slots} {kind} slot(s): {rates[kind, slots][-1]:.0f} "
+                  f"tokens/s ({result.tokens} tokens, {result.wall:.1f} s), ready after "
+                  f"{server.startup_s:.1f} s", flush=True)
+    median = {kind: statistics.median(values) for kind, values in rates.items()}
+    one, two = median["process", 1], median["process", 2]
+    for kind, slots in kinds:
+        print(f"  {slots} {kind} slot(s): median {median[kind, slots]:.0f} tokens/s "
+              f"(all: {', '.join(f'{r:.0f}' for r in rates[kind, slots])}); TTFT median "
+              f"{statistics.median(firsts[kind, slots]) * 1e3:.1f} ms")
+    if args.compare_threads:
+        print(f"  threads: 2 slots / 1 slot = {median['thread', 2] / median['thread', 1]:.2f}x")
+    print(f"\n{'metric':<48}{'value':>14}  goal")
+    print("-" * 74)
     rows = [
         ("requests answered / refused / lost", f"{answered}/{load.refused}/{len(load.lost)}",
          "lost 0"),
@@ -331,14 +375,14 @@ def bench(args: argparse.Namespace, checkpoint: Path) -> None:
                                    f"{percentile(load.latencies, 0.99) * 1e3:.0f}", ""),
         (f"TTFT, {args.prompt_tokens}-token prompt, idle (ms, median)",
          f"{statistics.median(ttft) * 1e3:.1f}", "<= 100"),
-        ("aggregate tokens/s, 1 slot (median)", f"{one:.0f}", ""),
-        ("aggregate tokens/s, 2 slots (median)", f"{two:.0f}", ""),
+        ("aggregate tokens/s, 1 slot process (median)", f"{one:.0f}", ""),
+        ("aggregate tokens/s, 2 slot processes (median)", f"{two:.0f}", ""),
         ("2 slots / 1 slot", f"{two / one:.2f}x", ">= 1.5x"),
         ("server RSS before / after load (MiB)", f"{rss_before:.0f} / {rss_after:.0f}",
          "flat"),
     ]
     for name, value, goal in rows:
-        print(f"{name:<44}{value:>14}  {goal}")
+        print(f"{name:<48}{value:>14}  {goal}")
 
 
 def main() -> None:
@@ -359,6 +403,8 @@ def main() -> None:
                         help="requests per client in each tokens/s round [3]")
     parser.add_argument("--throughput-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-threads", action="store_true",
+                        help="also time 1 and 2 slots on threads of the server's process")
     args = parser.parse_args()
     with LOCK.open("a") as lock, tempfile.TemporaryDirectory() as tmp:
         fcntl.flock(lock, fcntl.LOCK_EX)

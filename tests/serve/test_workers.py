@@ -19,12 +19,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from fragment_llm.checkpoint.trained import load_trained
 from fragment_llm.config import GenerateConfig, ServeConfig
 from fragment_llm.inference.text import complete
+from fragment_llm.serve import slots
 from fragment_llm.serve.errors import ApiError
 from fragment_llm.serve.run import ServeRequest, serving_in_thread
-from fragment_llm.serve.slots import Job, Outcome, Prompt, SlotPool
+from fragment_llm.serve.slots import Job, Outcome, ProcessSlot, Prompt, SlotPool, WorkerError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox"
@@ -190,3 +193,107 @@ def test_worker_dies_with_a_killed_server(checkpoint):
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(worker)
+
+
+# ------------------------------------------------------- workers that misbehave
+
+# A stand-in worker (no torch: it starts in milliseconds) that says it is ready, then
+# answers each generate message as `mode` says: "hang" sends one piece of text and then
+# ignores everything, cancels included; "garble" writes a line that is not JSON.
+_FAKE_WORKER = """
+import json, sys, time
+mode = sys.argv[1]
+if mode == "never-ready":
+    time.sleep(60)
+if mode == "exit":
+    sys.exit(3)
+print(json.dumps({"ready": True, "window": 64}), flush=True)
+for line in sys.stdin:
+    message = json.loads(line)
+    if message["op"] != "generate":
+        continue
+    if mode == "hang":
+        print(json.dumps({"id": message["id"], "text": "a"}), flush=True)
+        time.sleep(60)
+    if mode == "garble":
+        print("Traceback (most recent call last):", flush=True)
+"""
+
+
+def fake_slot(mode: str) -> ProcessSlot:
+    return ProcessSlot([sys.executable, "-c", _FAKE_WORKER, mode])
+
+
+async def run_on(slot: ProcessSlot, prompt: Prompt, act=None) -> tuple[list, Exception | None]:
+    """Start a job on `slot`, `act(job)` after its first event; its events and error."""
+    released = asyncio.Event()
+    job = Job(asyncio.get_running_loop())
+    slot.start(job, prompt, on_done=released.set)
+    events: list[str | Outcome] = []
+    try:
+        async for event in job.events():
+            if act and not events:
+                act(job)
+            events.append(event)
+    except ApiError as exc:
+        await asyncio.wait_for(released.wait(), 10)  # the slot comes back, restarted
+        return events, exc
+    return events, None
+
+
+def fake_prompt(max_time_s: float = 30.0) -> Prompt:
+    return Prompt([1, 2, 3], settings(max_new_tokens=8, max_time_s=max_time_s), ())
+
+
+@pytest.fixture
+def short_graces(monkeypatch):
+    monkeypatch.setattr(slots, "CANCEL_GRACE_S", 0.2)
+    monkeypatch.setattr(slots, "OVERDUE_GRACE_S", 0.2)
+
+
+def test_a_worker_that_ignores_a_cancel_is_killed_and_restarted(short_graces):
+    slot = fake_slot("hang")
+    slot.wait_ready(time.monotonic() + 10)
+    first = slot.process.pid
+    try:
+        events, error = asyncio.run(asyncio.wait_for(run_on(slot, fake_prompt(), Job.cancel),
+                                                     20))
+        assert events == ["a"] and isinstance(error, ApiError)
+        assert error.body()["error"]["code"] == "cancelled"
+        assert slot.process.pid != first and not alive(first) and not slot.dead
+    finally:
+        slot.close()
+
+
+def test_a_worker_past_the_deadline_is_killed_and_the_request_gets_503(short_graces):
+    slot = fake_slot("hang")
+    slot.wait_ready(time.monotonic() + 10)
+    try:
+        events, error = asyncio.run(asyncio.wait_for(run_on(slot, fake_prompt(0.3)), 20))
+        assert events == ["a"] and isinstance(error, ApiError) and error.status == 503
+        assert error.body()["error"]["code"] == "timeout"
+    finally:
+        slot.close()
+
+
+def test_a_worker_that_breaks_the_protocol_is_restarted_and_its_request_fails():
+    slot = fake_slot("garble")
+    slot.wait_ready(time.monotonic() + 10)
+    first = slot.process.pid
+    try:
+        events, error = asyncio.run(asyncio.wait_for(run_on(slot, fake_prompt()), 20))
+        assert events == [] and isinstance(error, ApiError) and error.status == 500
+        assert error.body()["error"]["code"] == "worker_crashed"
+        assert "Traceback" not in error.body()["error"]["message"]
+        assert slot.process.pid != first
+    finally:
+        slot.close()
+
+
+@pytest.mark.parametrize("mode", ["exit", "never-ready"])
+def test_a_worker_that_does_not_start_is_one_line(mode):
+    slot = fake_slot(mode)
+    with pytest.raises(WorkerError, match="a generation worker did not start") as caught:
+        slot.wait_ready(time.monotonic() + 1)
+    slot.close()
+    assert "\n" not in str(caught.value.message) and not alive(slot.process.pid)
