@@ -56,6 +56,7 @@ WORKER_READY_S = 120.0  # a worker imports torch and loads the model: seconds on
 CANCEL_GRACE_S = 2.0  # a cancelled worker answers within a token; past this it is killed
 OVERDUE_GRACE_S = 5.0  # past its deadline plus this, a worker's job is killed
 CLOSE_GRACE_S = 2.0  # after its stdin closes, a worker exits; past this it is killed
+RESTARTS = 3  # tries at starting a worker again before its slot is given up
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,11 @@ class WorkerError(FragmentError):
     """A generation worker process did not start."""
 
 
+def _unavailable() -> ApiError:
+    return ApiError(503, "no generation worker is running; retry later",
+                    code="worker_unavailable")
+
+
 class ProcessSlot:
     """One slot whose engine runs in a worker process (worker.py), restarted if it dies.
 
@@ -182,8 +188,9 @@ class ProcessSlot:
                 log.error("a generation worker's first line is not its ready message: %.200r",
                           line)
             self.process.kill()
-            raise WorkerError("a generation worker did not start (exit status "
-                              f"{self.process.poll()}, {'ended' if ready else 'timed out'})",
+            status = self.process.wait()
+            raise WorkerError("a generation worker did not start ("
+                              f"{'exit status ' + str(status) if ready else 'timed out'})",
                               hint="its error is above, in the server's log; --slots 1 "
                                    "starts fewer") from None
         threading.Thread(target=self._read, args=(self.process,), daemon=True,
@@ -198,8 +205,7 @@ class ProcessSlot:
             job_id = self._job_id
             self._job, self._on_done, self._failure = job, on_done, None
             if self.dead:
-                self._finish(ApiError(503, "no generation worker is running; retry later",
-                                      code="worker_unavailable"))
+                self._finish(_unavailable())
                 return
             self._write({"op": "generate", "id": job_id, "ids": list(prompt.ids),
                          "settings": prompt.settings.model_dump(mode="json"),
@@ -289,17 +295,29 @@ class ProcessSlot:
             self._job, self._on_done = None, None
             if job is not None:
                 job._send(failure)
-            self.process = self._spawn()
-        try:
-            self.wait_ready(time.monotonic() + WORKER_READY_S)
-        except WorkerError as exc:
-            with self._lock:
-                self.dead = True
-                if not self._closing:  # closed while restarting: expected
-                    log.error("%s: this slot is out of service", exc.message)
+        self._restart()
         if job is not None and on_done is not None:
             with contextlib.suppress(RuntimeError):
                 job._loop.call_soon_threadsafe(on_done)
+
+    def _restart(self) -> None:
+        """A new worker, tried RESTARTS times. A job started meanwhile waits for it; if
+        none starts, that job fails and the slot is `dead`: every later job fails at once."""
+        for attempt in range(1, RESTARTS + 1):
+            with self._lock:
+                if self._closing:
+                    return
+                self.process = self._spawn()
+            try:
+                self.wait_ready(time.monotonic() + WORKER_READY_S)
+                return
+            except WorkerError as exc:
+                if attempt == RESTARTS and not self._closing:
+                    log.error("%s, %d times: this slot is out of service", exc.message,
+                              RESTARTS)
+        with self._lock:
+            self.dead = True
+            self._finish(_unavailable())
 
     # ------------------------------------------------------------------------ ending
 

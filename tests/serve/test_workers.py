@@ -199,14 +199,17 @@ def test_worker_dies_with_a_killed_server(checkpoint):
 
 # A stand-in worker (no torch: it starts in milliseconds) that says it is ready, then
 # answers each generate message as `mode` says: "hang" sends one piece of text and then
-# ignores everything, cancels included; "garble" writes a line that is not JSON.
+# ignores everything, cancels included; "garble" writes a line that is not JSON; "once"
+# exits, and never starts again (it leaves a mark in the folder given after the mode).
 _FAKE_WORKER = """
-import json, sys, time
+import json, os, sys, time
 mode = sys.argv[1]
 if mode == "never-ready":
     time.sleep(60)
-if mode == "exit":
+if mode == "exit" or mode == "once" and os.path.exists(sys.argv[2] + "/started"):
     sys.exit(3)
+if mode == "once":
+    open(sys.argv[2] + "/started", "w").close()
 print(json.dumps({"ready": True, "window": 64}), flush=True)
 for line in sys.stdin:
     message = json.loads(line)
@@ -217,11 +220,13 @@ for line in sys.stdin:
         time.sleep(60)
     if mode == "garble":
         print("Traceback (most recent call last):", flush=True)
+    if mode == "once":
+        sys.exit(3)
 """
 
 
-def fake_slot(mode: str) -> ProcessSlot:
-    return ProcessSlot([sys.executable, "-c", _FAKE_WORKER, mode])
+def fake_slot(mode: str, *args: str) -> ProcessSlot:
+    return ProcessSlot([sys.executable, "-c", _FAKE_WORKER, mode, *args])
 
 
 async def run_on(slot: ProcessSlot, prompt: Prompt, act=None) -> tuple[list, Exception | None]:
@@ -297,3 +302,21 @@ def test_a_worker_that_does_not_start_is_one_line(mode):
         slot.wait_ready(time.monotonic() + 1)
     slot.close()
     assert "\n" not in str(caught.value.message) and not alive(slot.process.pid)
+
+
+def test_a_worker_that_cannot_restart_leaves_a_slot_that_fails_at_once(tmp_path):
+    slot = fake_slot("once", str(tmp_path))
+    slot.wait_ready(time.monotonic() + 10)
+    try:
+        async def scenario() -> tuple[Exception | None, Exception | None]:
+            _, crashed = await run_on(slot, fake_prompt())
+            _, refused = await asyncio.wait_for(run_on(slot, fake_prompt()), 1)
+            return crashed, refused
+
+        crashed, refused = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        slot.close()
+    assert isinstance(crashed, ApiError) and crashed.body()["error"]["code"] == "worker_crashed"
+    assert slot.dead
+    assert isinstance(refused, ApiError) and refused.status == 503
+    assert refused.body()["error"]["code"] == "worker_unavailable"
