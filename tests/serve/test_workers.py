@@ -20,14 +20,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from fragment_llm.checkpoint.trained import load_trained
 from fragment_llm.config import GenerateConfig, ServeConfig
+from fragment_llm.finetune.adapters import merge_adapters
+from fragment_llm.finetune.artifact import load_tuned
 from fragment_llm.inference.text import complete
 from fragment_llm.serve import slots
 from fragment_llm.serve.errors import ApiError
 from fragment_llm.serve.run import ServeRequest, serving_in_thread
 from fragment_llm.serve.slots import Job, Outcome, ProcessSlot, Prompt, SlotPool, WorkerError
+from tests.helpers import save_untrained_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox"
@@ -320,3 +324,35 @@ def test_a_worker_that_cannot_restart_leaves_a_slot_that_fails_at_once(tmp_path)
     assert slot.dead
     assert isinstance(refused, ApiError) and refused.status == 503
     assert refused.body()["error"]["code"] == "worker_unavailable"
+
+
+def test_a_merged_adapter_is_what_the_workers_serve(checkpoint, tmp_path):
+    """`fragment serve --adapter`: the base with the adapter folded in, written for the
+    workers, gives the text the merged model gives in this process (not the base's)."""
+    adapter = save_untrained_adapter(tmp_path / "adapter", checkpoint)
+    tuned = load_tuned(checkpoint, adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B no longer zero, so merged != base
+        for name, param in tuned.model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.5)
+    merge_adapters(tuned.model)
+    tuned.model.eval()
+    sampling = settings(temperature=1.0, seed=3, max_new_tokens=12)
+    expected = complete(tuned.model, tuned.tokenizer, PROMPT, sampling).text
+    pool = SlotPool(tuned.model, tuned.tokenizer, slots=1, queue=1, processes=True)
+    ids = [tuned.tokenizer.eot_id, *tuned.tokenizer.encode(PROMPT)]
+
+    async def answer() -> str:
+        slot = await pool.acquire(time.monotonic() + 60)
+        job = Job(asyncio.get_running_loop())
+        pool.start(job, slot, Prompt(ids, sampling, ()))
+        return "".join([event async for event in job.events() if isinstance(event, str)])
+
+    try:
+        text = asyncio.run(asyncio.wait_for(answer(), 60))
+    finally:
+        pool.close()
+    base = load_trained(checkpoint)
+    assert expected != complete(base.model, base.tokenizer, PROMPT, sampling).text
+    assert expected and text == expected
