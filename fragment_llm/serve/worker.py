@@ -46,6 +46,7 @@ from fragment_llm.inference.text import TextStream, special_ids, stream_text
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 
 MAX_LINE_BYTES = 8 << 20  # a request's ids and settings: far below this
+PROTOCOL_EXIT = 2
 log = logging.getLogger("fragment.serve.worker")
 
 
@@ -61,11 +62,15 @@ class Worker:
     def read(self, source: IO[bytes]) -> None:
         """On a thread: queue generate messages, note cancels; end the process at EOF."""
         while line := source.readline(MAX_LINE_BYTES):
-            message = json.loads(line)
-            if message.get("op") == "cancel":
-                self.cancelled.add(int(message["id"]))
-            elif message.get("op") == "generate":
-                self.jobs.put(message)
+            try:
+                message = json.loads(line)
+                if message.get("op") == "cancel":
+                    self.cancelled.add(int(message["id"]))
+                elif message.get("op") == "generate":
+                    self.jobs.put(message)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                log.error("a message from the server is not the protocol: exiting")
+                os._exit(PROTOCOL_EXIT)  # the server restarts this worker
         os._exit(0)  # the server is gone: nobody will read what this would generate
 
     def serve(self) -> None:
