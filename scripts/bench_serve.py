@@ -21,7 +21,9 @@ folder and served by a real `python -m fragment_llm serve` child process on loop
   with 2 slots, started afresh in interleaved rounds (1, 2, 1, 2, ...); medians quoted,
   because the machine is shared and a neighbour's load comes and goes. Each of those
   servers then times 5 more TTFTs. --compare-threads adds 1 and 2 slots on threads (the
-  server as it was before its slots became worker processes) to each round.
+  server as it was before its slots became worker processes) to each round. Each round
+  also says how many cores the server (with its workers) used: 2 slots can only be 2x
+  one slot when the machine gives them 2 cores.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class Server:
         """Resident memory of the server and every process under it."""
         return sum(_rss_kib(pid) for pid in _tree(self.process.pid)) / 1024
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server and its workers have used so far."""
+        return sum(_cpu_s(pid) for pid in _tree(self.process.pid))
+
 
 def _tree(pid: int) -> list[int]:
     pids, index = [pid], 0
@@ -118,6 +124,13 @@ def _rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def _cpu_s(pid: int) -> float:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def free_port() -> int:
@@ -376,9 +389,11 @@ def bench_throughput(args: argparse.Namespace, checkpoint: Path, prompt: str,
             with serving(checkpoint, slots, args.throughput_clients, args.max_tokens,
                          kind) as server:
                 run_load(server.port, slots, slots, completion(short, 8), args.client_timeout)
+                cpu_before = server.cpu_s()
                 result = run_load(server.port, args.throughput_clients,
                                   args.throughput_clients * args.throughput_requests, body,
                                   args.client_timeout)
+                cores = (server.cpu_s() - cpu_before) / result.wall
                 firsts[kind, slots] += [time_to_first_token(server.port, prompt)
                                         for _ in range(5)]
             if result.lost or result.refused:
@@ -386,7 +401,8 @@ def bench_throughput(args: argparse.Namespace, checkpoint: Path, prompt: str,
             rates[kind, slots].append(result.tokens / result.wall)
             print(f"  round {round_ + 1}, {slots} {kind} slot(s): {rates[kind, slots][-1]:.0f} "
                   f"tokens/s ({result.tokens} tokens, {result.wall:.1f} s), ready after "
-                  f"{server.startup_s:.1f} s; load average {_load_average()}", flush=True)
+                  f"{server.startup_s:.1f} s; the server used {cores:.2f} cores; load "
+                  f"average {_load_average()}", flush=True)
     median = {kind: statistics.median(values) for kind, values in rates.items()}
     one, two = median["process", 1], median["process", 2]
     for kind, slots in kinds:
