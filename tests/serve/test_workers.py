@@ -183,8 +183,9 @@ time.sleep(120)
 """
 
 
-def test_worker_dies_with_a_killed_server(checkpoint):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def test_worker_dies_with_a_killed_server(checkpoint, tmp_path):
+    # TMPDIR: a killed server cannot remove its copy of the weights; let it land here.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     server = subprocess.Popen([sys.executable, "-c", _SERVER, str(checkpoint)],
                               stdout=subprocess.PIPE, env=env, cwd=ROOT)
     try:
