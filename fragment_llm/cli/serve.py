@@ -79,7 +79,8 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, dry_run: bool
     run.check_settings(settings, api_key)
     run.require_serve_extra()
     with contextlib.closing(run.bind(settings.host, settings.port)) as sock:
-        request, step = _load(checkpoint_path, adapter_path, settings, api_key)
+        request, step = _load(checkpoint_path, adapter_path, settings, api_key,
+                              worker_processes=not dry_run)
 
         def listening(url: str) -> None:
             show(summary_table("fragment serve", [
@@ -99,8 +100,9 @@ def serve(checkpoint_path: Path | None, adapter_path: Path | None, dry_run: bool
 
 
 def _load(checkpoint_path: Path | None, adapter_path: Path | None, settings: ServeConfig,
-          api_key: bytes | None) -> tuple[ServeRequest, int]:
-    """The model to serve (an adapter folded in), as a ServeRequest; and its step."""
+          api_key: bytes | None, worker_processes: bool) -> tuple[ServeRequest, int]:
+    """The model to serve (an adapter folded in), as a ServeRequest; and its step. A real
+    server decodes in worker processes (one per slot); a dry run starts none."""
     from fragment_llm.finetune.adapters import merge_adapters
     from fragment_llm.finetune.artifact import load_tuned
     from fragment_llm.serve.run import ServeRequest
@@ -113,7 +115,7 @@ def _load(checkpoint_path: Path | None, adapter_path: Path | None, settings: Ser
     trained.model.eval()
     request = ServeRequest(trained.model, trained.tokenizer, trained.chat_format,
                            trained.checkpoint.path, _written_at(trained.checkpoint.path),
-                           settings, api_key)
+                           settings, api_key, worker_processes=worker_processes)
     return request, trained.step
 
 

@@ -52,6 +52,7 @@ class ServeRequest:
     created: int
     settings: ServeConfig
     api_key: bytes | None
+    worker_processes: bool = False  # slots as worker processes (fragment serve), or threads
 
 
 def model_id_for(settings: ServeConfig, checkpoint_path: Path) -> str:
@@ -107,7 +108,8 @@ def build_app(request: ServeRequest) -> FastAPI:
     from fragment_llm.serve.slots import SlotPool
 
     settings = request.settings
-    pool = SlotPool(request.model, request.tokenizer, settings.slots, settings.queue)
+    pool = SlotPool(request.model, request.tokenizer, settings.slots, settings.queue,
+                    processes=request.worker_processes, threads=settings.threads)
     served = Served(pool, request.tokenizer, request.chat_format,
                     model_id_for(settings, request.checkpoint_path), request.created)
     return create_app(served, settings, request.api_key)
