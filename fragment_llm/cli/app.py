@@ -130,6 +130,8 @@ def cli(debug: bool, quiet: bool) -> None:
       fragment finetune          data/conversations/ + checkpoints/ -> checkpoints-chat/
       fragment chat              checkpoints-chat/ -> your terminal
       fragment serve             checkpoints-chat/ -> an OpenAI-compatible API, a chat page
+      fragment export            checkpoints-chat/ -> a Hugging Face folder or a GGUF file
+      fragment experiment        a plan of training runs -> experiments/, results.csv
 
     Every verb validates what it is given and refuses bad input with one line
     naming the file or field and the rule broken. Run `fragment VERB --help`.
