@@ -44,9 +44,9 @@ from fragment_llm.data.parquet_decode import (
 from fragment_llm.data.processed import MAX_DOC_BYTES, MAX_MALFORMED_LISTED, Reason, Status
 from fragment_llm.errors import InputDataError
 from fragment_llm.safety.files import (
-    _refuse_constant,
-    _refuse_duplicates,
     open_regular,
+    refuse_duplicate_keys,
+    refuse_json_constant,
     translate_os_errors,
 )
 
@@ -66,7 +66,8 @@ _BINARY_BYTES = bytes([*range(0x01, 0x09), *range(0x0E, 0x20), 0x7F])
 _NOT_BINARY_BYTES = bytes(b for b in range(256) if b not in _BINARY_BYTES)
 # One decoder for every JSONL line: refuses duplicate keys and NaN/Infinity like
 # `safeio.parse_json_guarded`, without re-creating a decoder per line.
-_JSON = json.JSONDecoder(object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+_JSON = json.JSONDecoder(object_pairs_hook=refuse_duplicate_keys,
+                         parse_constant=refuse_json_constant)
 
 
 @dataclass(frozen=True, slots=True)

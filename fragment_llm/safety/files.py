@@ -156,7 +156,10 @@ class _DepthScan:
         self.escaped = bool(odd_run[-1] & backslash[-1])
 
 
-def _refuse_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
+def refuse_duplicate_keys(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
+    """`object_pairs_hook` for untrusted JSON: two values for one key would be read
+    differently by different readers (a proxy may take the first, Python takes the last),
+    so neither is guessed."""
     result: dict[str, JsonValue] = {}
     for key, value in pairs:
         if key in result:
@@ -165,7 +168,8 @@ def _refuse_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValu
     return result
 
 
-def _refuse_constant(name: str) -> NoReturn:
+def refuse_json_constant(name: str) -> NoReturn:
+    """`parse_constant` for untrusted JSON: NaN and Infinity are not JSON."""
     raise ValueError(f"non-standard JSON constant {name}")
 
 
@@ -183,8 +187,8 @@ def parse_json_guarded(data: bytes | str, where: str, error: type[FragmentError]
     if json_depth(text) > max_depth:
         raise error(f"JSON nested deeper than {max_depth} levels, in {where}")
     try:
-        return json.loads(text, object_pairs_hook=_refuse_duplicates,
-                          parse_constant=_refuse_constant)
+        return json.loads(text, object_pairs_hook=refuse_duplicate_keys,
+                          parse_constant=refuse_json_constant)
     except RecursionError:
         raise error(f"JSON nested too deeply, in {where}") from None
     except ValueError as exc:  # JSONDecodeError is a ValueError

@@ -20,7 +20,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fragment_llm.safety.files import json_depth
+from fragment_llm.safety.files import json_depth, refuse_duplicate_keys, refuse_json_constant
 from fragment_llm.serve.errors import ApiError
 
 # A body trickling in holds a connection: it must all arrive within this (or within the
@@ -69,25 +69,10 @@ def parse_json(body: bytes, max_depth: int) -> object:
         raise ApiError(400, f"the request body nests {depth:,} levels deep; the limit is "
                             f"{max_depth} (max_json_depth)")
     try:
-        return json.loads(text, parse_constant=_refuse_constant,
-                          object_pairs_hook=_refuse_duplicates)
+        return json.loads(text, parse_constant=refuse_json_constant,
+                          object_pairs_hook=refuse_duplicate_keys)
     except ValueError as exc:  # JSONDecodeError, or a refused constant
         raise ApiError(400, f"the request body is not valid JSON: {_reason(exc)}") from None
-
-
-def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # Two values for one key would be read differently by different readers (a proxy
-    # may take the first, Python takes the last): neither is guessed.
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"the key {key!r} appears twice in one object")
-        result[key] = value
-    return result
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _reason(exc: ValueError) -> str:
