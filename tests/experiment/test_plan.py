@@ -22,7 +22,7 @@ def write_plan(folder: Path, text: str, name: str = "plan.toml") -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["plan-lr-grid.toml", "plan-mlp.toml"])
+@pytest.mark.parametrize("name", ["plan-lr-grid.toml", "plan-mlp.toml", "plan-speedrun.toml"])
 def test_the_example_plans_validate(name):
     plan = Plan.load(REPO / "examples" / name)
     assert plan.max_time_s == 600 and plan.seeds == (1, 2, 3)
