@@ -183,14 +183,20 @@ def save_scripted(run: Path, model: GPT, tokenizer_file: Path,
 def save_untrained_adapter(run: Path, base: Path) -> Path:
     """A LoRA adapter of `base` as a fine-tuning run's step 1 would hold it before any
     step (B = 0: base + adapter computes the base), which chats with the special tokens."""
-    checkpoint = open_checkpoint(base)
     model = load_trained(base).model
     spec = AdapterSpec(method="lora", rank=2, alpha=4.0)
     attach_adapters(model, spec)
+    return save_adapter_step(run, 1, model, spec, base)
+
+
+def save_adapter_step(run: Path, step: int, model: GPT, spec: AdapterSpec, base: Path) -> Path:
+    """`model`'s attached adapters saved as an adapter step folder of `base` (chat format
+    with special tokens, no optimizer state), the way `fragment finetune` saves one."""
+    checkpoint = open_checkpoint(base)
     provenance = {"tokenizer_sha256": Tokenizer.load(checkpoint.tokenizer_path).sha256,
                   "base_manifest_sha256": checkpoint.manifest_sha256}
     return save_checkpoint(
-        run, 1, model=None, optimizer=None, trainer_state={"step": 1},
+        run, step, model=None, optimizer=None, trainer_state={"step": step},
         config={"model": checkpoint.config.model, "chat_format": SPECIAL_TOKENS_CHAT_FORMAT},
         tokenizer_file=checkpoint.tokenizer_path, provenance=provenance,
         adapter=adapter_weights(model, adapter_record(spec, checkpoint)))

@@ -17,17 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fragment_llm.checkpoint.load import open_checkpoint
 from fragment_llm.checkpoint.records import model_config_sha256
 from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.checkpoint.trained import load_trained
-from fragment_llm.config import SPECIAL_TOKENS_CHAT_FORMAT, ModelConfig
+from fragment_llm.config import ModelConfig
 from fragment_llm.export.run import ExportRequest, export
 from fragment_llm.finetune.adapters import AdapterSpec, attach_adapters
-from fragment_llm.finetune.artifact import adapter_record, adapter_weights
 from fragment_llm.model.gpt import GPT
 from fragment_llm.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
-from tests.helpers import CHAT_VOCAB
+from tests.helpers import CHAT_VOCAB, save_adapter_step
 
 EXPORT_MODEL = {"vocab_size": CHAT_VOCAB, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
                 "n_embd": 64, "block_size": 128}
@@ -70,7 +68,6 @@ def scaled_model(seed: int = 0, **config: object) -> GPT:
 def save_random_adapter(run: Path, base: Path, seed: int = 1, method: str = "lora") -> Path:
     """A LoRA (or DoRA) adapter of `base` whose B is random, so base + adapter is not the
     base (DoRA's magnitudes are moved too)."""
-    checkpoint = open_checkpoint(base)
     model = load_trained(base).model
     spec = AdapterSpec(method=method, rank=4, alpha=8.0)
     attach_adapters(model, spec)
@@ -81,13 +78,7 @@ def save_random_adapter(run: Path, base: Path, seed: int = 1, method: str = "lor
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
             elif name.endswith("magnitude"):
                 param.mul_(1 + 0.2 * torch.rand(param.shape, generator=generator))
-    provenance = {"tokenizer_sha256": Tokenizer.load(checkpoint.tokenizer_path).sha256,
-                  "base_manifest_sha256": checkpoint.manifest_sha256}
-    return save_checkpoint(
-        run, 5, model=None, optimizer=None, trainer_state={"step": 5},
-        config={"model": checkpoint.config.model, "chat_format": SPECIAL_TOKENS_CHAT_FORMAT},
-        tokenizer_file=checkpoint.tokenizer_path, provenance=provenance,
-        adapter=adapter_weights(model, adapter_record(spec, checkpoint)))
+    return save_adapter_step(run, 5, model, spec, base)
 
 
 @pytest.fixture(scope="session")
