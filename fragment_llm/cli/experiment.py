@@ -162,7 +162,9 @@ def _dry_run(plan: Plan, out: Path, as_json: bool) -> int:
                                "trainings": [dict(zip(("run", "seed", "overrides", "status"),
                                                       row, strict=True)) for row in rows]}))
         return 0
-    show(listing_table(f"Plan {plan.path}: {len(plan.runs)} runs x {len(plan.seeds)} seeds, "
+    runs, seeds = len(plan.runs), len(plan.seeds)
+    show(listing_table(f"Plan {plan.path}: {runs} run{'s' * (runs != 1)} x {seeds} "
+                       f"seed{'s' * (seeds != 1)}, "
                        f"{plan.budget} each, into {out}",
                        ("run", "seed", "overrides", "status"), rows))
     return 0

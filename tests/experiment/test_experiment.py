@@ -149,6 +149,16 @@ def test_the_dry_run_lists_what_is_done_and_what_is_left(micro, tmp_path):
     assert {t["status"] for t in json.loads(result.stdout)["trainings"]} == {"done"}
 
 
+@pytest.mark.parametrize("seeds, heading", [("[1, 2]", "2 runs x 2 seeds"),
+                                            ("[1]", "2 runs x 1 seed,")])
+def test_the_dry_run_heading_counts_runs_and_seeds_in_words(tmp_path, seeds, heading):
+    plan = tmp_path / "counted.toml"
+    plan.write_text(PLAN.replace("seeds = [1, 2]", f"seeds = {seeds}"))
+    result = fragment("experiment", str(plan), "--out", str(tmp_path / "out"), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert heading in " ".join(result.output.split())
+
+
 # ---------------------------------------------------------------------------- report
 
 
