@@ -384,8 +384,11 @@ def test_flops_per_token_matches_hand_computation():
     assert flops_per_token(config, seq_len=1) == expected - 12 * L * C * (T_ - 1)
 
 
-def test_defaults_are_the_small_preset():
-    assert ModelConfig() == ModelConfig(**MODEL_PRESETS["small"])
+def test_defaults_are_the_small_preset_but_its_start():
+    """The shape and components are small's. zero_init_proj, which small sets (issue 19),
+    stays off by default: a recorded config that lacks it means what it always meant."""
+    assert ModelConfig() != ModelConfig(**MODEL_PRESETS["small"])
+    assert ModelConfig(zero_init_proj=True) == ModelConfig(**MODEL_PRESETS["small"])
 
 
 # ---- config rules ---------------------------------------------------------------------

@@ -208,3 +208,34 @@ def test_ctrl_c_then_resume_equals_uninterrupted_with_every_option_on(corpus, tm
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "cut"))
     saved = (tmp_path / "cut" / "step-0000012" / "optimizer.safetensors")
     assert saved.is_file()
+
+
+# ---- the presets (issue 19's plans chose them) -----------------------------------------
+
+def test_the_default_preset_trains_with_muon_wsd_and_zero_initialised_projections(
+        corpus, runner, tmp_path):
+    """`fragment train` without --preset: small's Muon (3 Newton-Schulz steps), warmup-
+    stable-decay and zero-initialised projections, recorded in the checkpoint; the config
+    only shrinks the shape and the budget. The tiny preset keeps AdamW and the cosine."""
+    import json
+
+    from fragment_llm.cli.app import cli
+
+    config = tmp_path / "shrunk.toml"
+    config.write_text("[model]\nn_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\n"
+                      "[train]\nbatch_size = 2\nmax_steps = 2\neval_blocks = 1\n"
+                      "final_eval_blocks = 1\nworkers = 1\n")
+    recorded = {}
+    for name, preset in (("default", []), ("tiny", ["--preset", "tiny"])):
+        out = tmp_path / name
+        result = runner.invoke(cli, ["-q", "train", "--data", str(corpus.processed),
+                                     "--tokenizer", str(corpus.tokenizer), "--out", str(out),
+                                     "--config", str(config), *preset])
+        assert result.exit_code == 0, result.output
+        recorded[name] = json.loads((out / "step-0000002" / "config.json").read_text())
+    default, tiny_run = recorded["default"], recorded["tiny"]
+    assert (default["train"]["optimizer"], default["train"]["muon_ns_steps"],
+            default["train"]["schedule"], default["model"]["zero_init_proj"]) == (
+        "muon", 3, "wsd", True)
+    assert (tiny_run["train"]["optimizer"], tiny_run["train"]["schedule"],
+            tiny_run["model"]["zero_init_proj"]) == ("adamw", "cosine", False)
