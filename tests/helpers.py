@@ -19,6 +19,7 @@ from fragment_llm.checkpoint.save import save_checkpoint
 from fragment_llm.checkpoint.trained import load_trained
 from fragment_llm.config import (
     DEFAULT_PRESET,
+    MODEL_PRESETS,
     SPECIAL_TOKENS_CHAT_FORMAT,
     TRAIN_PRESETS,
     ModelConfig,
@@ -113,6 +114,13 @@ MODEL = {**TINY_GPT, "block_size": 32}
 FAST = {"batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 3e-3, "eval_every": 6,
         "checkpoint_every": 4, "eval_blocks": 4, "log_every": 1, "device": "cpu",
         "precision": "fp32", "workers": 1}
+
+
+def cli_model_config(**values) -> ModelConfig:
+    """What `fragment train --config` makes of a [model] table holding `values`: the
+    default preset's model under them (small sets zero_init_proj), as cli_train_config."""
+    return resolve(ModelConfig, "model", {"model": values}, None, {},
+                   base=MODEL_PRESETS[DEFAULT_PRESET])
 
 
 def cli_train_config(**values) -> TrainConfig:

@@ -56,6 +56,7 @@ from tests.helpers import (
     MODEL,
     Corpus,
     assert_same_weights,
+    cli_model_config,
     cli_train_config,
     final_weights,
 )
@@ -78,7 +79,7 @@ class Trained(Corpus):
 def train_request(corpus: Corpus, out: Path, resume: bool = False, **train) -> TrainRequest:
     """The in-process twin of `fragment train --config <train_config_file()>`."""
     return TrainRequest(data=corpus.processed, tokenizer=corpus.tokenizer, out=out,
-                        model=ModelConfig(**MODEL),
+                        model=cli_model_config(**MODEL),
                         train=cli_train_config(**{**FAST, "max_steps": TRAIN_STEPS,
                                                   **train}),
                         resume=resume, tokens_dir=corpus.root / "tokens")

@@ -174,15 +174,15 @@ def train(data: Path, tokenizer_path: Path, out: Path, preset: str | None,
 
     \b
     Tokenizes data/processed once with the tokenizer (cached in data/tokens/ while
-    both are unchanged), then trains: small (the default) with Muon for the
-    blocks' matrices, AdamW for the rest and warmup-stable-decay; tiny and base
-    with AdamW and warmup + cosine; gradient accumulation and clipping. Every --checkpoint-every steps a
-    checkpoint folder OUT/step-NNNNNNN/ is written atomically (safetensors +
-    JSON, sha256 manifest). Ctrl-C finishes the step, checkpoints and exits 130
-    (SIGTERM: the same, exit 143); --resume continues exactly where the newest valid
-    checkpoint left off, with the run's recorded settings: a flag given with it must
-    agree, except a larger --max-steps or --max-time and the cadence flags
-    (docs/training.md has the list).
+    both are unchanged), then trains: small (the default) with Muon for the blocks'
+    matrices, AdamW for the rest and warmup-stable-decay; tiny and base with AdamW
+    and warmup + cosine; gradient accumulation and clipping. Every
+    --checkpoint-every steps a checkpoint folder OUT/step-NNNNNNN/ is written
+    atomically (safetensors + JSON, sha256 manifest). Ctrl-C finishes the step,
+    checkpoints and exits 130 (SIGTERM: the same, exit 143); --resume continues
+    exactly where the newest valid checkpoint left off, with the run's recorded
+    settings: a flag given with it must agree, except a larger --max-steps or
+    --max-time and the cadence flags (docs/training.md has the list).
 
     \b
     Layering: --preset values < the [model]/[train] tables of --config < flags.

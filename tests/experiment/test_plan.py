@@ -25,7 +25,7 @@ def write_plan(folder: Path, text: str, name: str = "plan.toml") -> Path:
 @pytest.mark.parametrize("name", ["plan-lr-grid.toml", "plan-mlp.toml", "plan-speedrun.toml"])
 def test_the_example_plans_validate(name):
     plan = Plan.load(REPO / "examples" / name)
-    assert plan.max_time_s == 600 and plan.seeds == (1, 2, 3)
+    assert plan.max_time_s == 600 and len(plan.seeds) == 3  # the issue asks 3 seeds
     assert plan.max_steps is None and all(r.train.max_steps == MAX_STEPS_CEILING
                                           for r in plan.runs)  # time alone ends a run
     assert len(plan.trainings()) == 3 * len(plan.runs) >= 6

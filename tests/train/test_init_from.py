@@ -22,7 +22,7 @@ from fragment_llm.model.gpt import GPT
 from fragment_llm.model.loss import lm_loss
 from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.train.run import TrainRequest, run_training
-from tests.helpers import FAST, MODEL, Corpus, cli_train_config
+from tests.helpers import FAST, MODEL, Corpus, cli_model_config, cli_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,7 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def request(corpus: Corpus, out: Path, init_from: Path | None = None, resume: bool = False,
             **train) -> TrainRequest:
     return TrainRequest(data=corpus.processed, tokenizer=corpus.tokenizer, out=out,
-                        model=ModelConfig(**MODEL), train=cli_train_config(**{**FAST, **train}),
+                        model=cli_model_config(**MODEL),
+                        train=cli_train_config(**{**FAST, **train}),
                         tokens_dir=out.parent / "tokens", init_from=init_from, resume=resume)
 
 
@@ -66,7 +67,8 @@ def test_the_run_starts_from_the_given_weights(corpus, init_run, tmp_path):
     are the init checkpoint's."""
     out = tmp_path / "next" / "run"
     losses: list[float] = []
-    run_training(request(corpus, out, init_from=init_run, max_steps=1, lr=1e-9, warmup_steps=0,
+    run_training(request(corpus, out, init_from=init_run, max_steps=1, lr=1e-9, muon_lr=1e-9,
+                         warmup_steps=0,
                          final_eval_blocks=4),
                  lambda event: losses.append(event.train_loss)
                  if isinstance(event, StepEvent) else None)

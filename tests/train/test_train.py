@@ -45,13 +45,22 @@ from fragment_llm.tokenizer.tokenizer import Tokenizer
 from fragment_llm.train.run import MetricsLog, TrainRequest, run_training
 from fragment_llm.train.runtime import RunLock
 from fragment_llm.train.schedule import lr_at
-from tests.helpers import FAST, MODEL, Corpus, assert_same_weights, cli_train_config, final_weights
+from tests.helpers import (
+    FAST,
+    MODEL,
+    Corpus,
+    assert_same_weights,
+    cli_model_config,
+    cli_train_config,
+    final_weights,
+)
 
 
 def request(corpus: Corpus, out: Path, **train) -> TrainRequest:
     processed, tokenizer = corpus.processed, corpus.tokenizer
     return TrainRequest(data=processed, tokenizer=tokenizer, out=out,
-                        model=ModelConfig(**MODEL), train=cli_train_config(**{**FAST, **train}),
+                        model=cli_model_config(**MODEL),
+                        train=cli_train_config(**{**FAST, **train}),
                         tokens_dir=out.parent / "tokens")
 
 
@@ -545,9 +554,9 @@ def test_extending_the_budget_after_warmup_keeps_the_lr_continuous(corpus, tmp_p
     # The steps taken keep their learning rate; from the resume on, the rest of the cosine
     # is spread over the longer run: no jump back up, and the floor at the new end.
     out = tmp_path / "run"
-    run_training(request(corpus, out, max_steps=12, final_eval_blocks=4), interrupt_at(6))
-    run_training(_resume(request(corpus, out, max_steps=24, final_eval_blocks=4)),
-                 lambda e: None)
+    cosine = {"final_eval_blocks": 4, "schedule": "cosine"}  # small's own is wsd
+    run_training(request(corpus, out, max_steps=12, **cosine), interrupt_at(6))
+    run_training(_resume(request(corpus, out, max_steps=24, **cosine)), lambda e: None)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [x["lr"] for x in lines if "lr" in x and x["step"] > FAST["warmup_steps"]]
     assert len(lrs) == 24 - FAST["warmup_steps"]
@@ -555,7 +564,7 @@ def test_extending_the_budget_after_warmup_keeps_the_lr_continuous(corpus, tmp_p
     # lrs[i] is logged as step i + 3. Step 7, the first after the resume, has the lr the
     # 12-step run would have given it; from there the slope is gentler, and the floor
     # comes at step 24.
-    planned = cli_train_config(**{**FAST, "max_steps": 12})
+    planned = cli_train_config(**{**FAST, "max_steps": 12, "schedule": "cosine"})
     assert lrs[4] == pytest.approx(lr_at(6, planned, 6 / 12, warmup_end=2 / 12), rel=1e-12)
     assert 0 < lrs[4] - lrs[5] < lrs[3] - lrs[4]
     floor = FAST["lr"] * planned.min_lr_ratio
