@@ -63,6 +63,20 @@ settings.register_profile("fuzz", parent=settings.get_profile("ci"),
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_a_terminal_sends_it():
+    """The suite tests Ctrl-C as a user at a terminal presses it. Launched as a background
+    job (`cmd &` in a script: no job control), the shell sets SIGINT to be ignored, and
+    the code keeps an ignored SIGINT ignored (safety/signals.py), so those tests would
+    fail for how they were started, not for what they test: give the session Python's
+    default handler, as an interactive start has it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def no_hang():
     """Fail, rather than hang the suite, if a refusal blocks (a FIFO opened for reading)."""
